@@ -1,0 +1,35 @@
+"""jaccli: per-layer, per-sample Jacobians of trained neural networks.
+
+Python API (names are imported lazily, so `jaccli --help` does not pay for torch)::
+
+    import torch, jaccli
+    model = jaccli.load_model("sample_models/digits_mlp.safetensors")
+    data = jaccli.load_data("sample_models/digits_test.npy", limit=8)
+    jacobians = jaccli.layer_jacobians(model, torch.from_numpy(data.read(0, 8)))
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ComputeConfig": "config", "DataSource": "data", "JaccliError": "errors",
+    "LoadedModel": "models", "Results": "results", "build_model": "models",
+    "end_to_end_jacobian": "api", "layer_jacobians": "api", "list_layers": "api",
+    "load_data": "data", "load_model": "models", "open_results": "results",
+    "run_compute": "compute", "save_model": "models",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaccli' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

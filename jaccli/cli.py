@@ -1,0 +1,310 @@
+"""The `jaccli` command line: options in, a config to the library, exit codes out.
+
+Exit codes: 0 success, 1 a problem with the input or the run (one line on stderr),
+2 a usage error, 3 an internal error (a bug: please report it), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    name="jaccli", no_args_is_help=True, add_completion=False,
+    help="Per-layer, per-sample Jacobians of trained neural networks, their norms and spectra.",
+    context_settings={"help_option_names": ["-h", "--help"]})
+
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+T = TypeVar("T")
+
+
+class Granularity(str, Enum):
+    module = "module"
+    block = "block"
+
+
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    fwd = "fwd"
+    rev = "rev"
+
+
+class Compression(str, Enum):
+    none = "none"
+    gzip = "gzip"
+    lzf = "lzf"
+
+
+# Options shared by every command that loads a model.
+ArchOpt = Annotated[str | None, typer.Option(
+    "--arch", help="Architecture for a bare state_dict: a JSON spec file or "
+                   "package.module:factory.", rich_help_panel="Model")]
+ArchPathOpt = Annotated[Path | None, typer.Option(
+    "--arch-path", help="Directory to put on sys.path for --arch package.module:factory.",
+    rich_help_panel="Model")]
+TrustPickleOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow loading a pickled whole module (torch.save(model)). "
+                           "Unpickling runs code from the file: only for files you trust.",
+    rich_help_panel="Model")]
+KeyOpt = Annotated[str | None, typer.Option(
+    "--key", help="Array to use in .npz/.safetensors/.h5/.pt files holding several.",
+    rich_help_panel="Data")]
+OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="First sample to use.",
+                                        rich_help_panel="Data")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use at most N samples.",
+                                              rich_help_panel="Data")]
+GranularityOpt = Annotated[Granularity, typer.Option(
+    "--granularity", help="module: every leaf module is a layer; block: an affine/conv module "
+                          "and the activations right after it form one layer.",
+    rich_help_panel="Layers")]
+LayersOpt = Annotated[list[str] | None, typer.Option(
+    "--layers", help="Glob on qualified layer names (repeatable), e.g. 'features.*'.",
+    rich_help_panel="Layers")]
+NoLayersOpt = Annotated[bool, typer.Option(
+    "--no-layers", help="Skip per-layer Jacobians (end-to-end only).", rich_help_panel="Layers")]
+EndToEndOpt = Annotated[bool, typer.Option(
+    "--end-to-end/--no-end-to-end", help="Also compute the model's input→output Jacobian.",
+    rich_help_panel="Layers")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute precision.",
+                                         rich_help_panel="Compute")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:INDEX.",
+                                        rich_help_panel="Compute")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout "
+                                                      "instead of tables.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"jaccli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False
+          ) -> None:
+    """Per-layer, per-sample Jacobians of trained neural networks."""
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"jaccli: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run `action`, mapping exceptions to one stderr line and an exit code.
+
+    JACCLI_DEBUG=1 lets every exception through with its traceback.
+    """
+    from .errors import JaccliError
+
+    if os.environ.get("JACCLI_DEBUG") == "1":
+        return action()
+    try:
+        return action()
+    except JaccliError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", EXIT_INTERRUPTED) from None
+    except RuntimeError as exc:
+        from .layers import is_out_of_memory
+
+        if is_out_of_memory(exc):
+            raise _fail("out of memory; lower --batch-size or --max-memory, or select fewer "
+                        "layers with --layers", 1) from None
+        raise _fail(f"internal error: {type(exc).__name__}: {_first_line(exc)} (rerun with "
+                    "JACCLI_DEBUG=1 for the traceback, and please report it)",
+                    EXIT_INTERNAL) from None
+    except Exception as exc:  # anything else is a bug in jaccli
+        raise _fail(f"internal error: {type(exc).__name__}: {_first_line(exc)} (rerun with "
+                    "JACCLI_DEBUG=1 for the traceback, and please report it)",
+                    EXIT_INTERNAL) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _stdout(quiet: bool = False):
+    from rich.console import Console
+
+    # Rich assumes 80 columns when stdout is not a terminal; tables need more.
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(file=sys.stdout, quiet=quiet, width=width)
+
+
+@contextmanager
+def _progress(total: int, enabled: bool):
+    """A Rich progress bar over samples on stderr; a no-op callback when disabled."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    columns = (TextColumn("computing"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("compute", total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from .memory import parse_size
+
+    return parse_size(text)
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape; use e.g. 1,28,28",
+                                 param_hint="--input-shape")
+    return shape
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["jaccli", *sys.argv[1:]])
+
+
+@app.command()
+def compute(
+    model: Annotated[Path, typer.Argument(help="Model file (TorchScript, .pt2, safetensors, "
+                                               "state_dict with --arch).")],
+    data: Annotated[Path, typer.Argument(help="Samples along the first axis: .npy, .npz, "
+                                              ".safetensors, .h5/.hdf5, .pt or .csv.")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="HDF5 file to write (docs/FORMAT.md). Without it, only the "
+                               "summary is printed.")] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
+    no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Samples per batch (default: sized to the memory budget).",
+        rich_help_panel="Compute")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget, e.g. 2GiB (default: 25% of free RAM, 50% of free "
+                             "GPU memory).", rich_help_panel="Compute")] = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+    mode: Annotated[Mode, typer.Option(
+        "--mode", help="Differentiation mode: auto picks forward when D_in < D_out.",
+        rich_help_panel="Compute")] = Mode.auto,
+    compression: Annotated[Compression, typer.Option(
+        "--compression", help="HDF5 compression of the Jacobian datasets.",
+        rich_help_panel="Output")] = Compression.none,
+    compression_level: Annotated[int | None, typer.Option(
+        "--compression-level", min=0, max=9, help="gzip level 0-9.",
+        rich_help_panel="Output")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (layers, modes, sizes, batch size) and stop.")] = False,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Compute every layer's per-sample Jacobian (and the end-to-end one) for DATA."""
+    from .config import ComputeConfig
+
+    config = ComputeConfig(
+        model=model, data=data, output=output, arch=arch, arch_path=arch_path,
+        trust_pickle=trust_pickle, key=key, offset=offset, limit=limit,
+        granularity=granularity.value, layers=layers or None, include_layers=not no_layers,
+        end_to_end=end_to_end, batch_size=batch_size, max_memory=_parse_size(max_memory),
+        device=device, dtype=dtype.value, mode=mode.value, compression=compression.value,
+        compression_level=compression_level, command_line=_command_line())
+    out = _stdout(quiet)
+
+    def run() -> None:
+        from .compute import prepare, run_compute
+        from .summary import render_plan, render_table
+
+        prepared = prepare(config)
+        if dry_run:
+            plan = prepared.plan.to_dict()
+            if json_output:
+                out.print_json(data=plan)
+            else:
+                render_plan(plan, out, title=f"jaccli compute --dry-run: {model} on {data}")
+            return
+        with _progress(len(prepared.data), not quiet) as on_batch:
+            summary = run_compute(config, on_batch=on_batch, prepared=prepared)
+        if json_output:
+            out.print(summary.to_json(), markup=False, highlight=False)
+        else:
+            render_table(summary, out)
+
+    _guarded(run)
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    input_shape: Annotated[str | None, typer.Option(
+        "--input-shape", help="Per-sample input shape, e.g. 1,8,8 (default: from --data or "
+                              "the model file).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Data file: its sample shape and count are used.")] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
+    no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
+    dtype: DtypeOpt = Dtype.float32, device: DeviceOpt = "cpu",
+    json_output: JsonOpt = False,
+) -> None:
+    """List the model's layers, their shapes and each Jacobian's size, computing nothing."""
+    from .config import ComputeConfig
+
+    shape = _parse_shape(input_shape)
+    config = ComputeConfig(
+        model=model, data=data, arch=arch, arch_path=arch_path, trust_pickle=trust_pickle,
+        key=key, offset=offset, limit=limit, granularity=granularity.value,
+        layers=layers or None, include_layers=not no_layers, end_to_end=end_to_end,
+        device=device, dtype=dtype.value)
+    out = _stdout()
+
+    def run() -> None:
+        from .compute import inspect_model
+        from .summary import render_plan
+
+        plan = inspect_model(config, shape).to_dict()
+        if json_output:
+            out.print_json(data=plan)
+        else:
+            render_plan(plan, out, title=f"jaccli inspect: {model}")
+
+    _guarded(run)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point."""
+    return app(args=argv, prog_name="jaccli")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The facts a run reports, built once and rendered as a Rich table or as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .memory import format_bytes
+
+SUMMARY_VERSION = 1
+
+
+@dataclass
+class EntrySummary:
+    """One Jacobian's statistics over samples (Frobenius norms of the (D_out, D_in) matrices)."""
+
+    name: str
+    kind: str
+    type: str
+    d_in: int
+    d_out: int
+    jacobian_shape: list[int]
+    frobenius_mean: float
+    frobenius_max: float
+    seconds: float
+    nonfinite_samples: int = 0
+
+    @classmethod
+    def from_norms(cls, *, name: str, kind: str, type_name: str, d_in: int, d_out: int,
+                   frobenius: np.ndarray, seconds: float) -> EntrySummary:
+        """Statistics of per-sample Frobenius norms `frobenius`, shape (N,)."""
+        finite = frobenius[np.isfinite(frobenius)]
+        return cls(name, kind, type_name, d_in, d_out, [len(frobenius), d_out, d_in],
+                   float(finite.mean()) if finite.size else float("nan"),
+                   float(finite.max()) if finite.size else float("nan"),
+                   float(seconds), int(len(frobenius) - finite.size))
+
+
+@dataclass
+class Summary:
+    """What `jaccli compute` did: inputs, settings, one row per Jacobian, totals."""
+
+    model: str
+    model_format: str
+    data: str
+    n_samples: int
+    device: str
+    dtype: str
+    granularity: str
+    batch_size: int
+    chain: bool
+    entries: list[EntrySummary]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    output: str | None = None
+    output_bytes: int = 0
+    seconds: float = 0.0
+    command: str = "compute"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["summary_version"] = SUMMARY_VERSION
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(_finite_or_none(self.to_dict()), indent=2)
+
+
+def render_table(summary: Summary, console: Console) -> None:
+    """Print the per-layer table and totals."""
+    table = Table(title=f"jaccli {summary.command}: {summary.model} on {summary.data} "
+                        f"({summary.n_samples} samples, {summary.device}, {summary.dtype})",
+                  title_justify="left")
+    for column, justify in (("layer", "left"), ("type", "left"), ("D_in → D_out", "right"),
+                            ("Jacobian", "right"), ("‖J‖_F mean", "right"),
+                            ("‖J‖_F max", "right"), ("time", "right")):
+        table.add_column(column, justify=justify, no_wrap=column != "type")
+    for e in summary.entries:
+        shape = " × ".join(map(str, e.jacobian_shape))
+        warn = f" [red]({e.nonfinite_samples} non-finite)[/red]" if e.nonfinite_samples else ""
+        table.add_row(e.name, e.type, f"{e.d_in} → {e.d_out}", shape,
+                      f"{e.frobenius_mean:.4g}{warn}", f"{e.frobenius_max:.4g}",
+                      f"{e.seconds:.3f} s", end_section=e.kind == "end_to_end")
+    console.print(table)
+    total_time = sum(e.seconds for e in summary.entries)
+    where = (f"written to {summary.output} ({format_bytes(summary.output_bytes)})"
+             if summary.output else "not saved (pass -o FILE.h5 to keep the Jacobians)")
+    console.print(f"{len(summary.entries)} Jacobians × {summary.n_samples} samples in "
+                  f"{summary.seconds:.2f} s ({total_time:.2f} s differentiating, batch size "
+                  f"{summary.batch_size}); {where}", highlight=False)
+    for s in summary.skipped:
+        console.print(f"skipped {s['name']} ({s['type']}): {s['reason']}", highlight=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or Infinity: write them as null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str) -> None:
+    """Print a plan (from `Plan.to_dict()`): one row per Jacobian, then the totals."""
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("layer", "left"), ("type", "left"), ("input", "right"),
+                            ("output", "right"), ("D_in → D_out", "right"), ("mode", "left"),
+                            ("per sample", "right"), ("all samples", "right")):
+        table.add_column(column, justify=justify, no_wrap=column != "type")
+    n = plan_dict["n_samples"]
+    for e in plan_dict["entries"]:
+        table.add_row(e["name"], e["type"], _shape(e["input_shape"]), _shape(e["output_shape"]),
+                      f"{e['d_in']} → {e['d_out']}", e["mode"],
+                      format_bytes(e["bytes_per_sample"]), format_bytes(e["bytes_per_sample"] * n),
+                      end_section=e["kind"] == "end_to_end")
+    console.print(table)
+    console.print(f"{n} samples, batch size {plan_dict['batch_size']} "
+                  f"({plan_dict['n_batches']} batches), memory budget "
+                  f"{format_bytes(plan_dict['memory_budget_bytes'])} "
+                  f"({plan_dict['memory_budget_source']}), {plan_dict['device']}, "
+                  f"{plan_dict['dtype']}; output {format_bytes(plan_dict['output_bytes'])}; "
+                  f"layers form a chain: {'yes' if plan_dict['chain'] else 'no'}",
+                  highlight=False)
+    for s in plan_dict["skipped"]:
+        console.print(f"skipped {s['name']} ({s['type']}): {s['reason']}", highlight=False)
+
+
+def _shape(shape: list[int]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
