@@ -160,8 +160,14 @@ def _progress(total: int, enabled: bool):
         yield None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("computing"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -235,7 +241,7 @@ def compute(
         model=model, data=data, output=output, arch=arch, arch_path=arch_path,
         trust_pickle=trust_pickle, key=key, offset=offset, limit=limit,
         granularity=granularity.value, layers=layers or None, include_layers=not no_layers,
-        end_to_end=end_to_end, batch_size=batch_size, max_memory=_parse_size(max_memory),
+        end_to_end=end_to_end, batch_size=batch_size,
         device=device, dtype=dtype.value, mode=mode.value, compression=compression.value,
         compression_level=compression_level, command_line=_command_line())
     out = _stdout(quiet)
@@ -244,6 +250,7 @@ def compute(
         from .compute import prepare, run_compute
         from .summary import render_plan, render_table
 
+        config.max_memory = _parse_size(max_memory)
         prepared = prepare(config)
         if dry_run:
             plan = prepared.plan.to_dict()

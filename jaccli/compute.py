@@ -52,7 +52,7 @@ def prepare(config: ComputeConfig) -> Prepared:
     data = load_data(config.data, key=config.key, offset=config.offset, limit=config.limit)
     data.match_input_shape(loaded.input_shape)
     data.check_finite()
-    model = loaded.module.to(device=device, dtype=dtype).requires_grad_(False)
+    model = _frozen(loaded.module.to(device=device, dtype=dtype))
     example = _to_tensor(data.read(0, min(len(data), _INDEPENDENCE_SAMPLES)), device, dtype)
     trace = _trace(config, loaded, model, example)
     check_sample_independence(model, example)
@@ -82,7 +82,7 @@ def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) ->
     if input_shape is None:
         raise UsageError("the model file does not declare its input shape; pass --input-shape "
                          "(e.g. 1,28,28) or --data FILE")
-    model = loaded.module.to(device=device, dtype=dtype).requires_grad_(False)
+    model = _frozen(loaded.module.to(device=device, dtype=dtype))
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     trace = _trace(config, loaded, model, example)
     return make_plan(trace, n_samples=n_samples, end_to_end=config.end_to_end,
@@ -191,6 +191,13 @@ def _provenance(p: Prepared) -> dict:
         "data_path": str(c.data), "data_key": p.data.key or "", "data_offset": p.data.offset,
         "data_sha256": sha256_file(c.data), "n_samples": p.plan.n_samples,
     }
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    """No parameter gradients: the pipeline differentiates w.r.t. inputs only."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
 
 
 def _to_tensor(rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -51,7 +51,7 @@ class DataSource:
         return np.arange(self.offset, self.offset + self.count, dtype=np.int64)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Samples `start:stop` of the selection as an array of shape (stop-start, *sample_shape)."""
+        """Samples `start:stop` of the selection, shape (stop - start, *sample_shape)."""
         rows = np.asarray(self.array[self.offset + start:self.offset + stop])
         return rows.reshape((stop - start, *self.sample_shape))
 
@@ -139,10 +139,14 @@ def _choose_key(path: Path, keys: list[str], key: str | None) -> str:
 
 
 def _open_npy(path: Path, key: str | None) -> tuple[_ArrayLike, None]:
+    with path.open("rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise DataLoadError(f"{path} is not a valid .npy file (no NumPy header)")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False), None
     except ValueError as exc:  # object arrays need pickle: refuse them
-        raise DataLoadError(f"{path}: {exc}; store a numeric array") from exc
+        raise DataLoadError(f"{path} holds Python objects, which need unpickling; store a "
+                            "numeric array") from exc
     except OSError as exc:
         raise DataLoadError(f"{path} is not a valid .npy file ({exc})") from exc
 

@@ -92,7 +92,7 @@ class Layer:
 
         def apply(x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
             first_args, first_kwargs = list(args), dict(kwargs)
-            for (where, key), value in zip(batched, extras):
+            for (where, key), value in zip(batched, extras, strict=True):
                 if where == "args":
                     first_args[key] = value
                 else:
@@ -360,7 +360,7 @@ def _is_chain(groups, layers, selected, example, output) -> bool:
         return False
     if groups[0][0].input_ref is not example or groups[-1][-1].output_ref is not output:
         return False
-    return all(nxt[0].input_ref is prev[-1].output_ref for prev, nxt in zip(groups, groups[1:]))
+    return all(nxt[0].input_ref is prev[-1].output_ref for prev, nxt in zip(groups, groups[1:], strict=False))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

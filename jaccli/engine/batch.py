@@ -57,7 +57,13 @@ def check_sample_independence(model: nn.Module, x: torch.Tensor) -> None:
         return
     with torch.no_grad():
         together = first_tensor(model(x))
-        alone = torch.cat([first_tensor(model(x[i:i + 1])) for i in range(x.shape[0])])
+        try:
+            alone = torch.cat([first_tensor(model(x[i:i + 1])) for i in range(x.shape[0])])
+        except (RuntimeError, ValueError) as exc:
+            raise ModelRunError(
+                "the model fails on a batch of one sample, so it computes across the batch "
+                f"({str(exc).strip().splitlines()[0]}); per-sample Jacobians need independent "
+                "samples (BatchNorm in training mode or without running statistics?)") from exc
     rtol = _INDEPENDENCE_RTOL.get(x.dtype, 1e-2)
     scale = together.abs().max().item() + 1e-30
     diff = (together - alone).abs().max().item()

@@ -32,7 +32,7 @@ def sniff_model_format(path: Path) -> ModelFormat:
     if path.is_dir():
         raise ModelLoadError(f"model path is a directory, expected a file: {path}")
     with path.open("rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return _sniff_zip(path)
     if _looks_like_safetensors(path, head):
@@ -63,11 +63,14 @@ def _sniff_zip(path: Path) -> ModelFormat:
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:
-    if len(head) < 8:
+    if len(head) < 9 or head[8:9] != b"{":
         return False
-    (header_len,) = struct.unpack("<Q", head)
-    if not 2 <= header_len <= min(_MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if not 2 <= header_len <= _MAX_SAFETENSORS_HEADER:
         return False
+    if header_len > path.stat().st_size - 8:
+        raise ModelLoadError(f"{path} is a truncated safetensors file (its header says "
+                             f"{header_len} bytes, the file is shorter)")
     with path.open("rb") as f:
         f.seek(8)
         header = f.read(header_len)

@@ -86,7 +86,9 @@ def save_model(model: nn.Module, spec: dict | str | Path, path: str | Path) -> N
 
 def _load_torchscript(path: Path) -> LoadedModel:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # supported input, on purpose
+            module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"cannot load TorchScript archive {path}: "
                              f"{_first_line(exc)}") from exc

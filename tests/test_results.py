@@ -1,0 +1,125 @@
+"""The HDF5 writer and reader (layout: docs/FORMAT.md)."""
+
+import shutil
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import jaccli
+from jaccli.compute import run_compute
+from jaccli.config import ComputeConfig
+from jaccli.errors import ResultsFormatError
+from jaccli.writer import CHUNK_BYTES, FORMAT_VERSION, ResultsWriter, chunk_shape
+
+from .conftest import MLP_SPEC, reference_jacobian
+
+
+@pytest.fixture
+def written(tmp_path, mlp):
+    jaccli.save_model(mlp, MLP_SPEC, tmp_path / "mlp.safetensors")
+    x = np.random.default_rng(0).normal(size=(7, 6)).astype(np.float64)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "jac.h5"
+    config = ComputeConfig(model=tmp_path / "mlp.safetensors", data=tmp_path / "x.npy",
+                           output=out, dtype="float64", batch_size=3, offset=1,
+                           command_line="jaccli compute test")
+    summary = run_compute(config)
+    return out, x[1:], summary, mlp
+
+
+def test_layout_matches_the_format_spec(written):
+    out, x, _, _ = written
+    with h5py.File(out, "r") as f:
+        assert f.attrs["format"] == "jaccli-results"
+        assert f.attrs["format_version"] == FORMAT_VERSION
+        assert f.attrs["kind"] == "jacobians" and bool(f.attrs["complete"])
+        for key in ("jaccli_version", "torch_version", "command", "device", "dtype",
+                    "model_sha256", "data_sha256", "created", "model_format"):
+            assert key in f.attrs, key
+        assert f.attrs["dtype"] == "float64" and f.attrs["command"] == "jaccli compute test"
+        assert len(f.attrs["model_sha256"]) == 64
+        np.testing.assert_array_equal(f["samples/index"], np.arange(1, 7))
+        assert list(f["layers"]) == ["0", "1", "2", "3", "4"]
+        group = f["layers/2"]
+        assert group.attrs["type"] == "Linear" and group.attrs["order"] == 2
+        np.testing.assert_array_equal(group.attrs["input_shape"], [5])
+        ds = group["jacobian"]
+        assert ds.shape == (6, 4, 5) and ds.maxshape == (None, 4, 5) and ds.chunks is not None
+        assert f["end_to_end/jacobian"].shape == (6, 3, 6)
+
+
+def test_values_match_reference_and_reader(written):
+    out, x, summary, mlp = written
+    with jaccli.open_results(out) as results:
+        assert results.n_samples == 6
+        assert [g.name for g in results.layers] == ["0", "1", "2", "3", "4"]
+        e2e = results.jacobian("end_to_end")
+        expected = reference_jacobian(mlp.double(), torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(e2e, expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(results.end_to_end["frobenius"][:],
+                                   np.linalg.norm(expected, axis=(1, 2)), rtol=1e-10)
+        np.testing.assert_array_equal(results.layer("0").jacobian[3], mlp[0].weight.detach())
+    assert summary.entries[-1].frobenius_max == pytest.approx(
+        np.linalg.norm(expected, axis=(1, 2)).max())
+
+
+def test_reader_refuses_foreign_incomplete_and_future_files(tmp_path, written):
+    out = written[0]
+    future = tmp_path / "future.h5"
+    shutil.copy(out, future)
+    with h5py.File(future, "a") as f:
+        f.attrs["format_version"] = "2.0"
+    with pytest.raises(ResultsFormatError, match="format version 2.0; this jaccli reads 1.x"):
+        jaccli.open_results(future)
+    with h5py.File(future, "a") as f:
+        f.attrs["format_version"] = "1.7"  # newer minor versions stay readable
+    jaccli.open_results(future).close()
+    with h5py.File(future, "a") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(ResultsFormatError, match="incomplete"):
+        jaccli.open_results(future)
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(ResultsFormatError, match="not a jaccli results file"):
+        jaccli.open_results(tmp_path / "other.h5")
+
+
+def test_failed_run_leaves_no_file(tmp_path):
+    out = tmp_path / "r.h5"
+    with pytest.raises(RuntimeError), ResultsWriter(out, kind="jacobians",
+                                                   sample_index=np.arange(3), attrs={}):
+        assert any(p.name.startswith(".r.h5.partial-") for p in tmp_path.iterdir())
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chunks_stay_near_one_mebibyte():
+    assert chunk_shape((100, 10, 10), 4) == (100, 10, 10)
+    assert chunk_shape((10_000, 64, 64), 4) == (64, 64, 64)
+    big = chunk_shape((5, 1024, 1024), 4)
+    assert big == (1, 256, 1024) and np.prod(big) * 4 == CHUNK_BYTES
+
+
+def test_compression_is_optional(tmp_path, mlp):
+    jaccli.save_model(mlp, MLP_SPEC, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", np.zeros((4, 6), dtype=np.float32))
+    for compression in ("gzip", "lzf"):
+        out = tmp_path / f"{compression}.h5"
+        run_compute(ComputeConfig(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
+                                  output=out, compression=compression))
+        with h5py.File(out) as f:
+            assert f["layers/0/jacobian"].compression == compression
+
+
+@pytest.mark.skipif(shutil.which("h5ls") is None or shutil.which("h5dump") is None,
+                    reason="hdf5-tools (h5ls, h5dump) not installed")
+def test_readable_by_hdf5_command_line_tools(written):
+    out = written[0]
+    listing = subprocess.run(["h5ls", "-r", str(out)], capture_output=True, text=True, check=True)
+    assert "/layers/0/jacobian" in listing.stdout and "Dataset {6/Inf, 5, 6}" in listing.stdout
+    dump = subprocess.run(["h5dump", "-a", "/format_version", str(out)], capture_output=True,
+                          text=True, check=True)
+    assert f'"{FORMAT_VERSION}"' in dump.stdout
