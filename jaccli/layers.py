@@ -360,7 +360,8 @@ def _is_chain(groups, layers, selected, example, output) -> bool:
         return False
     if groups[0][0].input_ref is not example or groups[-1][-1].output_ref is not output:
         return False
-    return all(nxt[0].input_ref is prev[-1].output_ref for prev, nxt in zip(groups, groups[1:], strict=False))
+    pairs = zip(groups, groups[1:], strict=False)
+    return all(nxt[0].input_ref is prev[-1].output_ref for prev, nxt in pairs)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
