@@ -303,7 +303,7 @@ def inspect(
         if json_output:
             out.print_json(data=plan)
         else:
-            render_plan(plan, out, title=f"jaccli inspect: {model}")
+            render_plan(plan, out, title=f"jaccli inspect: {model}", show_batches=False)
 
     _guarded(run)
 

@@ -107,7 +107,8 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str) -> None:
+def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
+                show_batches: bool = True) -> None:
     """Print a plan (from `Plan.to_dict()`): one row per Jacobian, then the totals."""
     table = Table(title=title, title_justify="left")
     for column, justify in (("layer", "left"), ("type", "left"), ("input", "right"),
@@ -121,10 +122,10 @@ def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str) -> N
                       format_bytes(e["bytes_per_sample"]), format_bytes(e["bytes_per_sample"] * n),
                       end_section=e["kind"] == "end_to_end")
     console.print(table)
-    console.print(f"{n} samples, batch size {plan_dict['batch_size']} "
-                  f"({plan_dict['n_batches']} batches), memory budget "
-                  f"{format_bytes(plan_dict['memory_budget_bytes'])} "
-                  f"({plan_dict['memory_budget_source']}), {plan_dict['device']}, "
+    budget = (f", batch size {plan_dict['batch_size']} ({plan_dict['n_batches']} batches), "
+              f"memory budget {format_bytes(plan_dict['memory_budget_bytes'])} "
+              f"({plan_dict['memory_budget_source']})" if show_batches else "")
+    console.print(f"{n} sample{'s' if n != 1 else ''}{budget}, {plan_dict['device']}, "
                   f"{plan_dict['dtype']}; output {format_bytes(plan_dict['output_bytes'])}; "
                   f"layers form a chain: {'yes' if plan_dict['chain'] else 'no'}",
                   highlight=False)
