@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .engine.batch import entry_jacobian
+from .engine.engine import END_TO_END, JacobianEngine
 from .engine.generic import per_sample_jacobian
+from .engine.structures import Structured
 from .layers import ForwardRecorder, Layer, first_tensor, run_model, trace_layers
 from .models import LoadedModel
-from .planner import PlanEntry
 
 
 def _unwrap(model: nn.Module | LoadedModel) -> tuple[nn.Module, bool, object]:
@@ -30,30 +30,37 @@ def list_layers(model: nn.Module | LoadedModel, x: torch.Tensor, *, granularity:
 
 def layer_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
                     granularity: str = "module", layers: Sequence[str] | None = None,
-                    end_to_end: bool = False, mode: str = "auto") -> dict[str, torch.Tensor]:
+                    end_to_end: bool = False, structured: bool = False, mode: str = "auto",
+                    ) -> dict[str, torch.Tensor | Structured]:
     """Per-sample Jacobian of every layer's output w.r.t. its input, from one forward pass.
 
     x: `(N, *in_shape)`. Returns `{layer name: (N, D_out, D_in)}` in execution order, plus
-    `"(end-to-end)"`: `(N, D_out_model, D_in_model)` when `end_to_end` is true.
+    `"(end-to-end)"`: `(N, D_out_model, D_in_model)` when `end_to_end` is true (formed from the
+    layer Jacobians when the layers are a chain). With `structured=True` the values are the
+    exact compact forms (`jaccli.engine.structures`) instead of dense tensors.
     The model should be in eval mode (`load_model` does that).
     """
     module, hookable, type_name = _unwrap(model)
     trace = trace_layers(module, x, type_name=type_name, hookable=hookable,
                          granularity=granularity, patterns=layers)
+    engine = JacobianEngine(module, trace, layers=trace.layers, end_to_end=end_to_end,
+                            n_samples=x.shape[0], mode=mode)
     _, calls = run_model(ForwardRecorder(module, hookable), x)
-    records = {r.site: r for r in calls}
-    result = {}
-    for layer in trace.layers:
-        entry = PlanEntry(layer.name, layer.type_name, layer.input_shape, layer.output_shape,
-                          mode, 0, layer)
-        result[layer.name] = entry_jacobian(entry, module, records, x)
-    if end_to_end:
-        result["(end-to-end)"] = end_to_end_jacobian(module, x, mode=mode)
-    return result
+    result = engine.compute(x, {r.site: r for r in calls})
+    if structured:
+        return result
+    return {name: jac.dense(x.shape[0]) for name, jac in result.items()}
 
 
 def end_to_end_jacobian(model: nn.Module | LoadedModel, x: torch.Tensor, *,
                         mode: str = "auto") -> torch.Tensor:
-    """Per-sample Jacobian of the model output w.r.t. its input: `(N, D_out, D_in)`."""
+    """Per-sample Jacobian of the model output w.r.t. its input: `(N, D_out, D_in)`.
+
+    Computed directly by torch.func (`layer_jacobians(..., end_to_end=True)` reuses the
+    layer Jacobians instead).
+    """
     module, _, _ = _unwrap(model)
     return per_sample_jacobian(lambda xb: first_tensor(module(xb)), x, mode=mode)
+
+
+__all__ = ["END_TO_END", "end_to_end_jacobian", "layer_jacobians", "list_layers"]

@@ -47,6 +47,11 @@ class Mode(str, Enum):
     rev = "rev"
 
 
+class Store(str, Enum):
+    compact = "compact"
+    dense = "dense"
+
+
 class Compression(str, Enum):
     none = "none"
     gzip = "gzip"
@@ -224,6 +229,16 @@ def compute(
     mode: Annotated[Mode, typer.Option(
         "--mode", help="Differentiation mode: auto picks forward when D_in < D_out.",
         rich_help_panel="Compute")] = Mode.auto,
+    store: Annotated[Store, typer.Option(
+        "--store", help="compact: each Jacobian in its exact compact form (shared matrix, "
+                        "diagonal, ...; see docs/FORMAT.md); dense: (N, D_out, D_in) arrays.",
+        rich_help_panel="Output")] = Store.compact,
+    strict_rules: Annotated[bool, typer.Option(
+        "--strict-rules", help="Fail instead of using the generic torch.func path for a module "
+                               "with no structured rule.", rich_help_panel="Compute")] = False,
+    tf32: Annotated[bool, typer.Option(
+        "--tf32", help="Allow TF32 matmuls/convolutions on CUDA (faster, ~1e-3 relative "
+                       "error). Off by default.", rich_help_panel="Compute")] = False,
     compression: Annotated[Compression, typer.Option(
         "--compression", help="HDF5 compression of the Jacobian datasets.",
         rich_help_panel="Output")] = Compression.none,
@@ -242,7 +257,8 @@ def compute(
         trust_pickle=trust_pickle, key=key, offset=offset, limit=limit,
         granularity=granularity.value, layers=layers or None, include_layers=not no_layers,
         end_to_end=end_to_end, batch_size=batch_size,
-        device=device, dtype=dtype.value, mode=mode.value, compression=compression.value,
+        device=device, dtype=dtype.value, mode=mode.value, store=store.value,
+        strict_rules=strict_rules, tf32=tf32, compression=compression.value,
         compression_level=compression_level, command_line=_command_line())
     out = _stdout(quiet)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import h5py
@@ -14,26 +14,30 @@ import torch
 from torch import nn
 
 from . import __version__
+from .background import BackgroundWriter
 from .config import ComputeConfig
 from .data import DataSource, load_data
 from .device import resolve_device, resolve_dtype
-from .engine.batch import check_sample_independence, timed_jacobians
-from .engine.generic import MODES, per_sample_frobenius
-from .errors import UsageError
+from .engine.independence import check_sample_independence
+from .engine.engine import JacobianEngine
+from .engine.generic import MODES
+from .engine.structures import Structured
+from .errors import OutOfMemoryError, UnsupportedModuleError, UsageError
 from .hashing import sha256_file
-from .layers import ForwardRecorder, Trace, run_model, trace_end_to_end, trace_layers
+from .layers import (ForwardRecorder, Trace, is_out_of_memory, run_model, trace_end_to_end,
+                     trace_layers)
 from .memory import memory_budget
 from .models import LoadedModel, load_model
-from .planner import Plan, make_plan
+from .planner import STORES, Plan, make_plan
 from .summary import EntrySummary, Summary
-from .writer import ResultsWriter
+from .writer import SHARED_DATASETS, ResultsWriter
 
 _INDEPENDENCE_SAMPLES = 4
 
 
 @dataclass
 class Prepared:
-    """A loaded model and data source with the plan for running over them."""
+    """A loaded model and data source, with the engine and the plan for running over them."""
 
     config: ComputeConfig
     loaded: LoadedModel
@@ -41,6 +45,7 @@ class Prepared:
     model: nn.Module
     device: torch.device
     dtype: torch.dtype
+    engine: JacobianEngine
     plan: Plan
 
 
@@ -56,16 +61,15 @@ def prepare(config: ComputeConfig) -> Prepared:
     example = _to_tensor(data.read(0, min(len(data), _INDEPENDENCE_SAMPLES)), device, dtype)
     trace = _trace(config, loaded, model, example)
     check_sample_independence(model, example)
+    engine = _engine(config, model, trace, len(data))
     budget, source = memory_budget(device, config.max_memory)
-    plan = make_plan(trace, n_samples=len(data), end_to_end=config.end_to_end,
-                     include_layers=config.include_layers, dtype=dtype, device=device,
-                     budget=budget, budget_source=source, batch_size=config.batch_size,
-                     mode=config.mode)
-    return Prepared(config, loaded, data, model, device, dtype, plan)
+    plan = make_plan(engine, n_samples=len(data), dtype=dtype, device=device, budget=budget,
+                     budget_source=source, store=config.store, batch_size=config.batch_size)
+    return Prepared(config, loaded, data, model, device, dtype, engine, plan)
 
 
 def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) -> Plan:
-    """Plan for `config` without computing: the layers, their shapes and Jacobian sizes.
+    """Plan for `config` without computing: the layers, their rules, shapes and sizes.
 
     The input shape comes from `input_shape`, else from the data file (`config.data`, may be
     None), else from the model file; the model runs once on zeros of that shape.
@@ -84,27 +88,10 @@ def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) ->
                          "(e.g. 1,28,28) or --data FILE")
     model = _frozen(loaded.module.to(device=device, dtype=dtype))
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
-    trace = _trace(config, loaded, model, example)
-    return make_plan(trace, n_samples=n_samples, end_to_end=config.end_to_end,
-                     include_layers=config.include_layers, dtype=dtype, device=device,
-                     budget=2**62, budget_source="not applied by inspect",
-                     batch_size=config.batch_size or 1, mode=config.mode)
-
-
-def _check_options(config: ComputeConfig) -> tuple[torch.device, torch.dtype]:
-    if config.mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
-    if not config.include_layers and not config.end_to_end:
-        raise UsageError("nothing to compute: --no-layers and --no-end-to-end together")
-    return resolve_device(config.device), resolve_dtype(config.dtype)
-
-
-def _trace(config: ComputeConfig, loaded: LoadedModel, model: nn.Module,
-           example: torch.Tensor) -> Trace:
-    if not config.include_layers:
-        return trace_end_to_end(model, example)
-    return trace_layers(model, example, type_name=loaded.type_name, hookable=loaded.hookable,
-                        granularity=config.granularity, patterns=config.layers)
+    engine = _engine(config, model, _trace(config, loaded, model, example), n_samples)
+    return make_plan(engine, n_samples=n_samples, dtype=dtype, device=device, budget=2**62,
+                     budget_source="not applied by inspect", store=config.store,
+                     batch_size=config.batch_size or 1)
 
 
 def run_compute(config: ComputeConfig, *, on_batch: Callable[[int], None] | None = None,
@@ -116,40 +103,33 @@ def run_compute(config: ComputeConfig, *, on_batch: Callable[[int], None] | None
     started = time.perf_counter()
     p = prepared or prepare(config)
     plan, data = p.plan, p.data
-    recorder = ForwardRecorder(p.model, p.loaded.hookable) if config.include_layers else None
-    norms = {e.name: np.empty(len(data)) for e in plan.entries}
+    recorder = ForwardRecorder(p.model, p.loaded.hookable) if p.engine.needs_records else None
+    norms = {e.name: np.full(len(data), np.nan) for e in plan.entries}
     seconds = dict.fromkeys(norms, 0.0)
-    np_dtype = np.float64 if p.dtype == torch.float64 else np.float32
     writer = (ResultsWriter(config.output, kind="jacobians", sample_index=data.indices,
                             attrs=_provenance(p), compression=config.compression,
                             compression_level=config.compression_level)
               if config.output is not None else nullcontext())
-    with writer:
-        datasets = _create_datasets(writer, plan, np_dtype) if config.output else {}
-        for start, rows in data.batches(plan.batch_size):
-            x = _to_tensor(rows, p.device, p.dtype)
-            records = {}
-            if recorder is not None:
-                _, calls = run_model(recorder, x)
-                records = {r.site: r for r in calls}
-            for entry, jac, spent in timed_jacobians(plan.entries, p.model, records, x):
-                seconds[entry.name] += spent
-                jac = jac.detach()
-                frob = per_sample_frobenius(jac).cpu().numpy()
-                norms[entry.name][start:start + len(rows)] = frob
-                if datasets:
-                    jac_ds, frob_ds = datasets[entry.name]
-                    jac_ds[start:start + len(rows)] = jac.cpu().numpy()
-                    frob_ds[start:start + len(rows)] = frob
-            if on_batch is not None:
-                on_batch(len(rows))
+    with writer, _tf32(config.tf32):
+        sink = _ResultSink(writer if config.output else None, plan, norms, config.store,
+                           np.float64 if p.dtype == torch.float64 else np.float32)
+        try:
+            for start, x in _batches(data, plan, p):
+                for part_start, count, results, spent in _compute_batch(p, recorder, start, x):
+                    for name, value in spent.items():
+                        seconds[name] += value
+                    sink.submit(part_start, count, results)
+                    if on_batch is not None:
+                        on_batch(count)
+        finally:
+            sink.close()
         if config.output is not None:
-            for entry in plan.entries:
-                datasets[entry.name][0].parent.attrs["seconds"] = seconds[entry.name]
+            sink.set_seconds(seconds)
             writer.finish({"seconds": time.perf_counter() - started})
     entries = [EntrySummary.from_norms(name=e.name, kind=e.kind, type_name=e.type_name,
                                        d_in=e.d_in, d_out=e.d_out, frobenius=norms[e.name],
-                                       seconds=seconds[e.name]) for e in plan.entries]
+                                       seconds=seconds[e.name], structure=e.structure,
+                                       rule=e.rule) for e in plan.entries]
     return Summary(
         model=str(config.model), model_format=p.loaded.source, data=str(config.data),
         n_samples=len(data), device=plan.device, dtype=plan.dtype,
@@ -162,19 +142,155 @@ def run_compute(config: ComputeConfig, *, on_batch: Callable[[int], None] | None
         seconds=time.perf_counter() - started)
 
 
-def _create_datasets(writer: ResultsWriter, plan: Plan, np_dtype) -> dict:
-    datasets = {}
-    for entry in plan.entries:
+def _batches(data: DataSource, plan: Plan, p: Prepared) -> Iterator[tuple[int, torch.Tensor]]:
+    """Batches of the planned size; the size shrinks for good after an out-of-memory retry."""
+    start = 0
+    while start < len(data):
+        stop = min(start + plan.batch_size, len(data))
+        yield start, _to_tensor(data.read(start, stop), p.device, p.dtype)
+        start = stop
+
+
+def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x: torch.Tensor
+                   ) -> Iterator[tuple[int, int, dict[str, Structured], dict[str, float]]]:
+    """Yield `(start, count, Jacobians, seconds)` for the batch `x` (B, *in_shape).
+
+    When memory runs out, the batch is halved (for the rest of the run too) and retried.
+    """
+    try:
+        begin = time.perf_counter()
+        records = {}
+        if recorder is not None:
+            _, calls = run_model(recorder, x)
+            records = {r.site: r for r in calls}
+        results = p.engine.compute(x, records)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        per_entry = (time.perf_counter() - begin) / max(len(results), 1)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if x.shape[0] == 1:
+            raise OutOfMemoryError("out of memory on a single sample; select fewer layers "
+                                   "with --layers or use --store compact") from exc
+        results = None
+    if results is not None:
+        yield start, x.shape[0], results, dict.fromkeys(results, per_entry)
+        return
+    if x.is_cuda:
+        torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    p.plan.batch_size = half
+    yield from _compute_batch(p, recorder, start, x[:half])
+    yield from _compute_batch(p, recorder, start + half, x[half:])
+
+
+class _ResultSink:
+    """Hands each batch's Jacobians to the writer thread: norms, host copies, HDF5 writes."""
+
+    def __init__(self, writer: ResultsWriter | None, plan: Plan, norms: dict[str, np.ndarray],
+                 store: str, np_dtype):
+        self.writer, self.plan, self.norms, self.store = writer, plan, norms, store
+        self.np_dtype = np_dtype
+        self.entries = {e.name: e for e in plan.entries}
+        self.groups: dict[str, h5py.Group] = {}
+        self.background = BackgroundWriter()
+
+    def submit(self, start: int, count: int, results: dict[str, Structured]) -> None:
+        for name, jac in results.items():
+            self.background.submit(lambda n=name, j=jac: self._write(n, start, count, j))
+
+    def close(self) -> None:
+        self.background.close()
+
+    def set_seconds(self, seconds: dict[str, float]) -> None:
+        for name, group in self.groups.items():
+            group.attrs["seconds"] = seconds[name]
+
+    def _write(self, name: str, start: int, count: int, jac: Structured) -> None:
+        frob = jac.frobenius(count).detach().to("cpu", torch.float64).numpy()
+        self.norms[name][start:start + count] = frob
+        if self.writer is None:
+            return
+        entry = self.entries[name]
+        arrays = ({"jacobian": jac.dense(count)} if self.store == "dense" else jac.compact())
+        encoding = "dense" if self.store == "dense" else jac.tag
+        group = self.groups.get(name)
+        if group is None:
+            group = self._create(entry, encoding, arrays)
+        elif group.attrs["encoding"] != encoding:
+            raise RuntimeError(f"{name}: structure changed from {group.attrs['encoding']} "
+                               f"to {encoding} between batches")
+        for key, value in arrays.items():
+            if key in SHARED_DATASETS.get(encoding, ()):
+                continue
+            group[key][start:start + count] = _host(value, self.np_dtype)
+        group["frobenius"][start:start + count] = frob
+
+    def _create(self, entry, encoding: str, arrays: dict) -> h5py.Group:
+        writer, n = self.writer, self.plan.n_samples
         group = writer.create_group(entry.name, end_to_end=entry.layer is None, attrs={
-            "type": entry.type_name, "modules": list(entry.layer.module_names)
-            if entry.layer else [], "input_shape": list(entry.input_shape),
-            "output_shape": list(entry.output_shape), "d_in": entry.d_in,
-            "d_out": entry.d_out, "mode": entry.mode})
-        n = plan.n_samples
-        datasets[entry.name] = (
-            writer.create_dataset(group, "jacobian", (n, entry.d_out, entry.d_in), np_dtype),
-            writer.create_dataset(group, "frobenius", (n,), np.float64))
-    return datasets
+            "type": entry.type_name,
+            "modules": list(entry.layer.module_names) if entry.layer else [],
+            "input_shape": list(entry.input_shape), "output_shape": list(entry.output_shape),
+            "d_in": entry.d_in, "d_out": entry.d_out, "mode": entry.mode, "rule": entry.rule,
+            "encoding": encoding})
+        for key, value in arrays.items():
+            host = _host(value, self.np_dtype)
+            if key in SHARED_DATASETS.get(encoding, ()):
+                group.create_dataset(key, data=host)
+            else:
+                writer.create_dataset(group, key, (n, *host.shape[1:]), host.dtype)
+        writer.create_dataset(group, "frobenius", (n,), np.float64)
+        self.groups[entry.name] = group
+        return group
+
+
+def _host(value: torch.Tensor, np_dtype) -> np.ndarray:
+    host = value.detach().cpu().numpy()
+    return host if host.dtype.kind in "iu" else host.astype(np_dtype, copy=False)
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    """TF32 matmuls/convolutions on CUDA only when asked: they round to ~10 mantissa bits."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _check_options(config: ComputeConfig) -> tuple[torch.device, torch.dtype]:
+    if config.mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+    if config.store not in STORES:
+        raise UsageError(f"--store must be one of {', '.join(STORES)}")
+    if not config.include_layers and not config.end_to_end:
+        raise UsageError("nothing to compute: --no-layers and --no-end-to-end together")
+    return resolve_device(config.device), resolve_dtype(config.dtype)
+
+
+def _trace(config: ComputeConfig, loaded: LoadedModel, model: nn.Module,
+           example: torch.Tensor) -> Trace:
+    if config.include_layers:
+        return trace_layers(model, example, type_name=loaded.type_name,
+                            hookable=loaded.hookable, granularity=config.granularity,
+                            patterns=config.layers)
+    try:  # layers are still traced, to form the end-to-end Jacobian by chain products
+        trace = trace_layers(model, example, type_name=loaded.type_name,
+                             hookable=loaded.hookable, granularity=config.granularity)
+    except UnsupportedModuleError:
+        return trace_end_to_end(model, example)
+    trace.layers = []
+    return trace
+
+
+def _engine(config: ComputeConfig, model: nn.Module, trace: Trace,
+            n_samples: int) -> JacobianEngine:
+    return JacobianEngine(model, trace, layers=trace.layers, end_to_end=config.end_to_end,
+                          n_samples=n_samples, strict=config.strict_rules, mode=config.mode)
 
 
 def _provenance(p: Prepared) -> dict:
@@ -184,6 +300,7 @@ def _provenance(p: Prepared) -> dict:
         "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": c.command_line, "device": p.plan.device, "dtype": p.plan.dtype,
+        "tf32": bool(c.tf32 and p.device.type == "cuda"), "store": c.store,
         "granularity": c.granularity if c.include_layers else "",
         "chain": p.plan.chain, "batch_size": p.plan.batch_size,
         "model_path": str(c.model), "model_format": p.loaded.source,

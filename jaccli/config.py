@@ -28,6 +28,9 @@ class ComputeConfig:
     device: str = "auto"
     dtype: str = "float32"
     mode: str = "auto"
+    store: str = "compact"
+    strict_rules: bool = False
+    tf32: bool = False
     compression: str = "none"
     compression_level: int | None = None
     command_line: str = ""

@@ -84,25 +84,35 @@ class Layer:
     def function(self, record: CallRecord) -> Callable[..., torch.Tensor]:
         """`f(x, *batched_extras) -> y`: the layer's map from a batch of inputs to outputs.
 
-        Extra arguments of the first module that are batched tensors are passed through the
-        returned function's trailing arguments (see `batched_extras`); the rest stay fixed.
+        record: the first site's call record; its batched extra arguments (see
+        `batched_extras`) are the trailing arguments of `f`, the rest stay fixed.
         """
-        batched = batched_extra_positions(record)
-        args, kwargs = list(record.extra_args), dict(record.extra_kwargs)
+        first = site_function(record)
 
         def apply(x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
-            first_args, first_kwargs = list(args), dict(kwargs)
-            for (where, key), value in zip(batched, extras, strict=True):
-                if where == "args":
-                    first_args[key] = value
-                else:
-                    first_kwargs[key] = value
-            out = first_tensor(self.modules[0](x, *first_args, **first_kwargs))
+            out = first(x, *extras)
             for module in self.modules[1:]:
                 out = first_tensor(module(out))
             return out
 
         return apply
+
+
+def site_function(record: CallRecord) -> Callable[..., torch.Tensor]:
+    """`f(x, *batched_extras) -> y` for one recorded call, other arguments held fixed."""
+    batched = batched_extra_positions(record)
+    args, kwargs = list(record.extra_args), dict(record.extra_kwargs)
+
+    def apply(x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        call_args, call_kwargs = list(args), dict(kwargs)
+        for (where, key), value in zip(batched, extras, strict=True):
+            if where == "args":
+                call_args[key] = value
+            else:
+                call_kwargs[key] = value
+        return first_tensor(record.module(x, *call_args, **call_kwargs))
+
+    return apply
 
 
 @dataclass
@@ -119,6 +129,7 @@ class Trace:
     output_shape: tuple[int, ...]
     chain: bool
     skipped: list[Layer] = field(default_factory=list)
+    all_layers: list[Layer] = field(default_factory=list)
 
 
 def batched_extra_positions(record: CallRecord) -> list[tuple[str, Any]]:
@@ -263,8 +274,9 @@ def trace_layers(model: nn.Module, example: torch.Tensor, *, type_name: Callable
         layer = _make_layer(group, type_name)
         (skipped if layer.skip_reason else layers).append(layer)
     selected = select_layers(layers, patterns)
-    chain = _is_chain(groups, layers, selected, example, output)
-    return Trace(selected, tuple(example.shape[1:]), tuple(output.shape[1:]), chain, skipped)
+    chain = _is_chain(groups, layers, example, output)
+    return Trace(selected, tuple(example.shape[1:]), tuple(output.shape[1:]), chain, skipped,
+                 layers)
 
 
 def run_model(recorder: ForwardRecorder, x: torch.Tensor) -> tuple[torch.Tensor,
@@ -353,8 +365,8 @@ def _make_layer(group: list[CallRecord], type_name) -> Layer:
                  has_extra)
 
 
-def _is_chain(groups, layers, selected, example, output) -> bool:
-    if not selected or len(selected) != len(layers) or len(groups) != len(layers):
+def _is_chain(groups, layers, example, output) -> bool:
+    if not layers or len(groups) != len(layers):
         return False
     if any(layer.has_extra_inputs for layer in layers):
         return False

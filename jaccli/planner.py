@@ -1,45 +1,52 @@
-"""Decide, before anything runs, what each layer costs and how many samples fit in a batch."""
+"""Decide, before anything runs, how each Jacobian is computed, what it costs in memory and
+on disk, and how many samples fit in a batch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from .engine.generic import choose_mode
+from .engine.engine import END_TO_END, JacobianEngine
 from .errors import OutOfMemoryError
-from .layers import Layer, Trace
+from .layers import Layer
 from .memory import format_bytes
 
-# A batch holds each Jacobian about three times over: as computed, reshaped/copied on the
-# device, and as the host array being written.
+# A batch holds each per-sample Jacobian about three times over: as computed, as an
+# intermediate of a product or a copy, and as the host array being written.
 WORKING_COPIES = 3
 MAX_AUTO_BATCH = 4096
-END_TO_END = "(end-to-end)"
+STORES = ("compact", "dense")
 
 
 @dataclass
 class PlanEntry:
     """One Jacobian to compute: a layer's, or the model's end-to-end one (`layer` None).
 
-    input_shape / output_shape: per-sample; the Jacobian is `(N, D_out, D_in)`.
+    input_shape / output_shape: per-sample; the dense Jacobian is `(N, D_out, D_in)`.
+    structure: its exact compact form (docs/FORMAT.md); rule: how each module is handled.
+    bytes_per_sample: stored bytes per sample; shared_bytes: stored once for all samples.
     """
 
     name: str
     type_name: str
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    rule: str
+    structure: str
     mode: str
     bytes_per_sample: int
+    shared_bytes: int = 0
     layer: Layer | None = None
 
     @property
     def d_in(self) -> int:
-        return _numel(self.input_shape)
+        return math.prod(self.input_shape)
 
     @property
     def d_out(self) -> int:
-        return _numel(self.output_shape)
+        return math.prod(self.output_shape)
 
     @property
     def kind(self) -> str:
@@ -58,7 +65,9 @@ class Plan:
     device: str
     dtype: str
     chain: bool
+    store: str
     skipped: list[Layer] = field(default_factory=list)
+    chain_costs: dict[str, float] | None = None
 
     @property
     def bytes_per_sample(self) -> int:
@@ -66,57 +75,92 @@ class Plan:
 
     @property
     def output_bytes(self) -> int:
-        return self.bytes_per_sample * self.n_samples
+        return self.bytes_per_sample * self.n_samples + sum(e.shared_bytes for e in self.entries)
 
     def to_dict(self) -> dict:
         return {
             "n_samples": self.n_samples, "batch_size": self.batch_size,
             "n_batches": -(-self.n_samples // self.batch_size),
             "memory_budget_bytes": self.budget, "memory_budget_source": self.budget_source,
-            "device": self.device, "dtype": self.dtype, "chain": self.chain,
+            "device": self.device, "dtype": self.dtype, "chain": self.chain, "store": self.store,
             "bytes_per_sample": self.bytes_per_sample, "output_bytes": self.output_bytes,
-            "entries": [{"name": e.name, "kind": e.kind, "type": e.type_name,
+            "end_to_end_chain_cost": self.chain_costs,
+            "entries": [{"name": e.name, "kind": e.kind, "type": e.type_name, "rule": e.rule,
+                         "structure": e.structure, "mode": e.mode,
                          "input_shape": list(e.input_shape), "output_shape": list(e.output_shape),
-                         "d_in": e.d_in, "d_out": e.d_out, "mode": e.mode,
-                         "bytes_per_sample": e.bytes_per_sample} for e in self.entries],
+                         "d_in": e.d_in, "d_out": e.d_out,
+                         "bytes_per_sample": e.bytes_per_sample, "shared_bytes": e.shared_bytes}
+                        for e in self.entries],
             "skipped": [{"name": s.name, "type": s.type_name, "reason": s.skip_reason}
                         for s in self.skipped],
         }
 
 
-def make_plan(trace: Trace, *, n_samples: int, end_to_end: bool, include_layers: bool,
-              dtype: torch.dtype, device: torch.device, budget: int, budget_source: str,
-              batch_size: int | None = None, mode: str = "auto") -> Plan:
-    """Plan a run over `n_samples` samples of the traced model within `budget` bytes."""
+def stored_bytes(structure: str, d_out: int, d_in: int, itemsize: int,
+                 store: str) -> tuple[int, int]:
+    """(bytes per sample, bytes shared by all samples) of one Jacobian on disk."""
+    if store == "dense":
+        return d_out * d_in * itemsize, 0
+    return {
+        "shared": (0, d_out * d_in * itemsize),
+        "shared-diagonal": (0, d_out * itemsize),
+        "diagonal": (d_out * itemsize, 0),
+        "row-scaled": (d_out * itemsize, d_out * d_in * itemsize),
+        "selection": (d_out * 8, 0),
+    }.get(structure, (d_out * d_in * itemsize, 0))
+
+
+def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
+              device: torch.device, budget: int, budget_source: str, store: str = "compact",
+              batch_size: int | None = None) -> Plan:
+    """Plan a run of `engine` over `n_samples` samples within `budget` bytes."""
     itemsize = torch.empty((), dtype=dtype).element_size()
+    trace = engine.trace
     entries = []
-    if include_layers:
-        for layer in trace.layers:
-            entries.append(PlanEntry(layer.name, layer.type_name, layer.input_shape,
-                                     layer.output_shape,
-                                     choose_mode(layer.d_in, layer.d_out, mode),
-                                     layer.d_in * layer.d_out * itemsize, layer))
-    if end_to_end:
-        d_in, d_out = _numel(trace.input_shape), _numel(trace.output_shape)
+    for layer in engine.layers:
+        plans = engine.site_plans[layer.name]
+        structure = engine.structure(layer)
+        modes = {p.mode for p in plans if p.mode}
+        entries.append(PlanEntry(
+            layer.name, layer.type_name, layer.input_shape, layer.output_shape,
+            "+".join(p.rule_name for p in plans), structure, "/".join(sorted(modes)) or "-",
+            *stored_bytes(structure, layer.d_out, layer.d_in, itemsize, store), layer=layer))
+    chain_costs = None
+    if engine.end_to_end:
+        d_in, d_out = math.prod(trace.input_shape), math.prod(trace.output_shape)
+        structure = engine.end_to_end_structure
+        if engine.chain_plan is not None:
+            rule, mode = "chain product", "-"
+            chain_costs = {"chosen": engine.chain_plan.cost,
+                           "forward": engine.chain_plan.forward_cost,
+                           "reverse": engine.chain_plan.reverse_cost}
+        else:
+            rule, mode = "generic", engine.mode if engine.mode != "auto" else (
+                "fwd" if d_in < d_out else "rev")
         entries.append(PlanEntry(END_TO_END, "model", trace.input_shape, trace.output_shape,
-                                 choose_mode(d_in, d_out, mode), d_in * d_out * itemsize))
-    per_sample = max(1, sum(e.bytes_per_sample for e in entries))
-    largest = max(entries, key=lambda e: e.bytes_per_sample, default=None)
-    if largest is not None and WORKING_COPIES * largest.bytes_per_sample > budget:
+                                 rule, structure, mode,
+                                 *stored_bytes(structure, d_out, d_in, itemsize, store)))
+    working = [(e, _working_bytes(e, itemsize, store)) for e in entries]
+    per_sample = max(1, sum(w for _, w in working))
+    largest, largest_bytes = max(working, key=lambda item: item[1], default=(None, 0))
+    shared = sum(e.shared_bytes for e in entries)
+    if largest is not None and WORKING_COPIES * largest_bytes + shared > budget:
         raise OutOfMemoryError(
-            f"the Jacobian of {largest.name} ({largest.d_out} x {largest.d_in}) takes "
-            f"{format_bytes(largest.bytes_per_sample)} per sample, more than the memory budget "
+            f"the Jacobian of {largest.name} ({largest.d_out} x {largest.d_in}) needs "
+            f"{format_bytes(largest_bytes)} per sample, more than the memory budget "
             f"({format_bytes(budget)}, {budget_source}) allows; select other layers with "
-            "--layers or raise --max-memory")
+            "--layers, use --store compact, or raise --max-memory")
     if batch_size is None:
-        batch_size = max(1, min(budget // (WORKING_COPIES * per_sample), MAX_AUTO_BATCH))
+        room = max(budget - shared, 0) // (WORKING_COPIES * per_sample)
+        batch_size = max(1, min(room, MAX_AUTO_BATCH))
     batch_size = max(1, min(batch_size, n_samples))
     return Plan(entries, n_samples, batch_size, budget, budget_source, str(device),
-                str(dtype).removeprefix("torch."), trace.chain, list(trace.skipped))
+                str(dtype).removeprefix("torch."), trace.chain, store,
+                list(trace.skipped), chain_costs)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def _working_bytes(entry: PlanEntry, itemsize: int, store: str) -> int:
+    """Bytes per sample held while computing: dense results are formed whole."""
+    if store == "dense" or entry.structure == "dense":
+        return entry.d_out * entry.d_in * itemsize
+    return max(entry.bytes_per_sample, entry.d_out * itemsize)

@@ -46,9 +46,81 @@ class ResultGroup:
         return self.group[dataset]
 
     @property
-    def jacobian(self) -> h5py.Dataset:
-        """The per-sample Jacobians, shape (N, D_out, D_in)."""
-        return self["jacobian"]
+    def encoding(self) -> str:
+        return str(self.attrs.get("encoding", "dense"))
+
+    @property
+    def jacobian(self) -> JacobianView:
+        """The per-sample Jacobians as a dense `(N, D_out, D_in)` view, read on demand."""
+        return JacobianView(self)
+
+
+class JacobianView:
+    """A dense `(N, D_out, D_in)` view of one stored Jacobian, whatever its encoding.
+
+    Index it like an array along the sample axis (`view[3]`, `view[10:20]`, `view[[1, 5]]`,
+    optionally followed by more indices); `np.asarray(view)` reads every sample.
+    """
+
+    def __init__(self, group: ResultGroup):
+        self.group = group
+        self.encoding = group.encoding
+        self.n = group.group.file["samples/index"].shape[0]
+        self.d_out, self.d_in = int(group.attrs["d_out"]), int(group.attrs["d_in"])
+        self.dtype = np.dtype(str(group.group.file.attrs.get("dtype", "float32")))
+        self.shape = (self.n, self.d_out, self.d_in)
+
+    ndim = 3
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, item) -> np.ndarray:
+        first, rest = (item[0], item[1:]) if isinstance(item, tuple) else (item, ())
+        if isinstance(first, (int, np.integer)):
+            return self._read([int(first) % self.n])[0][rest]
+        if isinstance(first, slice):
+            rows = list(range(*first.indices(self.n)))
+        else:
+            rows = [int(i) % self.n for i in np.asarray(first).reshape(-1)]
+        return self._read(rows)[(slice(None), *rest)]
+
+    def _read(self, rows: list[int]) -> np.ndarray:
+        g, k = self.group.group, len(rows)
+        if self.encoding == "dense":
+            return _rows(g["jacobian"], rows)
+        if self.encoding == "shared":
+            return np.broadcast_to(g["matrix"][()], (k, self.d_out, self.d_in)).copy()
+        if self.encoding == "shared-diagonal":
+            return np.broadcast_to(np.diag(g["diagonal"][()]), (k, self.d_out, self.d_in)).copy()
+        if self.encoding == "diagonal":
+            out = np.zeros((k, self.d_out, self.d_in), self.dtype)
+            out[:, np.arange(self.d_out), np.arange(self.d_in)] = _rows(g["diagonal"], rows)
+            return out
+        if self.encoding == "row-scaled":
+            return _rows(g["row_scale"], rows)[:, :, None] * g["matrix"][()][None]
+        if self.encoding == "selection":
+            out = np.zeros((k, self.d_out, self.d_in), self.dtype)
+            np.put_along_axis(out, _rows(g["selection"], rows)[:, :, None], 1.0, axis=2)
+            return out
+        raise ResultsFormatError(f"{self.group.name}: unknown Jacobian encoding "
+                                 f"{self.encoding!r}; upgrade jaccli")
+
+
+def _rows(dataset: h5py.Dataset, rows: list[int]) -> np.ndarray:
+    """`dataset[rows]` for any list of sample indices (h5py wants them sorted and unique)."""
+    if not rows:
+        return np.zeros((0, *dataset.shape[1:]), dataset.dtype)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if unique[-1] - unique[0] + 1 == len(unique):
+        block = dataset[int(unique[0]):int(unique[-1]) + 1]
+    else:
+        block = dataset[unique.tolist()]
+    return np.asarray(block)[inverse]
 
 
 class Results:

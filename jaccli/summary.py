@@ -29,16 +29,19 @@ class EntrySummary:
     frobenius_max: float
     seconds: float
     nonfinite_samples: int = 0
+    structure: str = "dense"
+    rule: str = ""
 
     @classmethod
     def from_norms(cls, *, name: str, kind: str, type_name: str, d_in: int, d_out: int,
-                   frobenius: np.ndarray, seconds: float) -> EntrySummary:
+                   frobenius: np.ndarray, seconds: float, structure: str = "dense",
+                   rule: str = "") -> EntrySummary:
         """Statistics of per-sample Frobenius norms `frobenius`, shape (N,)."""
         finite = frobenius[np.isfinite(frobenius)]
         return cls(name, kind, type_name, d_in, d_out, [len(frobenius), d_out, d_in],
                    float(finite.mean()) if finite.size else float("nan"),
                    float(finite.max()) if finite.size else float("nan"),
-                   float(seconds), int(len(frobenius) - finite.size))
+                   float(seconds), int(len(frobenius) - finite.size), structure, rule)
 
 
 @dataclass

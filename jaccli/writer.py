@@ -20,6 +20,9 @@ FORMAT_NAME = "jaccli-results"
 FORMAT_VERSION = "1.0"
 COMPRESSIONS = ("none", "gzip", "lzf")
 CHUNK_BYTES = 1024 * 1024
+# Datasets of each encoding that hold one array for all samples (no sample axis).
+SHARED_DATASETS = {"shared": ("matrix",), "shared-diagonal": ("diagonal",),
+                   "row-scaled": ("matrix",)}
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

@@ -64,7 +64,11 @@ def test_dry_run_prints_plan_and_writes_nothing(files):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["memory_budget_bytes"] == 1_000_000
-    assert [e["mode"] for e in plan["entries"]] == ["rev", "rev", "rev", "rev", "rev", "rev"]
+    assert [(e["rule"], e["structure"]) for e in plan["entries"]] == [
+        ("Linear", "shared"), ("Elementwise", "diagonal"), ("Linear", "shared"),
+        ("Elementwise", "diagonal"), ("Linear", "shared"), ("chain product", "dense")]
+    costs = plan["end_to_end_chain_cost"]
+    assert costs["chosen"] <= min(costs["forward"], costs["reverse"])
     assert not (files / "never.h5").exists()
 
 
@@ -84,7 +88,8 @@ def test_inspect_lists_layers_without_data(tmp_path, cnn):
     plan = json.loads(result.stdout)
     first = plan["entries"][0]
     assert (first["name"], first["d_in"], first["d_out"]) == ("features.0", 72, 108)
-    assert first["bytes_per_sample"] == 72 * 108 * 4
+    assert (first["rule"], first["structure"]) == ("LinearMap", "shared")
+    assert first["bytes_per_sample"] == 0 and first["shared_bytes"] == 72 * 108 * 4
     result = invoke("inspect", tmp_path / "cnn.safetensors", "--input-shape", "2,7,7")
     assert result.exit_code == 0 and "features.0" in result.stdout
 
@@ -173,3 +178,4 @@ def test_sample_model_demo_runs(tmp_path):
     with jaccli.open_results(out) as r:
         assert r.layers[0].name == "features.0+features.1"
         assert r.layers[0].jacobian.shape == (16, 512, 64)
+        assert r.layers[0].encoding == "row-scaled"

@@ -4,7 +4,7 @@ from torch import nn
 
 import jaccli
 from jaccli.engine import per_sample_jacobian
-from jaccli.engine.batch import check_sample_independence
+from jaccli.engine.independence import check_sample_independence
 from jaccli.errors import ModelRunError
 
 from .conftest import TwoBranch, reference_jacobian

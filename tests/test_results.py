@@ -45,9 +45,14 @@ def test_layout_matches_the_format_spec(written):
         assert list(f["layers"]) == ["0", "1", "2", "3", "4"]
         group = f["layers/2"]
         assert group.attrs["type"] == "Linear" and group.attrs["order"] == 2
+        assert group.attrs["encoding"] == "shared" and group.attrs["rule"] == "Linear"
         np.testing.assert_array_equal(group.attrs["input_shape"], [5])
-        ds = group["jacobian"]
-        assert ds.shape == (6, 4, 5) and ds.maxshape == (None, 4, 5) and ds.chunks is not None
+        assert group["matrix"].shape == (4, 5)  # W, once for all samples
+        tanh = f["layers/1"]
+        assert tanh.attrs["encoding"] == "diagonal"
+        ds = tanh["diagonal"]
+        assert ds.shape == (6, 5) and ds.maxshape == (None, 5) and ds.chunks is not None
+        assert f["end_to_end"].attrs["encoding"] == "dense"
         assert f["end_to_end/jacobian"].shape == (6, 3, 6)
 
 
@@ -62,6 +67,11 @@ def test_values_match_reference_and_reader(written):
         np.testing.assert_allclose(results.end_to_end["frobenius"][:],
                                    np.linalg.norm(expected, axis=(1, 2)), rtol=1e-10)
         np.testing.assert_array_equal(results.layer("0").jacobian[3], mlp[0].weight.detach())
+        tanh_in = (torch.from_numpy(x) @ mlp[0].weight.double().T + mlp[0].bias.double()).detach()
+        tanh = results.layer("1").jacobian
+        assert tanh.shape == (6, 5, 5)
+        np.testing.assert_allclose(tanh[[4, 1]], torch.diag_embed(
+            1 - torch.tanh(tanh_in[[4, 1]]) ** 2).numpy(), rtol=1e-12)
     assert summary.entries[-1].frobenius_max == pytest.approx(
         np.linalg.norm(expected, axis=(1, 2)).max())
 
@@ -111,7 +121,7 @@ def test_compression_is_optional(tmp_path, mlp):
         run_compute(ComputeConfig(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
                                   output=out, compression=compression))
         with h5py.File(out) as f:
-            assert f["layers/0/jacobian"].compression == compression
+            assert f["layers/1/diagonal"].compression == compression
 
 
 @pytest.mark.skipif(shutil.which("h5ls") is None or shutil.which("h5dump") is None,
@@ -119,7 +129,29 @@ def test_compression_is_optional(tmp_path, mlp):
 def test_readable_by_hdf5_command_line_tools(written):
     out = written[0]
     listing = subprocess.run(["h5ls", "-r", str(out)], capture_output=True, text=True, check=True)
-    assert "/layers/0/jacobian" in listing.stdout and "Dataset {6/Inf, 5, 6}" in listing.stdout
+    assert "/layers/0/matrix" in listing.stdout and "Dataset {6/Inf, 3, 6}" in listing.stdout
     dump = subprocess.run(["h5dump", "-a", "/format_version", str(out)], capture_output=True,
                           text=True, check=True)
     assert f'"{FORMAT_VERSION}"' in dump.stdout
+
+
+def test_dense_store_matches_compact_store(tmp_path, cnn):
+    from .conftest import CNN_SPEC
+
+    jaccli.save_model(cnn, CNN_SPEC, tmp_path / "cnn.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(2).normal(size=(5, 2, 6, 6)))
+    for store in ("compact", "dense"):
+        run_compute(ComputeConfig(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
+                                  output=tmp_path / f"{store}.h5", store=store, dtype="float64",
+                                  granularity="block", batch_size=2))
+    with jaccli.open_results(tmp_path / "compact.h5") as compact, \
+            jaccli.open_results(tmp_path / "dense.h5") as dense:
+        encodings = [g.encoding for g in compact.groups()]
+        assert encodings == ["row-scaled", "selection", "shared-diagonal", "row-scaled",
+                             "shared", "dense"]
+        assert {g.encoding for g in dense.groups()} == {"dense"}
+        for a, b in zip(compact.groups(), dense.groups(), strict=True):
+            np.testing.assert_allclose(np.asarray(a.jacobian), b["jacobian"][:], rtol=1e-12,
+                                       atol=1e-14, err_msg=a.name)
+            np.testing.assert_allclose(a["frobenius"][:], b["frobenius"][:], rtol=1e-12)
+    assert (tmp_path / "compact.h5").stat().st_size < (tmp_path / "dense.h5").stat().st_size

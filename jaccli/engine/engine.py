@@ -1,0 +1,145 @@
+"""The structured engine: per-site rules, block and end-to-end Jacobians by chain products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ModelRunError, UnsupportedModuleError
+from ..layers import CallRecord, Layer, Trace, batched_extras, first_tensor, site_function
+from .chain import ChainPlan, cheapest_order, compose_tag
+from .generic import choose_mode, per_sample_jacobian
+from .rules import Rule, rule_for
+from .structures import Matrix, Structured, chain_product
+
+END_TO_END = "(end-to-end)"
+
+
+@dataclass
+class SitePlan:
+    """How one call site is differentiated: by its rule, or by the generic torch.func path."""
+
+    site: str
+    module_name: str
+    rule: Rule | None
+    structure: str
+    mode: str | None  # fwd/rev for the generic path
+
+    @property
+    def rule_name(self) -> str:
+        return type(self.rule).__name__.removesuffix("Rule") if self.rule else "generic"
+
+
+def plan_sites(layer: Layer) -> list[SitePlan]:
+    """The rule (or generic mode) for each site of `layer`, in execution order."""
+    plans = []
+    for i, (site, name, module) in enumerate(zip(layer.sites, layer.module_names,
+                                                 layer.modules, strict=True)):
+        rule = None if (i == 0 and layer.has_extra_inputs) else rule_for(module)
+        if rule is not None:
+            plans.append(SitePlan(site, name, rule, rule.structure, None))
+        else:
+            # A block's inner sites pick their mode from their shapes when they run.
+            mode = choose_mode(layer.d_in, layer.d_out) if len(layer.sites) == 1 else "auto"
+            plans.append(SitePlan(site, name, None, "dense", mode))
+    return plans
+
+
+def layer_structure(plans: list[SitePlan]) -> str:
+    tag = plans[0].structure
+    for plan in plans[1:]:
+        tag = compose_tag(plan.structure, tag)
+    return tag
+
+
+class JacobianEngine:
+    """Computes the planned Jacobians of one batch from its recorded forward pass.
+
+    Shared Jacobians (Linear, conv, BatchNorm, ...) are computed once per engine (one run).
+    layers: the layers to report; end_to_end: also the model's input→output Jacobian, formed
+    as the chain product of all layers' Jacobians when the trace is a chain, else directly.
+    """
+
+    def __init__(self, model: nn.Module, trace: Trace, *, layers: list[Layer],
+                 end_to_end: bool, n_samples: int, strict: bool = False, mode: str = "auto",
+                 chunk_size: int | None = None):
+        self.model = model
+        self.trace = trace
+        self.layers = layers
+        self.end_to_end = end_to_end
+        self.mode = mode
+        self.chunk_size = chunk_size
+        self.e2e_from_chain = end_to_end and trace.chain
+        needed = trace.all_layers if self.e2e_from_chain else layers
+        self.site_plans = {layer.name: plan_sites(layer) for layer in needed}
+        if mode != "auto":
+            for plans in self.site_plans.values():
+                for p in plans:
+                    if p.rule is None:
+                        p.mode = mode
+        if strict:
+            missing = [f"{p.module_name} ({type(m).__name__})"
+                       for layer in needed
+                       for p, m in zip(self.site_plans[layer.name], layer.modules, strict=True)
+                       if p.rule is None]
+            if missing or (end_to_end and not trace.chain):
+                what = ", ".join(missing) or "the end-to-end Jacobian of a non-chain model"
+                raise UnsupportedModuleError(f"--strict-rules: no structured rule for {what}")
+        self.chain_plan: ChainPlan | None = None
+        if self.e2e_from_chain:
+            tags = [layer_structure(self.site_plans[layer.name]) for layer in trace.all_layers]
+            dims = [trace.all_layers[0].d_in] + [layer.d_out for layer in trace.all_layers]
+            self.chain_plan = cheapest_order(tags, dims, n_samples)
+        self._shared: dict[str, Structured] = {}
+
+    @property
+    def needs_records(self) -> bool:
+        """Whether `compute` needs the batch's recorded layer inputs."""
+        return bool(self.layers) or self.e2e_from_chain
+
+    def structure(self, layer: Layer) -> str:
+        return layer_structure(self.site_plans[layer.name])
+
+    @property
+    def end_to_end_structure(self) -> str:
+        return self.chain_plan.tag if self.chain_plan else "dense"
+
+    def compute(self, x: torch.Tensor, records: dict[str, CallRecord]) -> dict[str, Structured]:
+        """`{entry name: structured Jacobian}` for the batch `x` `(B, *in_shape)`."""
+        needed = self.trace.all_layers if self.e2e_from_chain else self.layers
+        per_layer = {layer.name: self._layer(layer, records) for layer in needed}
+        result = {layer.name: per_layer[layer.name] for layer in self.layers}
+        if self.end_to_end:
+            if self.e2e_from_chain:
+                chain = [per_layer[layer.name] for layer in self.trace.all_layers]
+                result[END_TO_END] = chain_product(chain, self.chain_plan.order)
+            else:
+                result[END_TO_END] = Matrix(per_sample_jacobian(
+                    lambda xb: first_tensor(self.model(xb)), x, mode=self.mode,
+                    chunk_size=self.chunk_size))
+        return result
+
+    def _layer(self, layer: Layer, records: dict[str, CallRecord]) -> Structured:
+        parts = []
+        for plan, module in zip(self.site_plans[layer.name], layer.modules, strict=True):
+            record = records.get(plan.site)
+            if record is None or record.input is None:
+                raise ModelRunError(
+                    f"layer {layer.name} was not called in this batch's forward pass; the "
+                    "model's control flow depends on its input, so its layers differ between "
+                    "batches")
+            parts.append(self._site(plan, module, record))
+        return chain_product(parts)
+
+    def _site(self, plan: SitePlan, module: nn.Module, record: CallRecord) -> Structured:
+        if plan.rule is None:
+            return Matrix(per_sample_jacobian(site_function(record), record.input,
+                                              batched_extras(record), mode=plan.mode or "auto",
+                                              chunk_size=self.chunk_size))
+        if plan.rule.shared:
+            if plan.site not in self._shared:
+                self._shared[plan.site] = plan.rule.jacobian(module, record.input[:1])
+            return self._shared[plan.site]
+        return plan.rule.jacobian(module, record.input)
