@@ -18,14 +18,20 @@ from .background import BackgroundWriter
 from .config import ComputeConfig
 from .data import DataSource, load_data
 from .device import resolve_device, resolve_dtype
-from .engine.independence import check_sample_independence
 from .engine.engine import JacobianEngine
 from .engine.generic import MODES
+from .engine.independence import check_sample_independence
 from .engine.structures import Structured
 from .errors import OutOfMemoryError, UnsupportedModuleError, UsageError
 from .hashing import sha256_file
-from .layers import (ForwardRecorder, Trace, is_out_of_memory, run_model, trace_end_to_end,
-                     trace_layers)
+from .layers import (
+    ForwardRecorder,
+    Trace,
+    is_out_of_memory,
+    run_model,
+    trace_end_to_end,
+    trace_layers,
+)
 from .memory import memory_budget
 from .models import LoadedModel, load_model
 from .planner import STORES, Plan, make_plan
