@@ -186,7 +186,7 @@ def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x:
     if x.is_cuda:
         torch.cuda.empty_cache()
     half = x.shape[0] // 2
-    p.plan.batch_size = half
+    p.plan.batch_size = min(p.plan.batch_size, half)
     yield from _compute_batch(p, recorder, start, x[:half])
     yield from _compute_batch(p, recorder, start + half, x[half:])
 

@@ -117,3 +117,93 @@ def test_batch_coupling_is_detected():
     with pytest.raises(ModelRunError, match="changes with the other samples in its batch"):
         check_sample_independence(MixRows(), torch.randn(4, 3))
     check_sample_independence(nn.Sequential(nn.Linear(3, 3)).eval(), torch.randn(4, 3))
+
+
+class Square(nn.Module):
+    """A module with no rule: the generic torch.func path handles it."""
+
+    def forward(self, x):
+        return x * x.sum(dim=1, keepdim=True)
+
+
+def test_module_without_rule_uses_generic_path_and_strict_rules_refuses_it():
+    from jaccli.engine.engine import JacobianEngine
+    from jaccli.errors import UnsupportedModuleError
+    from jaccli.layers import trace_layers
+
+    model = nn.Sequential(nn.Linear(3, 4), Square(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    trace = trace_layers(model, x)
+    engine = JacobianEngine(model, trace, layers=trace.layers, end_to_end=True, n_samples=5)
+    assert [p.rule_name for p in engine.site_plans["1"]] == ["generic"]
+    assert engine.site_plans["1"][0].mode == "rev"  # D_in == D_out: reverse mode
+    jac = jaccli.layer_jacobians(model, x, end_to_end=True)
+    pre = model[0](x)
+    torch.testing.assert_close(jac["1"], reference_jacobian(model[1], pre))
+    torch.testing.assert_close(jac["(end-to-end)"], reference_jacobian(model, x))
+    with pytest.raises(UnsupportedModuleError, match=r"--strict-rules: no structured rule for "
+                                                     r"1 \(Square\)"):
+        JacobianEngine(model, trace, layers=trace.layers, end_to_end=True, n_samples=5,
+                       strict=True)
+
+
+def test_end_to_end_by_chain_equals_direct(cnn):
+    model = cnn.double()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    structured = jaccli.layer_jacobians(model, x, end_to_end=True, structured=True)
+    torch.testing.assert_close(structured["(end-to-end)"].dense(4),
+                               jaccli.end_to_end_jacobian(model, x))
+
+
+def test_shared_jacobians_are_computed_once_per_run(tmp_path, cnn, monkeypatch):
+    import numpy as np
+
+    from jaccli.compute import run_compute
+    from jaccli.config import ComputeConfig
+    from jaccli.engine.rules.linear import LinearMapRule
+
+    from .conftest import CNN_SPEC
+
+    calls = []
+    original = LinearMapRule.jacobian
+    monkeypatch.setattr(LinearMapRule, "jacobian",
+                        lambda self, m, x: calls.append(x.shape[0]) or original(self, m, x))
+    jaccli.save_model(cnn, CNN_SPEC, tmp_path / "cnn.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 2, 6, 6)))
+    run_compute(ComputeConfig(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
+                              batch_size=2))
+    assert calls == [1]  # one conv layer, three batches, one single-sample evaluation
+
+
+def test_out_of_memory_halves_the_batch_and_retries(tmp_path, mlp, monkeypatch):
+    import numpy as np
+
+    from jaccli.compute import prepare, run_compute
+    from jaccli.config import ComputeConfig
+    from jaccli.engine.engine import JacobianEngine
+
+    from .conftest import MLP_SPEC
+
+    jaccli.save_model(mlp, MLP_SPEC, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(7, 6)))
+    config = ComputeConfig(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
+                           dtype="float64", batch_size=7, output=tmp_path / "small.h5")
+    reference = run_compute(config)
+    original = JacobianEngine.compute
+
+    def tight(self, x, records):
+        if x.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        return original(self, x, records)
+
+    monkeypatch.setattr(JacobianEngine, "compute", tight)
+    config.output = tmp_path / "split.h5"
+    prepared = prepare(config)
+    summary = run_compute(config, prepared=prepared)
+    assert prepared.plan.batch_size == 1  # 7 -> 3 -> 1 (3 still too big)
+    for a, b in zip(summary.entries, reference.entries, strict=True):
+        assert a.frobenius_mean == pytest.approx(b.frobenius_mean, rel=1e-12)
+    with jaccli.open_results(tmp_path / "split.h5") as r1, \
+            jaccli.open_results(tmp_path / "small.h5") as r2:
+        for g1, g2 in zip(r1.groups(), r2.groups(), strict=True):
+            np.testing.assert_allclose(np.asarray(g1.jacobian), np.asarray(g2.jacobian))

@@ -26,7 +26,7 @@ def _closed_form(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if type(module) is nn.ReLU:
         return (x > 0).to(x.dtype)
     if type(module) is nn.LeakyReLU:
-        return torch.where(x > 0, 1.0, module.negative_slope).to(x.dtype)
+        return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, module.negative_slope))
     return None
 
 
