@@ -1,0 +1,126 @@
+"""Timing, memory and reporting helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, *, repeat: int = 3,
+           warmup: int = 1) -> tuple[float, object]:
+    """Best wall time of `repeat` runs after `warmup` runs; returns (seconds, last result)."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    sync(device)
+    best = math.inf
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+class PeakMemory:
+    """Peak bytes while the block runs: CUDA allocator peak, or sampled process RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self._base)
+            time.sleep(0.002)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def fill_seconds(n_bytes: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Time to write `n_bytes` once on `device` (the bandwidth limit for materializing)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    buffer = torch.empty(max(1, n_bytes // itemsize), dtype=dtype, device=device)
+    seconds, _ = timeit(lambda: buffer.fill_(1.0), device)
+    return seconds
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
+    """Measured FLOP/s of a square matmul: the arithmetic limit."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds, _ = timeit(lambda: a @ b, device)
+    return 2 * size**3 / seconds
+
+
+@dataclass
+class Row:
+    method: str
+    seconds: float
+    extrapolated: bool = False
+    peak_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Case:
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    limit: Row | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self, reference: str = "jaccli") -> str:
+        ours = next((r.seconds for r in self.rows if r.method.startswith(reference)), None)
+        lines = [f"### {self.title}", "",
+                 "| method | time | jaccli speed-up | % of limit | peak memory | note |",
+                 "|---|---:|---:|---:|---:|---|"]
+        for r in self.rows + ([self.limit] if self.limit else []):
+            speedup = f"{r.seconds / ours:.1f}×" if ours and not r.method.startswith(
+                reference) and r is not self.limit else ""
+            share = (f"{100 * self.limit.seconds / r.seconds:.0f}%"
+                     if self.limit and r is not self.limit else "")
+            peak = f"{r.peak_bytes / 2**20:.0f} MiB" if r.peak_bytes is not None else ""
+            time_text = _seconds(r.seconds) + (" (extrapolated)" if r.extrapolated else "")
+            lines.append(f"| {r.method} | {time_text} | {speedup} | {share} | {peak} | {r.note} |")
+        lines += [""] + [f"- {n}" for n in self.notes] + [""]
+        return "\n".join(lines)
+
+
+def _seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} µs"
