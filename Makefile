@@ -41,5 +41,8 @@ sample-models: install  ## retrain the sample models on scikit-learn's bundled d
 	$(BIN)/python -m pip install --quiet -e ".[train]"
 	$(BIN)/python sample_models/train.py
 
+bench: install  ## benchmarks vs peers (BENCH_ARGS="--quick --device cuda --cases mlp-e2e ...")
+	$(BIN)/python benchmarks/bench_jacobians.py $(BENCH_ARGS)
+
 clean:  ## remove the virtual environment, caches and demo output
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache *.egg-info

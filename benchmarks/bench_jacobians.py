@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Case, PeakMemory, Row, fill_seconds, gemm_rate, timeit  # noqa: E402
 
 import jaccli  # noqa: E402
-from jaccli.engine.engine import END_TO_END, JacobianEngine  # noqa: E402
+from jaccli.engine.engine import JacobianEngine  # noqa: E402
 from jaccli.layers import ForwardRecorder, trace_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def main() -> None:
         cases.append(case_end_to_end(f"End-to-end Jacobian, MLP 784→1000→1000→1000→10 tanh, "
                                      f"{n} samples", model, x, device, dtype,
                                      loop_samples=2 if quick else 8, repeat=repeat,
-                                     with_jacfwd=not quick))
+                                     with_jacfwd=device.type == "cuda" and not quick))
     if "cnn" in args.cases:
         n = 4 if quick else 32
         model = prepared(cifar_cnn(), device, dtype)

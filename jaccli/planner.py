@@ -134,6 +134,9 @@ def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
             chain_costs = {"chosen": engine.chain_plan.cost,
                            "forward": engine.chain_plan.forward_cost,
                            "reverse": engine.chain_plan.reverse_cost}
+        elif engine.e2e_from_chain:
+            rule = engine.end_to_end_method
+            mode = "rev" if rule.startswith("reverse") else "fwd"
         else:
             rule, mode = "generic", engine.mode if engine.mode != "auto" else (
                 "fwd" if d_in < d_out else "rev")

@@ -207,3 +207,26 @@ def test_out_of_memory_halves_the_batch_and_retries(tmp_path, mlp, monkeypatch):
             jaccli.open_results(tmp_path / "small.h5") as r2:
         for g1, g2 in zip(r1.groups(), r2.groups(), strict=True):
             np.testing.assert_allclose(np.asarray(g1.jacobian), np.asarray(g2.jacobian))
+
+
+@pytest.mark.parametrize(("model", "shape", "method"), [
+    (nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                   nn.Linear(12, 4)), (2, 4, 4), "reverse accumulation"),
+    (nn.Sequential(nn.ConvTranspose2d(1, 2, 2, stride=2), nn.Tanh(), nn.Flatten(),
+                   nn.Linear(32, 40)), (1, 2, 2), "forward accumulation"),
+    (nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid()), (3,),
+     "chain product"),
+])
+def test_end_to_end_strategies_match_reference(model, shape, method):
+    from jaccli.engine.engine import END_TO_END, JacobianEngine
+    from jaccli.layers import ForwardRecorder, trace_layers
+
+    model = model.double().eval()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    trace = trace_layers(model, x)
+    engine = JacobianEngine(model, trace, layers=[], end_to_end=True, n_samples=3)
+    assert engine.end_to_end_method == method
+    _, records = ForwardRecorder(model).run(x)
+    result = engine.compute(x, {r.site: r for r in records})
+    assert list(result) == [END_TO_END]
+    torch.testing.assert_close(result[END_TO_END].dense(3), reference_jacobian(model, x))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import jvp, vjp
 
 from ..errors import ModelRunError, UnsupportedModuleError
 from ..layers import CallRecord, Layer, Trace, batched_extras, first_tensor, site_function
@@ -13,6 +14,8 @@ from .chain import ChainPlan, cheapest_order, compose_tag
 from .generic import choose_mode, per_sample_jacobian
 from .rules import Rule, rule_for
 from .structures import Matrix, Structured, chain_product
+
+END_TO_END_METHODS = ("chain product", "reverse accumulation", "forward accumulation", "generic")
 
 END_TO_END = "(end-to-end)"
 
@@ -88,10 +91,21 @@ class JacobianEngine:
                 what = ", ".join(missing) or "the end-to-end Jacobian of a non-chain model"
                 raise UnsupportedModuleError(f"--strict-rules: no structured rule for {what}")
         self.chain_plan: ChainPlan | None = None
+        self.end_to_end_method = "generic"
         if self.e2e_from_chain:
-            tags = [layer_structure(self.site_plans[layer.name]) for layer in trace.all_layers]
-            dims = [trace.all_layers[0].d_in] + [layer.d_out for layer in trace.all_layers]
-            self.chain_plan = cheapest_order(tags, dims, n_samples)
+            all_plans = [p for layer in trace.all_layers for p in self.site_plans[layer.name]]
+            if any(p.rule is not None and p.rule.matrix_free for p in all_plans):
+                # Convolutions: push identity blocks through their jvp/vjp rather than
+                # multiplying their (large, sparse) matrices densely.
+                d_in, d_out = trace.all_layers[0].d_in, trace.all_layers[-1].d_out
+                self.end_to_end_method = ("forward accumulation" if d_in < d_out
+                                          else "reverse accumulation")
+            else:
+                tags = [layer_structure(self.site_plans[layer.name])
+                        for layer in trace.all_layers]
+                dims = [trace.all_layers[0].d_in] + [layer.d_out for layer in trace.all_layers]
+                self.chain_plan = cheapest_order(tags, dims, n_samples)
+                self.end_to_end_method = "chain product"
         self._shared: dict[str, Structured] = {}
 
     @property
@@ -106,32 +120,58 @@ class JacobianEngine:
     def end_to_end_structure(self) -> str:
         return self.chain_plan.tag if self.chain_plan else "dense"
 
+    def _sites(self):
+        for layer in self.trace.all_layers:
+            yield from zip(self.site_plans[layer.name], layer.modules, strict=True)
+
     def compute(self, x: torch.Tensor, records: dict[str, CallRecord]) -> dict[str, Structured]:
         """`{entry name: structured Jacobian}` for the batch `x` `(B, *in_shape)`."""
-        needed = self.trace.all_layers if self.e2e_from_chain else self.layers
+        needed = self.trace.all_layers if self.chain_plan else self.layers
         per_layer = {layer.name: self._layer(layer, records) for layer in needed}
         result = {layer.name: per_layer[layer.name] for layer in self.layers}
         if self.end_to_end:
-            if self.e2e_from_chain:
+            if self.chain_plan is not None:
                 chain = [per_layer[layer.name] for layer in self.trace.all_layers]
                 result[END_TO_END] = chain_product(chain, self.chain_plan.order)
+            elif self.e2e_from_chain:
+                result[END_TO_END] = self._accumulate(x, records)
             else:
                 result[END_TO_END] = Matrix(per_sample_jacobian(
                     lambda xb: first_tensor(self.model(xb)), x, mode=self.mode,
                     chunk_size=self.chunk_size))
         return result
 
+    def _accumulate(self, x: torch.Tensor, records: dict[str, CallRecord]) -> Matrix:
+        """The end-to-end Jacobian by pushing an identity block through every site:
+        from the output side with vjps (reverse) or from the input side with jvps (forward).
+        Convolution-like sites are applied matrix-free; the others by their structures."""
+        sites = list(self._sites())
+        d_in, d_out = self.trace.all_layers[0].d_in, self.trace.all_layers[-1].d_out
+        reverse = self.end_to_end_method == "reverse accumulation"
+        size = d_out if reverse else d_in
+        block = torch.eye(size, dtype=x.dtype, device=x.device)[None]  # (1, k, D) or (1, D, k)
+        for plan, module in (reversed(sites) if reverse else sites):
+            record = self._record(plan, records)
+            if plan.rule is not None and plan.rule.matrix_free:
+                block = _pull_through(module, record, block) if reverse else \
+                    _push_through(module, record, block)
+            else:
+                jac = self._site(plan, module, record)
+                block = jac.left_apply(block) if reverse else jac.right_apply(block)
+        return Matrix(block.expand(x.shape[0], -1, -1) if block.shape[0] == 1 else block)
+
+    def _record(self, plan: SitePlan, records: dict[str, CallRecord]) -> CallRecord:
+        record = records.get(plan.site)
+        if record is None or record.input is None:
+            raise ModelRunError(
+                f"{plan.site} was not called in this batch's forward pass; the model's "
+                "control flow depends on its input, so its layers differ between batches")
+        return record
+
     def _layer(self, layer: Layer, records: dict[str, CallRecord]) -> Structured:
-        parts = []
-        for plan, module in zip(self.site_plans[layer.name], layer.modules, strict=True):
-            record = records.get(plan.site)
-            if record is None or record.input is None:
-                raise ModelRunError(
-                    f"layer {layer.name} was not called in this batch's forward pass; the "
-                    "model's control flow depends on its input, so its layers differ between "
-                    "batches")
-            parts.append(self._site(plan, module, record))
-        return chain_product(parts)
+        return chain_product([self._site(plan, module, self._record(plan, records))
+                              for plan, module in zip(self.site_plans[layer.name],
+                                                      layer.modules, strict=True)])
 
     def _site(self, plan: SitePlan, module: nn.Module, record: CallRecord) -> Structured:
         if plan.rule is None:
@@ -143,3 +183,23 @@ class JacobianEngine:
                 self._shared[plan.site] = plan.rule.jacobian(module, record.input[:1])
             return self._shared[plan.site]
         return plan.rule.jacobian(module, record.input)
+
+
+def _pull_through(module: nn.Module, record: CallRecord, block: torch.Tensor) -> torch.Tensor:
+    """`block @ J` for an affine module without forming J: block `(B, k, D_out)`."""
+    b, k, _ = block.shape
+    in_shape = record.input.shape[1:]
+    out_shape = record.output_ref.shape[1:]
+    zeros = torch.zeros((b * k, *in_shape), dtype=block.dtype, device=block.device)
+    _, pullback = vjp(module, zeros)  # affine: the pullback does not depend on the point
+    return pullback(block.reshape(b * k, *out_shape))[0].reshape(b, k, -1)
+
+
+def _push_through(module: nn.Module, record: CallRecord, block: torch.Tensor) -> torch.Tensor:
+    """`J @ block` for an affine module without forming J: block `(B, D_in, k)`."""
+    b, _, k = block.shape
+    in_shape = record.input.shape[1:]
+    tangents = block.transpose(1, 2).reshape(b * k, *in_shape)
+    zeros = torch.zeros_like(tangents)
+    out = jvp(module, (zeros,), (tangents,))[1]
+    return out.reshape(b, k, -1).transpose(1, 2)

@@ -60,6 +60,22 @@ class Structured:
         raise NotImplementedError
 
 
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` for `(1|N, m, k) @ (1|N, k, n)`; a shared factor becomes one large GEMM.
+
+    Broadcasting a batch of 1 makes torch run N small matmuls; folding the samples into
+    the other factor's rows (or columns) runs one matmul at full speed instead.
+    """
+    if a.shape[0] == b.shape[0]:
+        return torch.matmul(a, b)
+    if b.shape[0] == 1:  # (N, m, k) @ (k, n): stack the samples' rows
+        n, m, k = a.shape
+        return (a.reshape(n * m, k) @ b[0]).reshape(n, m, b.shape[2])
+    n, k, cols = b.shape  # (m, k) @ (N, k, n): stack the samples' columns
+    stacked = b.transpose(0, 1).reshape(k, n * cols)
+    return (a[0] @ stacked).reshape(a.shape[1], n, cols).transpose(0, 1)
+
+
 def _expand(t: torch.Tensor, n: int | None) -> torch.Tensor:
     return t if n is None or t.shape[0] == n else t.expand(n, *t.shape[1:])
 
@@ -130,10 +146,10 @@ class Matrix(Structured):
         return _expand(torch.linalg.matrix_norm(self.matrix), n)
 
     def left_apply(self, m):
-        return torch.matmul(m, self.matrix)
+        return batched_matmul(m, self.matrix)
 
     def right_apply(self, m):
-        return torch.matmul(self.matrix, m)
+        return batched_matmul(self.matrix, m)
 
     def compact(self):
         return {"matrix": self.matrix[0]} if self.shared else {"jacobian": self.matrix}
@@ -169,10 +185,10 @@ class RowScaled(Structured):
         return _expand((self.scale.square() @ row_norms2).sqrt(), n)
 
     def left_apply(self, m):
-        return torch.matmul(m * self.scale[:, None, :], self.matrix)
+        return batched_matmul(m * self.scale[:, None, :], self.matrix)
 
     def right_apply(self, m):
-        return self.scale[:, :, None] * torch.matmul(self.matrix, m)
+        return self.scale[:, :, None] * batched_matmul(self.matrix, m)
 
     def compact(self):
         return {"row_scale": self.scale, "matrix": self.matrix[0]}

@@ -20,6 +20,8 @@ class Rule:
 
     structure = "dense"
     shared = False
+    # A shared matrix that is cheaper to apply through jvp/vjp than to form (convolutions).
+    matrix_free = False
 
     def applies(self, module: nn.Module) -> bool:
         """Whether this rule is exact for this module's configuration (e.g. eval mode)."""

@@ -45,6 +45,7 @@ class LinearMapRule(Rule):
 
     structure = "shared"
     shared = True
+    matrix_free = True
 
     def jacobian(self, module, x):
         return Matrix(linear_map_matrix(module, x[:1])[None], shared=True)
