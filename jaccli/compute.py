@@ -169,10 +169,11 @@ def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x:
         if recorder is not None:
             _, calls = run_model(recorder, x)
             records = {r.site: r for r in calls}
+        forward = time.perf_counter() - begin
         results = p.engine.compute(x, records)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        per_entry = (time.perf_counter() - begin) / max(len(results), 1)
+        # The one forward pass is shared by all entries: charge it to them equally.
+        spent = {name: seconds + forward / len(results)
+                 for name, seconds in p.engine.last_seconds.items()}
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
@@ -181,7 +182,7 @@ def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x:
                                    "with --layers or use --store compact") from exc
         results = None
     if results is not None:
-        yield start, x.shape[0], results, dict.fromkeys(results, per_entry)
+        yield start, x.shape[0], results, spent
         return
     if x.is_cuda:
         torch.cuda.empty_cache()

@@ -79,13 +79,14 @@ def render_table(summary: Summary, console: Console) -> None:
                         f"({summary.n_samples} samples, {summary.device}, {summary.dtype})",
                   title_justify="left")
     for column, justify in (("layer", "left"), ("type", "left"), ("D_in → D_out", "right"),
-                            ("Jacobian", "right"), ("‖J‖_F mean", "right"),
-                            ("‖J‖_F max", "right"), ("time", "right")):
+                            ("Jacobian", "right"), ("structure", "left"),
+                            ("‖J‖_F mean", "right"), ("‖J‖_F max", "right"),
+                            ("time", "right")):
         table.add_column(column, justify=justify, no_wrap=column != "type")
     for e in summary.entries:
         shape = " × ".join(map(str, e.jacobian_shape))
         warn = f" [red]({e.nonfinite_samples} non-finite)[/red]" if e.nonfinite_samples else ""
-        table.add_row(e.name, e.type, f"{e.d_in} → {e.d_out}", shape,
+        table.add_row(e.name, e.type, f"{e.d_in} → {e.d_out}", shape, e.structure,
                       f"{e.frobenius_mean:.4g}{warn}", f"{e.frobenius_max:.4g}",
                       f"{e.seconds:.3f} s", end_section=e.kind == "end_to_end")
     console.print(table)
@@ -114,22 +115,26 @@ def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
                 show_batches: bool = True) -> None:
     """Print a plan (from `Plan.to_dict()`): one row per Jacobian, then the totals."""
     table = Table(title=title, title_justify="left")
-    for column, justify in (("layer", "left"), ("type", "left"), ("input", "right"),
-                            ("output", "right"), ("D_in → D_out", "right"), ("mode", "left"),
-                            ("per sample", "right"), ("all samples", "right")):
-        table.add_column(column, justify=justify, no_wrap=column != "type")
+    for column, justify in (("layer", "left"), ("type", "left"), ("input → output", "right"),
+                            ("rule", "left"), ("structure", "left"), ("mode", "left"),
+                            ("per sample", "right"), ("shared", "right"),
+                            ("all samples", "right")):
+        table.add_column(column, justify=justify, no_wrap=column not in ("type", "rule"))
     n = plan_dict["n_samples"]
     for e in plan_dict["entries"]:
-        table.add_row(e["name"], e["type"], _shape(e["input_shape"]), _shape(e["output_shape"]),
-                      f"{e['d_in']} → {e['d_out']}", e["mode"],
-                      format_bytes(e["bytes_per_sample"]), format_bytes(e["bytes_per_sample"] * n),
+        table.add_row(e["name"], e["type"],
+                      f"{_shape(e['input_shape'])} → {_shape(e['output_shape'])}", e["rule"],
+                      e["structure"], e["mode"], format_bytes(e["bytes_per_sample"]),
+                      format_bytes(e["shared_bytes"]) if e["shared_bytes"] else "",
+                      format_bytes(e["bytes_per_sample"] * n + e["shared_bytes"]),
                       end_section=e["kind"] == "end_to_end")
     console.print(table)
     budget = (f", batch size {plan_dict['batch_size']} ({plan_dict['n_batches']} batches), "
               f"memory budget {format_bytes(plan_dict['memory_budget_bytes'])} "
               f"({plan_dict['memory_budget_source']})" if show_batches else "")
     console.print(f"{n} sample{'s' if n != 1 else ''}{budget}, {plan_dict['device']}, "
-                  f"{plan_dict['dtype']}; output {format_bytes(plan_dict['output_bytes'])}; "
+                  f"{plan_dict['dtype']}; output {format_bytes(plan_dict['output_bytes'])} "
+                  f"(--store {plan_dict['store']}); "
                   f"layers form a chain: {'yes' if plan_dict['chain'] else 'no'}",
                   highlight=False)
     for s in plan_dict["skipped"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,7 @@ class JacobianEngine:
                 self.chain_plan = cheapest_order(tags, dims, n_samples)
                 self.end_to_end_method = "chain product"
         self._shared: dict[str, Structured] = {}
+        self.last_seconds: dict[str, float] = {}
 
     @property
     def needs_records(self) -> bool:
@@ -126,8 +128,12 @@ class JacobianEngine:
 
     def compute(self, x: torch.Tensor, records: dict[str, CallRecord]) -> dict[str, Structured]:
         """`{entry name: structured Jacobian}` for the batch `x` `(B, *in_shape)`."""
+        clock = _Clock(x.device)
         needed = self.trace.all_layers if self.chain_plan else self.layers
-        per_layer = {layer.name: self._layer(layer, records) for layer in needed}
+        per_layer = {}
+        for layer in needed:
+            per_layer[layer.name] = self._layer(layer, records)
+            clock.lap(layer.name)
         result = {layer.name: per_layer[layer.name] for layer in self.layers}
         if self.end_to_end:
             if self.chain_plan is not None:
@@ -139,6 +145,8 @@ class JacobianEngine:
                 result[END_TO_END] = Matrix(per_sample_jacobian(
                     lambda xb: first_tensor(self.model(xb)), x, mode=self.mode,
                     chunk_size=self.chunk_size))
+            clock.lap(END_TO_END)
+        self.last_seconds = {name: clock.laps.get(name, 0.0) for name in result}
         return result
 
     def _accumulate(self, x: torch.Tensor, records: dict[str, CallRecord]) -> Matrix:
@@ -183,6 +191,22 @@ class JacobianEngine:
                 self._shared[plan.site] = plan.rule.jacobian(module, record.input[:1])
             return self._shared[plan.site]
         return plan.rule.jacobian(module, record.input)
+
+
+class _Clock:
+    """Seconds between laps (synchronizing CUDA so each lap is charged to its own work)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def _pull_through(module: nn.Module, record: CallRecord, block: torch.Tensor) -> torch.Tensor:
