@@ -52,7 +52,7 @@ class DataSource:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples `start:stop` of the selection, shape (stop - start, *sample_shape)."""
-        rows = np.asarray(self.array[self.offset + start:self.offset + stop])
+        rows = np.array(self.array[self.offset + start:self.offset + stop])  # a writable copy
         return rows.reshape((stop - start, *self.sample_shape))
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
