@@ -17,6 +17,8 @@ from .memory import format_bytes
 # intermediate of a product or a copy, and as the host array being written.
 WORKING_COPIES = 3
 MAX_AUTO_BATCH = 4096
+# Values per sample a generic-path basis vector keeps alive, in units of (D_in + D_out).
+GENERIC_ACTIVATIONS = 4
 STORES = ("compact", "dense")
 
 
@@ -68,6 +70,7 @@ class Plan:
     store: str
     skipped: list[Layer] = field(default_factory=list)
     chain_costs: dict[str, float] | None = None
+    chunk_size: int | None = None
 
     @property
     def bytes_per_sample(self) -> int:
@@ -83,6 +86,7 @@ class Plan:
             "n_batches": -(-self.n_samples // self.batch_size),
             "memory_budget_bytes": self.budget, "memory_budget_source": self.budget_source,
             "device": self.device, "dtype": self.dtype, "chain": self.chain, "store": self.store,
+            "generic_chunk_size": self.chunk_size,
             "bytes_per_sample": self.bytes_per_sample, "output_bytes": self.output_bytes,
             "end_to_end_chain_cost": self.chain_costs,
             "entries": [{"name": e.name, "kind": e.kind, "type": e.type_name, "rule": e.rule,
@@ -157,9 +161,29 @@ def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
         room = max(budget - shared, 0) // (WORKING_COPIES * per_sample)
         batch_size = max(1, min(room, MAX_AUTO_BATCH))
     batch_size = max(1, min(batch_size, n_samples))
+    chunk_size = _generic_chunk_size(entries, batch_size, itemsize, budget)
+    engine.chunk_size = chunk_size
     return Plan(entries, n_samples, batch_size, budget, budget_source, str(device),
                 str(dtype).removeprefix("torch."), trace.chain, store,
-                list(trace.skipped), chain_costs)
+                list(trace.skipped), chain_costs, chunk_size)
+
+
+def _generic_chunk_size(entries: list[PlanEntry], batch_size: int, itemsize: int,
+                        budget: int) -> int | None:
+    """Basis vectors the generic path differentiates at once (torch.func's `chunk_size`).
+
+    Each one carries a cotangent (or tangent) through the layer for the whole batch: about
+    `GENERIC_ACTIVATIONS * (D_in + D_out)` values per sample. None: all at once fits.
+    """
+    generic = [e for e in entries if "generic" in e.rule]
+    if not generic:
+        return None
+    widest = max(e.d_in + e.d_out for e in generic)
+    basis = max(min(e.d_in, e.d_out) if e.mode != "auto" else max(e.d_in, e.d_out)
+                for e in generic)
+    per_vector = GENERIC_ACTIVATIONS * widest * batch_size * itemsize
+    chunk = max(1, budget // (WORKING_COPIES * per_vector))
+    return None if chunk >= basis else int(chunk)
 
 
 def _working_bytes(entry: PlanEntry, itemsize: int, store: str) -> int:
