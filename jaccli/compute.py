@@ -42,8 +42,8 @@ _INDEPENDENCE_SAMPLES = 4
 
 
 @dataclass
-class Prepared:
-    """A loaded model and data source, with the engine and the plan for running over them."""
+class Inputs:
+    """A loaded model and data source, checked against each other, with the traced layers."""
 
     config: ComputeConfig
     loaded: LoadedModel
@@ -51,27 +51,41 @@ class Prepared:
     model: nn.Module
     device: torch.device
     dtype: torch.dtype
-    engine: JacobianEngine
-    plan: Plan
+    trace: Trace
 
 
-def prepare(config: ComputeConfig) -> Prepared:
-    """Load model and data, check them against each other, trace the layers, and plan."""
+@dataclass
+class Prepared(Inputs):
+    """Inputs with the engine and the plan for running over them."""
+
+    engine: JacobianEngine = None
+    plan: Plan = None
+
+
+def load_inputs(config: ComputeConfig) -> Inputs:
+    """Load model and data, check them against each other, and trace the layers."""
     device, dtype = _check_options(config)
     loaded = load_model(config.model, arch=config.arch, arch_path=config.arch_path,
                         trust_pickle=config.trust_pickle)
     data = load_data(config.data, key=config.key, offset=config.offset, limit=config.limit)
     data.match_input_shape(loaded.input_shape)
     data.check_finite()
-    model = _frozen(loaded.module.to(device=device, dtype=dtype))
-    example = _to_tensor(data.read(0, min(len(data), _INDEPENDENCE_SAMPLES)), device, dtype)
-    trace = _trace(config, loaded, model, example)
+    model = frozen(loaded.module.to(device=device, dtype=dtype))
+    example = to_tensor(data.read(0, min(len(data), _INDEPENDENCE_SAMPLES)), device, dtype)
+    trace = trace_model(config, loaded, model, example)
     check_sample_independence(model, example)
-    engine = _engine(config, model, trace, len(data))
-    budget, source = memory_budget(device, config.max_memory)
-    plan = make_plan(engine, n_samples=len(data), dtype=dtype, device=device, budget=budget,
-                     budget_source=source, store=config.store, batch_size=config.batch_size)
-    return Prepared(config, loaded, data, model, device, dtype, engine, plan)
+    return Inputs(config, loaded, data, model, device, dtype, trace)
+
+
+def prepare(config: ComputeConfig) -> Prepared:
+    """Load and check the inputs, build the engine, and plan the run."""
+    inputs = load_inputs(config)
+    engine = make_engine(config, inputs.model, inputs.trace, len(inputs.data))
+    budget, source = memory_budget(inputs.device, config.max_memory)
+    plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
+                     device=inputs.device, budget=budget, budget_source=source,
+                     store=config.store, batch_size=config.batch_size)
+    return Prepared(**vars(inputs), engine=engine, plan=plan)
 
 
 def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) -> Plan:
@@ -92,9 +106,10 @@ def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) ->
     if input_shape is None:
         raise UsageError("the model file does not declare its input shape; pass --input-shape "
                          "(e.g. 1,28,28) or --data FILE")
-    model = _frozen(loaded.module.to(device=device, dtype=dtype))
+    model = frozen(loaded.module.to(device=device, dtype=dtype))
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
-    engine = _engine(config, model, _trace(config, loaded, model, example), n_samples)
+    engine = make_engine(config, model, trace_model(config, loaded, model, example),
+                         n_samples)
     return make_plan(engine, n_samples=n_samples, dtype=dtype, device=device, budget=2**62,
                      budget_source="not applied by inspect", store=config.store,
                      batch_size=config.batch_size or 1)
@@ -113,10 +128,11 @@ def run_compute(config: ComputeConfig, *, on_batch: Callable[[int], None] | None
     norms = {e.name: np.full(len(data), np.nan) for e in plan.entries}
     seconds = dict.fromkeys(norms, 0.0)
     writer = (ResultsWriter(config.output, kind="jacobians", sample_index=data.indices,
-                            attrs=_provenance(p), compression=config.compression,
+                            attrs=provenance(config, p.loaded, data, plan, p.device),
+                            compression=config.compression,
                             compression_level=config.compression_level)
               if config.output is not None else nullcontext())
-    with writer, _tf32(config.tf32):
+    with writer, tf32_mode(config.tf32):
         sink = _ResultSink(writer if config.output else None, plan, norms, config.store,
                            np.float64 if p.dtype == torch.float64 else np.float32)
         try:
@@ -153,7 +169,7 @@ def _batches(data: DataSource, plan: Plan, p: Prepared) -> Iterator[tuple[int, t
     start = 0
     while start < len(data):
         stop = min(start + plan.batch_size, len(data))
-        yield start, _to_tensor(data.read(start, stop), p.device, p.dtype)
+        yield start, to_tensor(data.read(start, stop), p.device, p.dtype)
         start = stop
 
 
@@ -259,7 +275,7 @@ def _host(value: torch.Tensor, np_dtype) -> np.ndarray:
 
 
 @contextmanager
-def _tf32(enabled: bool):
+def tf32_mode(enabled: bool):
     """TF32 matmuls/convolutions on CUDA only when asked: they round to ~10 mantissa bits."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
@@ -279,8 +295,9 @@ def _check_options(config: ComputeConfig) -> tuple[torch.device, torch.dtype]:
     return resolve_device(config.device), resolve_dtype(config.dtype)
 
 
-def _trace(config: ComputeConfig, loaded: LoadedModel, model: nn.Module,
-           example: torch.Tensor) -> Trace:
+def trace_model(config: ComputeConfig, loaded: LoadedModel, model: nn.Module,
+                example: torch.Tensor) -> Trace:
+    """The model's layers (as `config` selects them), from one forward pass on `example`."""
     if config.include_layers:
         return trace_layers(model, example, type_name=loaded.type_name,
                             hookable=loaded.hookable, granularity=config.granularity,
@@ -294,37 +311,39 @@ def _trace(config: ComputeConfig, loaded: LoadedModel, model: nn.Module,
     return trace
 
 
-def _engine(config: ComputeConfig, model: nn.Module, trace: Trace,
-            n_samples: int) -> JacobianEngine:
+def make_engine(config: ComputeConfig, model: nn.Module, trace: Trace,
+                n_samples: int) -> JacobianEngine:
     return JacobianEngine(model, trace, layers=trace.layers, end_to_end=config.end_to_end,
                           n_samples=n_samples, strict=config.strict_rules, mode=config.mode)
 
 
-def _provenance(p: Prepared) -> dict:
-    c = p.config
+def provenance(config: ComputeConfig, loaded: LoadedModel, data: DataSource, plan: Plan,
+               device: torch.device) -> dict:
+    """Root attributes of a results file: versions, command, inputs and their hashes."""
+    c = config
     return {
         "jaccli_version": __version__, "torch_version": torch.__version__,
         "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": c.command_line, "device": p.plan.device, "dtype": p.plan.dtype,
-        "tf32": bool(c.tf32 and p.device.type == "cuda"), "store": c.store,
+        "command": c.command_line, "device": plan.device, "dtype": plan.dtype,
+        "tf32": bool(c.tf32 and device.type == "cuda"), "store": c.store,
         "granularity": c.granularity if c.include_layers else "",
-        "chain": p.plan.chain, "batch_size": p.plan.batch_size,
-        "model_path": str(c.model), "model_format": p.loaded.source,
+        "chain": plan.chain, "batch_size": plan.batch_size,
+        "model_path": str(c.model), "model_format": loaded.source,
         "model_sha256": sha256_file(c.model),
-        "data_path": str(c.data), "data_key": p.data.key or "", "data_offset": p.data.offset,
-        "data_sha256": sha256_file(c.data), "n_samples": p.plan.n_samples,
+        "data_path": str(c.data), "data_key": data.key or "", "data_offset": data.offset,
+        "data_sha256": sha256_file(c.data), "n_samples": plan.n_samples,
     }
 
 
-def _frozen(model: nn.Module) -> nn.Module:
+def frozen(model: nn.Module) -> nn.Module:
     """No parameter gradients: the pipeline differentiates w.r.t. inputs only."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
 
 
-def _to_tensor(rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_tensor(rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A batch read from disk (possibly a read-only memory map) as a tensor of `dtype`."""
     host = np.array(rows, dtype=np.float64 if dtype == torch.float64 else np.float32)
     return torch.from_numpy(host).to(device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from .generic import choose_mode, per_sample_jacobian
 from .rules import Rule, rule_for
 from .structures import Matrix, Structured, chain_product
 
+Apply = Callable[[torch.Tensor], torch.Tensor]
 END_TO_END_METHODS = ("chain product", "reverse accumulation", "forward accumulation", "generic")
 
 END_TO_END = "(end-to-end)"
@@ -77,7 +79,8 @@ class JacobianEngine:
         self.chunk_size = chunk_size
         self.e2e_from_chain = end_to_end and trace.chain
         needed = trace.all_layers if self.e2e_from_chain else layers
-        self.site_plans = {layer.name: plan_sites(layer) for layer in needed}
+        self.site_plans = {layer.name: plan_sites(layer)
+                           for layer in [*trace.all_layers, *layers]}
         if mode != "auto":
             for plans in self.site_plans.values():
                 for p in plans:
@@ -153,20 +156,64 @@ class JacobianEngine:
         """The end-to-end Jacobian by pushing an identity block through every site:
         from the output side with vjps (reverse) or from the input side with jvps (forward).
         Convolution-like sites are applied matrix-free; the others by their structures."""
-        sites = list(self._sites())
-        d_in, d_out = self.trace.all_layers[0].d_in, self.trace.all_layers[-1].d_out
-        reverse = self.end_to_end_method == "reverse accumulation"
-        size = d_out if reverse else d_in
-        block = torch.eye(size, dtype=x.dtype, device=x.device)[None]  # (1, k, D) or (1, D, k)
-        for plan, module in (reversed(sites) if reverse else sites):
-            record = self._record(plan, records)
-            if plan.rule is not None and plan.rule.matrix_free:
-                block = _pull_through(module, record, block) if reverse else \
-                    _push_through(module, record, block)
-            else:
-                jac = self._site(plan, module, record)
-                block = jac.left_apply(block) if reverse else jac.right_apply(block)
+        if self.end_to_end_method == "forward accumulation":
+            *_, (_, block) = self.cumulative(x, records)
+        else:
+            block = torch.eye(self.trace.all_layers[-1].d_out, dtype=x.dtype,
+                              device=x.device)[None]
+            for plan, module in reversed(list(self._sites())):
+                record = self._record(plan, records)
+                if plan.rule is not None and plan.rule.matrix_free:
+                    block = _pull_through(module, record, block)
+                else:
+                    block = self._site(plan, module, record).left_apply(block)
         return Matrix(block.expand(x.shape[0], -1, -1) if block.shape[0] == 1 else block)
+
+    def cumulative(self, x: torch.Tensor, records: dict[str, CallRecord]):
+        """Yield `(layer name, J_{1:l})` for each layer l of a chain model: the Jacobian of
+        layer l's output w.r.t. the model input, `(B | 1, D_l, D_in)`, by forward accumulation."""
+        block = torch.eye(self.trace.all_layers[0].d_in, dtype=x.dtype, device=x.device)[None]
+        for layer in self.trace.all_layers:
+            for plan, module in zip(self.site_plans[layer.name], layer.modules, strict=True):
+                record = self._record(plan, records)
+                if plan.rule is not None and plan.rule.matrix_free:
+                    block = _push_through(module, record, block)
+                else:
+                    block = self._site(plan, module, record).right_apply(block)
+            yield layer.name, block
+
+    def layer_operator(self, layer: Layer, records: dict[str, CallRecord]
+                       ) -> tuple[Apply, Apply]:
+        """`(v ↦ J v, u ↦ Jᵀ u)` per sample without forming J: v `(B, D_in)`, u `(B, D_out)`."""
+        steps = [self._site_operator(plan, module, self._record(plan, records))
+                 for plan, module in zip(self.site_plans[layer.name], layer.modules,
+                                         strict=True)]
+        return _chain_operator(steps)
+
+    def end_to_end_operator(self, x: torch.Tensor, records: dict[str, CallRecord]
+                            ) -> tuple[Apply, Apply]:
+        """The end-to-end Jacobian as an operator: through the layers for a chain model,
+        else through the whole model with torch.func."""
+        if self.e2e_from_chain:
+            return _chain_operator([self._site_operator(plan, module,
+                                                        self._record(plan, records))
+                                    for plan, module in self._sites()])
+        return _function_operator(lambda xb: first_tensor(self.model(xb)), x, ())
+
+    def _site_operator(self, plan: SitePlan, module: nn.Module, record: CallRecord
+                       ) -> tuple[Apply, Apply]:
+        x = record.input
+        n = x.shape[0]
+        if plan.rule is None:
+            return _function_operator(site_function(record), x, batched_extras(record))
+        rule = plan.rule
+        if rule.matrix_free or rule.structure == "dense":
+            out_shape = (n, *record.output_ref.shape[1:])
+            return (lambda v: rule.jvp(module, x, v.reshape(x.shape)).reshape(n, -1),
+                    lambda u: rule.vjp(module, x, u.reshape(out_shape)).reshape(n, -1))
+        jac = self._site(plan, module, record)  # cheap to apply: W, diagonals, selections
+        return (lambda v: jac.right_apply(v[:, :, None])[:, :, 0],
+                lambda u: jac.left_apply(u[:, None, :])[:, 0, :])
 
     def _record(self, plan: SitePlan, records: dict[str, CallRecord]) -> CallRecord:
         record = records.get(plan.site)
@@ -191,6 +238,32 @@ class JacobianEngine:
                 self._shared[plan.site] = plan.rule.jacobian(module, record.input[:1])
             return self._shared[plan.site]
         return plan.rule.jacobian(module, record.input)
+
+
+def _chain_operator(steps: list[tuple[Apply, Apply]]) -> tuple[Apply, Apply]:
+    def apply_j(v: torch.Tensor) -> torch.Tensor:
+        for forward, _ in steps:
+            v = forward(v)
+        return v
+
+    def apply_jt(u: torch.Tensor) -> torch.Tensor:
+        for _, backward in reversed(steps):
+            u = backward(u)
+        return u
+
+    return apply_j, apply_jt
+
+
+def _function_operator(fn, x: torch.Tensor, extras) -> tuple[Apply, Apply]:
+    """J v and Jᵀ u of a batch function at `x` (samples independent), by torch.func."""
+    n = x.shape[0]
+
+    def f(xx: torch.Tensor) -> torch.Tensor:
+        return fn(xx, *extras)
+
+    out, pullback = vjp(f, x)
+    return (lambda v: jvp(f, (x,), (v.reshape(x.shape),))[1].reshape(n, -1),
+            lambda u: pullback(u.reshape(out.shape))[0].reshape(n, -1))
 
 
 class _Clock:

@@ -1,0 +1,88 @@
+"""Spectral quantities of per-sample Jacobians, from their singular values (pure functions).
+
+All functions take `sigma`: `(N, r)` singular values per sample, sorted descending, where
+`r = min(D_out, D_in)` (all of them) unless stated otherwise. Returns `(N,)` tensors.
+
+Conventions for rank-deficient Jacobians (σ_min = 0): the condition number is +inf and the
+log-volume is -inf; effective and stable rank stay finite. A singular value counts as zero
+when it is below `rank_tolerance(sigma, shape)` (the usual `max(D) · eps · σ_max`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rank_tolerance(sigma: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """`(N, 1)`: values below this are numerically zero (as in `numpy.linalg.matrix_rank`)."""
+    eps = torch.finfo(sigma.dtype).eps
+    return sigma[:, :1] * max(d_out, d_in) * eps
+
+
+def spectral_norm(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma[:, 0]
+
+
+def frobenius(sigma: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(sigma, dim=1)
+
+
+def nuclear(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma.sum(dim=1)
+
+
+def condition_number(sigma: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """σ_max / σ_min over all `min(D_out, D_in)` values; +inf when σ_min is numerically zero."""
+    smallest = sigma[:, -1]
+    zero = smallest <= rank_tolerance(sigma, d_out, d_in)[:, 0]
+    ratio = sigma[:, 0] / torch.where(zero, torch.ones_like(smallest), smallest)
+    return torch.where(zero, torch.full_like(ratio, float("inf")), ratio)
+
+
+def log_volume(sigma: torch.Tensor) -> torch.Tensor:
+    """Σ log σ_i = ½ log det(JᵀJ) (for D_out ≥ D_in); -inf when some σ_i is 0."""
+    return torch.log(sigma).sum(dim=1)
+
+
+def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
+    """‖J‖_F² / ‖J‖₂² (0 for a zero Jacobian)."""
+    top = sigma[:, 0].square()
+    return torch.where(top > 0, sigma.square().sum(dim=1) / torch.where(top > 0, top, 1), 0)
+
+
+def effective_rank(sigma: torch.Tensor) -> torch.Tensor:
+    """exp(entropy of σ_i / Σσ) (Roy & Vetterli, 2007); 0 for a zero Jacobian."""
+    total = sigma.sum(dim=1, keepdim=True)
+    p = sigma / torch.where(total > 0, total, 1)
+    entropy = -(torch.where(p > 0, p * torch.log(p), 0)).sum(dim=1)
+    return torch.where(total[:, 0] > 0, torch.exp(entropy), 0)
+
+
+def all_quantities(sigma: torch.Tensor, d_out: int, d_in: int) -> dict[str, torch.Tensor]:
+    """Every quantity that needs all singular values: name -> `(N,)`."""
+    return {
+        "spectral_norm": spectral_norm(sigma), "frobenius": frobenius(sigma),
+        "nuclear": nuclear(sigma), "condition_number": condition_number(sigma, d_out, d_in),
+        "log_volume": log_volume(sigma), "stable_rank": stable_rank(sigma),
+        "effective_rank": effective_rank(sigma),
+    }
+
+
+PERCENTILES = (5, 25, 50, 75, 95, 99)
+
+
+def aggregate(values: torch.Tensor) -> dict[str, float]:
+    """Statistics over samples of a `(N,)` quantity (non-finite values are left out and
+    counted)."""
+    finite = values[torch.isfinite(values)].double()
+    stats = {"n_nonfinite": int(values.numel() - finite.numel())}
+    if finite.numel() == 0:
+        return stats | {k: float("nan") for k in ("mean", "std", "min", "max")} | {
+            f"p{q}": float("nan") for q in PERCENTILES}
+    quantiles = torch.quantile(finite, torch.tensor([q / 100 for q in PERCENTILES],
+                                                    dtype=finite.dtype))
+    stats |= {"mean": finite.mean().item(),
+              "std": finite.std(unbiased=False).item() if finite.numel() > 1 else 0.0,
+              "min": finite.min().item(), "max": finite.max().item()}
+    stats |= {f"p{q}": v.item() for q, v in zip(PERCENTILES, quantiles, strict=True)}
+    return stats
