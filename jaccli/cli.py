@@ -324,6 +324,106 @@ def inspect(
     _guarded(run)
 
 
+@app.command()
+def spectrum(
+    source: Annotated[Path, typer.Argument(help="Model file, or a results file written by "
+                                                "`jaccli compute` (then DATA is not given).")],
+    data: Annotated[Path | None, typer.Argument(help="Samples (as for compute).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="HDF5 file for the spectra (docs/FORMAT.md).")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", min=1, help="Report the K largest singular values; layers whose full "
+                               "spectrum is costly use matrix-free Lanczos.",
+        rich_help_panel="Spectrum")] = None,
+    exact: Annotated[bool, typer.Option(
+        "--exact", help="svdvals of the dense matrices instead of Gram matrices (slower, "
+                        "accurate for small singular values).", rich_help_panel="Spectrum")
+    ] = False,
+    tol: Annotated[float, typer.Option(
+        "--tol", help="Lanczos: stop when every top-k relative residual is below this.",
+        rich_help_panel="Spectrum")] = 1e-8,
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", min=1, help="Lanczos: Krylov steps cap (default max(4k+40, 80)).",
+        rich_help_panel="Spectrum")] = None,
+    probes: Annotated[int, typer.Option(
+        "--probes", min=2, help="Hutchinson probes for matrix-free Frobenius norms.",
+        rich_help_panel="Spectrum")] = 32,
+    profile: Annotated[bool, typer.Option(
+        "--profile/--no-profile", help="Dynamical-isometry profile through depth (chain "
+                                       "models).", rich_help_panel="Spectrum")] = True,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write PNG histograms per layer and the depth profile to this folder "
+                       "(needs matplotlib: pip install 'jaccli[plot]').",
+        rich_help_panel="Output")] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
+    no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Samples per batch.", rich_help_panel="Compute")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget, e.g. 2GiB.", rich_help_panel="Compute")] = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+    tf32: Annotated[bool, typer.Option("--tf32", help="Allow TF32 on CUDA.",
+                                       rich_help_panel="Compute")] = False,
+    compression: Annotated[Compression, typer.Option(
+        "--compression", help="HDF5 compression.", rich_help_panel="Output")
+    ] = Compression.none,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Singular values, norms, condition numbers and ranks of every Jacobian, per sample."""
+    from .spectrum import SpectrumConfig
+
+    config = SpectrumConfig(
+        model=source, data=data, output=output, arch=arch, arch_path=arch_path,
+        trust_pickle=trust_pickle, key=key, offset=offset, limit=limit,
+        granularity=granularity.value, layers=layers or None, include_layers=not no_layers,
+        end_to_end=end_to_end, batch_size=batch_size, device=device, dtype=dtype.value,
+        tf32=tf32, compression=compression.value, command_line=_command_line(), top_k=top_k,
+        exact=exact, tol=tol, max_steps=max_steps, probes=probes, profile=profile)
+    out = _stdout(quiet)
+
+    def run() -> None:
+        import json
+
+        from .spectra.report import render_spectrum, write_plots
+        from .spectrum import run_spectrum, spectrum_from_results
+        from .summary import finite_or_none
+
+        config.max_memory = _parse_size(max_memory)
+        if _is_hdf5(source):
+            if data is not None:
+                raise typer.BadParameter("a results file already holds its samples; drop DATA",
+                                         param_hint="DATA")
+            summary = spectrum_from_results(config, source)
+        else:
+            if data is None:
+                raise typer.BadParameter("give DATA after a model file (or pass a results "
+                                         "file written by `jaccli compute`)", param_hint="DATA")
+            from .spectrum import prepare_spectrum
+
+            prepared = prepare_spectrum(config)
+            with _progress(len(prepared.inputs.data), not quiet) as on_batch:
+                summary = run_spectrum(config, on_batch=on_batch, run=prepared)
+        if plot is not None:
+            summary["plots"] = [str(p) for p in write_plots(summary, plot)]
+        if json_output:
+            out.print(json.dumps(finite_or_none(summary), indent=2), markup=False,
+                      highlight=False)
+        else:
+            render_spectrum(summary, out)
+
+    _guarded(run)
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     return app(args=argv, prog_name="jaccli")

@@ -7,7 +7,6 @@ decompose it the same way.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from .spectra.conv_fft import conv2d_circular_singular_values
 from .spectra.exact import Spectrum, exact_spectrum
 from .spectra.lanczos import hutchinson_frobenius, top_singular_values
 from .spectra.plan import SpectrumEntry, plan_spectra
-from .spectra.quantities import aggregate, all_quantities, stable_rank
+from .spectra.quantities import aggregate, all_quantities
 from .writer import ResultsWriter
 
 HISTOGRAM_BINS = 24
@@ -166,8 +165,7 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
             _, height, width = entry.layer.input_shape
             cache[entry.name] = conv2d_circular_singular_values(module.weight.to(x.dtype),
                                                                 height, width)[None]
-        spectrum = Spectrum(cache[entry.name].expand(n, -1), True,
-                            "FFT (circular convolution, exact)")
+        spectrum = Spectrum(cache[entry.name].expand(n, -1), True, "fft")
         return _complete(spectrum, entry)
     if entry.method == "structured":
         jac = structured[entry.name]
@@ -187,9 +185,10 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
                                  max_steps=config.max_steps)
     frob, frob_se = hutchinson_frobenius(apply_j, n=n, d_in=entry.d_in, dtype=x.dtype,
                                          device=x.device, probes=config.probes)
-    spectrum = Spectrum(result.values, False, f"Lanczos ({result.steps} steps) + Hutchinson "
-                        f"({config.probes} probes)", "top-k by matrix-free Lanczos; Frobenius "
-                        "estimated (see frobenius_se)", result.residuals)
+    spectrum = Spectrum(result.values, False, "lanczos",
+                        f"top-{entry.k} by matrix-free Lanczos ({result.steps} steps); Frobenius "
+                        f"norm estimated from {config.probes} Hutchinson probes (frobenius_se)",
+                        result.residuals)
     quantities = {"spectral_norm": result.values[:, 0], "frobenius": frob,
                   "frobenius_se": frob_se,
                   "stable_rank": frob.square() / result.values[:, 0].square().clamp_min(1e-300)}
@@ -420,15 +419,4 @@ def _write(config, summary, results, profile, bounds, indices, provenance: dict)
         writer.finish()
 
 
-def sparkline(counts: list[int]) -> str:
-    """A one-line histogram: ▁▂▃▄▅▆▇█ scaled to the largest bin."""
-    if not counts or max(counts) == 0:
-        return ""
-    bars = "▁▂▃▄▅▆▇█"
-    top = max(counts)
-    return "".join(" " if c == 0 else bars[min(len(bars) - 1, math.ceil(c / top * 8) - 1)]
-                   for c in counts)
-
-
-__all__ = ["SpectrumConfig", "prepare_spectrum", "run_spectrum", "spectrum_from_results",
-           "sparkline", "stable_rank"]
+__all__ = ["SpectrumConfig", "prepare_spectrum", "run_spectrum", "spectrum_from_results"]

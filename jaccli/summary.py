@@ -70,7 +70,7 @@ class Summary:
         return data
 
     def to_json(self) -> str:
-        return json.dumps(_finite_or_none(self.to_dict()), indent=2)
+        return json.dumps(finite_or_none(self.to_dict()), indent=2)
 
 
 def render_table(summary: Summary, console: Console) -> None:
@@ -100,14 +100,14 @@ def render_table(summary: Summary, console: Console) -> None:
         console.print(f"skipped {s['name']} ({s['type']}): {s['reason']}", highlight=False)
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     """JSON has no NaN or Infinity: write them as null."""
     if isinstance(value, float) and not np.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value
 
 

@@ -1,7 +1,7 @@
 """Matrix-free spectra: batched Lanczos for the top singular values, Hutchinson for ‖J‖_F.
 
-Both only apply J and Jᵀ to blocks of vectors (one per sample), through the rules' JVPs and
-VJPs, so a Jacobian too large to form (a 65536 x 65536 conv layer) still has a spectrum.
+Both only apply J and Jᵀ to vectors (one per sample), through the rules' JVPs and VJPs, so a
+Jacobian too large to form (a 65536 x 65536 conv layer) still has a spectrum.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ Apply = Callable[[torch.Tensor], torch.Tensor]  # (N, D) -> (N, D'), one vector 
 
 @dataclass
 class LanczosResult:
-    """values: top-k singular values `(N, k)`; residuals: `‖JᵀJ y − θ y‖ / θ` per value;
-    steps: Krylov steps taken."""
+    """values: top-k singular values `(N, k)`; residuals: `‖A y − θ y‖ / θ` per value, for
+    A = JᵀJ or JJᵀ and θ = σ²; steps: size of the Krylov basis built."""
 
     values: torch.Tensor
     residuals: torch.Tensor
@@ -26,53 +26,59 @@ class LanczosResult:
 
 def top_singular_values(apply_j: Apply, apply_jt: Apply, *, n: int, d_in: int, d_out: int,
                         k: int, dtype: torch.dtype, device: torch.device, tol: float = 1e-8,
-                        max_steps: int | None = None, seed: int = 0) -> LanczosResult:
-    """The k largest singular values of each sample's J by Lanczos on the smaller Gram side.
+                        max_steps: int | None = None, block: int | None = None,
+                        seed: int = 0) -> LanczosResult:
+    """The k largest singular values of each sample's J, by block Lanczos on the smaller
+    Gram side (J Jᵀ or Jᵀ J) with full re-orthogonalization and Rayleigh–Ritz.
 
     apply_j: `(N, D_in) -> (N, D_out)`; apply_jt: `(N, D_out) -> (N, D_in)`.
-    tol: stop when every top-k Ritz pair has relative residual below it.
-    max_steps: Krylov dimension cap (default `min(dim, max(4k + 40, 80))`).
+    tol: stop when every top-k Ritz pair has relative residual `‖A y − θ y‖ / θ` below it.
+    max_steps: cap on the Krylov basis size (default `min(dim, max(6k + 60, 100))`).
+    block: vectors per Krylov step (default `min(max(k, 2), 8)`); a block of b resolves
+        singular values of multiplicity up to b, which a single vector cannot.
     """
     if d_out <= d_in:
         dim, operator = d_out, (lambda u: apply_j(apply_jt(u)))  # J Jᵀ
     else:
         dim, operator = d_in, (lambda v: apply_jt(apply_j(v)))  # Jᵀ J
     k = min(k, dim)
-    steps_cap = min(dim, max_steps or max(4 * k + 40, 80))
+    cap = min(dim, max_steps or max(6 * k + 60, 100))
+    b = min(block or min(max(k, 2), 8), cap)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(n, dim, generator=generator, dtype=dtype).to(device)
-    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
-    basis = torch.zeros(n, steps_cap, dim, dtype=dtype, device=device)
-    alpha = torch.zeros(n, steps_cap, dtype=dtype, device=device)
-    beta = torch.zeros(n, steps_cap, dtype=dtype, device=device)
+    q = torch.randn(n, dim, b, generator=generator, dtype=dtype).to(device)
+    q = torch.linalg.qr(q).Q
+    basis = torch.zeros(n, dim, cap, dtype=dtype, device=device)
+    images = torch.zeros_like(basis)  # A applied to each basis vector
+    m = 0
     values = residuals = None
-    for j in range(steps_cap):
-        basis[:, j] = q
-        w = operator(q)
-        alpha[:, j] = (w * q).sum(dim=1)
-        for _ in range(2):  # full re-orthogonalization, twice: keeps the basis orthonormal
-            coefficients = torch.einsum("njd,nd->nj", basis[:, :j + 1], w)
-            w = w - torch.einsum("nj,njd->nd", coefficients, basis[:, :j + 1])
-        b = torch.linalg.vector_norm(w, dim=1)
-        beta[:, j] = b
-        q = w / b.clamp_min(torch.finfo(dtype).tiny)[:, None]
-        if j + 1 >= k and ((j + 1) % 5 == 0 or j + 1 == steps_cap):
-            values, residuals = _ritz(alpha[:, :j + 1], beta[:, :j + 1], k)
-            if bool((residuals <= tol).all()):
-                return LanczosResult(values, residuals, j + 1)
-    return LanczosResult(values, residuals, steps_cap)
+    while True:
+        width = min(b, cap - m)
+        q = q[:, :, :width]
+        basis[:, :, m:m + width] = q
+        for c in range(width):
+            images[:, :, m + c] = operator(q[:, :, c])
+        m += width
+        values, residuals, ritz = _rayleigh_ritz(basis[:, :, :m], images[:, :, :m], k)
+        if m >= cap or bool((residuals <= tol).all()):
+            return LanczosResult(values.clamp_min(0).sqrt(), residuals, m)
+        # Next block: the new directions A q, orthogonalized against the basis (twice).
+        w = images[:, :, m - width:m]
+        for _ in range(2):
+            w = w - basis[:, :, :m] @ (basis[:, :, :m].transpose(1, 2) @ w)
+        q, r = torch.linalg.qr(w)
+        if bool((r.diagonal(dim1=1, dim2=2).abs() < 1e-12 * values[:, :1].clamp_min(1e-300))
+                .all()):  # invariant subspace: the Ritz values are exact
+            return LanczosResult(values.clamp_min(0).sqrt(), residuals, m)
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k singular values from the tridiagonal T, and the relative Ritz residuals."""
-    m = alpha.shape[1]
-    t = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :m - 1], 1) + \
-        torch.diag_embed(beta[:, :m - 1], -1)
-    theta, vectors = torch.linalg.eigh(t)  # ascending
-    theta, vectors = theta.flip(1)[:, :k], vectors.flip(2)[:, :, :k]
-    residual = (beta[:, m - 1:m] * vectors[:, m - 1, :]).abs()
+def _rayleigh_ritz(basis: torch.Tensor, images: torch.Tensor, k: int):
+    """Top-k eigenpairs of A restricted to span(basis), with relative residual norms."""
+    t = basis.transpose(1, 2) @ images
+    theta, s = torch.linalg.eigh((t + t.transpose(1, 2)) / 2)
+    theta, s = theta.flip(1)[:, :k], s.flip(2)[:, :, :k]
+    r = images @ s - (basis @ s) * theta[:, None, :]
     scale = theta.abs().clamp_min(torch.finfo(theta.dtype).tiny)
-    return theta.clamp_min(0).sqrt(), residual / scale
+    return theta, torch.linalg.vector_norm(r, dim=1) / scale, s
 
 
 def hutchinson_frobenius(apply_j: Apply, *, n: int, d_in: int, dtype: torch.dtype,
