@@ -154,7 +154,7 @@ def _stdout(quiet: bool = False):
     from rich.console import Console
 
     # Rich assumes 80 columns when stdout is not a terminal; tables need more.
-    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
     return Console(file=sys.stdout, quiet=quiet, width=width)
 
 
@@ -179,6 +179,18 @@ def _progress(total: int, enabled: bool):
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("compute", total=total)
         yield lambda n: progress.advance(task, n)
+
+
+def _emit_json(document: Any, quiet: bool = False) -> None:
+    """One JSON document on stdout, unwrapped (NaN and infinities written as null)."""
+    if quiet:
+        return
+    import json
+
+    from .summary import finite_or_none
+
+    sys.stdout.write(json.dumps(finite_or_none(document), indent=2) + "\n")
+    sys.stdout.flush()
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -271,14 +283,14 @@ def compute(
         if dry_run:
             plan = prepared.plan.to_dict()
             if json_output:
-                out.print_json(data=plan)
+                _emit_json(plan, quiet)
             else:
                 render_plan(plan, out, title=f"jaccli compute --dry-run: {model} on {data}")
             return
         with _progress(len(prepared.data), not quiet) as on_batch:
             summary = run_compute(config, on_batch=on_batch, prepared=prepared)
         if json_output:
-            out.print(summary.to_json(), markup=False, highlight=False)
+            _emit_json(summary.to_dict(), quiet)
         else:
             render_table(summary, out)
 
@@ -317,7 +329,7 @@ def inspect(
 
         plan = inspect_model(config, shape).to_dict()
         if json_output:
-            out.print_json(data=plan)
+            _emit_json(plan)
         else:
             render_plan(plan, out, title=f"jaccli inspect: {model}", show_batches=False)
 
@@ -384,22 +396,20 @@ def spectrum(
     out = _stdout(quiet)
 
     def run() -> None:
-        import json
-
+        from .errors import UsageError
         from .spectra.report import render_spectrum, write_plots
         from .spectrum import run_spectrum, spectrum_from_results
-        from .summary import finite_or_none
 
         config.max_memory = _parse_size(max_memory)
         if _is_hdf5(source):
             if data is not None:
-                raise typer.BadParameter("a results file already holds its samples; drop DATA",
-                                         param_hint="DATA")
+                raise UsageError(f"{source} is a results file and already holds its samples; "
+                                 "drop DATA")
             summary = spectrum_from_results(config, source)
         else:
             if data is None:
-                raise typer.BadParameter("give DATA after a model file (or pass a results "
-                                         "file written by `jaccli compute`)", param_hint="DATA")
+                raise UsageError("missing DATA: give the samples after the model file (or "
+                                 "pass a results file written by `jaccli compute`)")
             from .spectrum import prepare_spectrum
 
             prepared = prepare_spectrum(config)
@@ -408,8 +418,7 @@ def spectrum(
         if plot is not None:
             summary["plots"] = [str(p) for p in write_plots(summary, plot)]
         if json_output:
-            out.print(json.dumps(finite_or_none(summary), indent=2), markup=False,
-                      highlight=False)
+            _emit_json(summary, quiet)
         else:
             render_spectrum(summary, out)
 

@@ -30,7 +30,7 @@ from .spectra.plan import SpectrumEntry, plan_spectra
 from .spectra.quantities import aggregate, all_quantities
 from .writer import ResultsWriter
 
-HISTOGRAM_BINS = 24
+HISTOGRAM_BINS = 16
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,9 +67,6 @@ class Summary:
         data = asdict(self)
         data["summary_version"] = SUMMARY_VERSION
         return data
-
-    def to_json(self) -> str:
-        return json.dumps(finite_or_none(self.to_dict()), indent=2)
 
 
 def render_table(summary: Summary, console: Console) -> None:
