@@ -230,3 +230,28 @@ def test_end_to_end_strategies_match_reference(model, shape, method):
     result = engine.compute(x, {r.site: r for r in records})
     assert list(result) == [END_TO_END]
     torch.testing.assert_close(result[END_TO_END].dense(3), reference_jacobian(model, x))
+
+
+def test_block_operators_equal_dense_products():
+    """J V and Jᵀ U without forming J, for every kind of site (conv, selection, dense rule,
+    generic) and for the end-to-end Jacobian."""
+    from jaccli.engine.engine import END_TO_END, JacobianEngine
+    from jaccli.layers import ForwardRecorder, trace_layers
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), Square()
+                          ).double().eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    trace = trace_layers(model, x)
+    engine = JacobianEngine(model, trace, layers=trace.layers, end_to_end=True, n_samples=3)
+    _, calls = ForwardRecorder(model).run(x)
+    records = {r.site: r for r in calls}
+    dense = {name: j.dense(3) for name, j in engine.compute(x, records).items()}
+    operators = {layer.name: engine.layer_operator(layer, records) for layer in trace.layers}
+    operators[END_TO_END] = engine.end_to_end_operator(x, records)
+    for name, (apply_j, apply_jt) in operators.items():
+        jac = dense[name]
+        v = torch.randn(3, jac.shape[2], 5, dtype=torch.float64)
+        u = torch.randn(3, jac.shape[1], 5, dtype=torch.float64)
+        torch.testing.assert_close(apply_j(v), jac @ v, msg=name)
+        torch.testing.assert_close(apply_jt(u), jac.transpose(1, 2) @ u, msg=name)

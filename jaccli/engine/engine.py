@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import jvp, vjp
+from torch.func import jvp, vjp, vmap
 
 from ..errors import ModelRunError, UnsupportedModuleError
 from ..layers import CallRecord, Layer, Trace, batched_extras, first_tensor, site_function
@@ -17,7 +17,7 @@ from .generic import choose_mode, per_sample_jacobian
 from .rules import Rule, rule_for
 from .structures import Matrix, Structured, chain_product
 
-Apply = Callable[[torch.Tensor], torch.Tensor]
+Apply = Callable[[torch.Tensor], torch.Tensor]  # (B, D, b) -> (B, D', b): blocks of vectors
 END_TO_END_METHODS = ("chain product", "reverse accumulation", "forward accumulation", "generic")
 
 END_TO_END = "(end-to-end)"
@@ -184,7 +184,8 @@ class JacobianEngine:
 
     def layer_operator(self, layer: Layer, records: dict[str, CallRecord]
                        ) -> tuple[Apply, Apply]:
-        """`(v ↦ J v, u ↦ Jᵀ u)` per sample without forming J: v `(B, D_in)`, u `(B, D_out)`."""
+        """`(V ↦ J V, U ↦ Jᵀ U)` per sample without forming J, on blocks of vectors:
+        V `(B, D_in, b)`, U `(B, D_out, b)`."""
         steps = [self._site_operator(plan, module, self._record(plan, records))
                  for plan, module in zip(self.site_plans[layer.name], layer.modules,
                                          strict=True)]
@@ -192,7 +193,7 @@ class JacobianEngine:
 
     def end_to_end_operator(self, x: torch.Tensor, records: dict[str, CallRecord]
                             ) -> tuple[Apply, Apply]:
-        """The end-to-end Jacobian as an operator: through the layers for a chain model,
+        """The end-to-end Jacobian as a block operator: through the layers for a chain model,
         else through the whole model with torch.func."""
         if self.e2e_from_chain:
             return _chain_operator([self._site_operator(plan, module,
@@ -202,18 +203,24 @@ class JacobianEngine:
 
     def _site_operator(self, plan: SitePlan, module: nn.Module, record: CallRecord
                        ) -> tuple[Apply, Apply]:
-        x = record.input
-        n = x.shape[0]
         if plan.rule is None:
-            return _function_operator(site_function(record), x, batched_extras(record))
+            return _function_operator(site_function(record), record.input,
+                                      batched_extras(record))
         rule = plan.rule
-        if rule.matrix_free or rule.structure == "dense":
+        if rule.matrix_free:
+            return (lambda v: _push_through(module, record, v),
+                    lambda u: _pull_through(module, record, u.transpose(1, 2)).transpose(1, 2))
+        if rule.structure == "dense":
+            x = record.input
+            n = x.shape[0]
             out_shape = (n, *record.output_ref.shape[1:])
-            return (lambda v: rule.jvp(module, x, v.reshape(x.shape)).reshape(n, -1),
-                    lambda u: rule.vjp(module, x, u.reshape(out_shape)).reshape(n, -1))
+            forward = vmap(lambda v: rule.jvp(module, x, v.reshape(x.shape)).reshape(n, -1),
+                           in_dims=2, out_dims=2)
+            backward = vmap(lambda u: rule.vjp(module, x, u.reshape(out_shape)).reshape(n, -1),
+                            in_dims=2, out_dims=2)
+            return forward, backward
         jac = self._site(plan, module, record)  # cheap to apply: W, diagonals, selections
-        return (lambda v: jac.right_apply(v[:, :, None])[:, :, 0],
-                lambda u: jac.left_apply(u[:, None, :])[:, 0, :])
+        return jac.right_apply, lambda u: jac.left_apply(u.transpose(1, 2)).transpose(1, 2)
 
     def _record(self, plan: SitePlan, records: dict[str, CallRecord]) -> CallRecord:
         record = records.get(plan.site)
@@ -255,15 +262,18 @@ def _chain_operator(steps: list[tuple[Apply, Apply]]) -> tuple[Apply, Apply]:
 
 
 def _function_operator(fn, x: torch.Tensor, extras) -> tuple[Apply, Apply]:
-    """J v and Jᵀ u of a batch function at `x` (samples independent), by torch.func."""
+    """J V and Jᵀ U on blocks of vectors for a batch function at `x`, by torch.func."""
     n = x.shape[0]
 
     def f(xx: torch.Tensor) -> torch.Tensor:
         return fn(xx, *extras)
 
     out, pullback = vjp(f, x)
-    return (lambda v: jvp(f, (x,), (v.reshape(x.shape),))[1].reshape(n, -1),
-            lambda u: pullback(u.reshape(out.shape))[0].reshape(n, -1))
+    forward = vmap(lambda v: jvp(f, (x,), (v.reshape(x.shape),))[1].reshape(n, -1),
+                   in_dims=2, out_dims=2)
+    backward = vmap(lambda u: pullback(u.reshape(out.shape))[0].reshape(n, -1),
+                    in_dims=2, out_dims=2)
+    return forward, backward
 
 
 class _Clock:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-Apply = Callable[[torch.Tensor], torch.Tensor]  # (N, D) -> (N, D'), one vector per sample
+Apply = Callable[[torch.Tensor], torch.Tensor]  # (N, D, b) -> (N, D', b): b vectors per sample
 
 
 @dataclass
@@ -31,9 +31,9 @@ def top_singular_values(apply_j: Apply, apply_jt: Apply, *, n: int, d_in: int, d
     """The k largest singular values of each sample's J, by block Lanczos on the smaller
     Gram side (J Jᵀ or Jᵀ J) with full re-orthogonalization and Rayleigh–Ritz.
 
-    apply_j: `(N, D_in) -> (N, D_out)`; apply_jt: `(N, D_out) -> (N, D_in)`.
+    apply_j: `(N, D_in, b) -> (N, D_out, b)`; apply_jt: `(N, D_out, b) -> (N, D_in, b)`.
     tol: stop when every top-k Ritz pair has relative residual `‖A y − θ y‖ / θ` below it.
-    max_steps: cap on the Krylov basis size (default `min(dim, max(6k + 60, 100))`).
+    max_steps: cap on the Krylov basis size (default `min(dim, max(20k + 100, 300))`).
     block: vectors per Krylov step (default `min(max(k, 2), 8)`); a block of b resolves
         singular values of multiplicity up to b, which a single vector cannot.
     """
@@ -42,7 +42,7 @@ def top_singular_values(apply_j: Apply, apply_jt: Apply, *, n: int, d_in: int, d
     else:
         dim, operator = d_in, (lambda v: apply_jt(apply_j(v)))  # Jᵀ J
     k = min(k, dim)
-    cap = min(dim, max_steps or max(6 * k + 60, 100))
+    cap = min(dim, max_steps or max(20 * k + 100, 300))
     b = min(block or min(max(k, 2), 8), cap)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(n, dim, b, generator=generator, dtype=dtype).to(device)
@@ -55,8 +55,7 @@ def top_singular_values(apply_j: Apply, apply_jt: Apply, *, n: int, d_in: int, d
         width = min(b, cap - m)
         q = q[:, :, :width]
         basis[:, :, m:m + width] = q
-        for c in range(width):
-            images[:, :, m + c] = operator(q[:, :, c])
+        images[:, :, m:m + width] = operator(q)
         m += width
         values, residuals, ritz = _rayleigh_ritz(basis[:, :, :m], images[:, :, :m], k)
         if m >= cap or bool((residuals <= tol).all()):
@@ -88,13 +87,12 @@ def hutchinson_frobenius(apply_j: Apply, *, n: int, d_in: int, dtype: torch.dtyp
 
     E‖J v‖² = ‖J‖_F² for v with independent ±1 entries. Returns `(estimate, standard error)`,
     each `(N,)`, for ‖J‖_F (the error propagated from ‖J‖_F² by the delta method).
+    apply_j: `(N, D_in, b) -> (N, D_out, b)`.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    squares = []
-    for _ in range(probes):
-        v = torch.randint(0, 2, (n, d_in), generator=generator).to(device=device, dtype=dtype)
-        squares.append(torch.linalg.vector_norm(apply_j(2 * v - 1), dim=1).square())
-    samples = torch.stack(squares, dim=1)  # (N, probes)
+    signs = torch.randint(0, 2, (n, d_in, probes), generator=generator)
+    probe_block = (2 * signs - 1).to(device=device, dtype=dtype)
+    samples = torch.linalg.vector_norm(apply_j(probe_block), dim=1).square()  # (N, probes)
     mean = samples.mean(dim=1)
     se_square = samples.std(dim=1) / probes**0.5
     estimate = mean.sqrt()
