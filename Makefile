@@ -41,8 +41,10 @@ sample-models: install  ## retrain the sample models on scikit-learn's bundled d
 	$(BIN)/python -m pip install --quiet -e ".[train]"
 	$(BIN)/python sample_models/train.py
 
-bench: install  ## benchmarks vs peers (BENCH_ARGS="--quick --device cuda --cases mlp-e2e ...")
-	$(BIN)/python benchmarks/bench_jacobians.py $(BENCH_ARGS)
+bench: install  ## benchmarks vs peers, written to out/ (BENCH_ARGS="--quick --device cuda")
+	@mkdir -p $(OUT)
+	$(BIN)/python benchmarks/bench_jacobians.py $(BENCH_ARGS) --output $(OUT)/bench_jacobians.md
+	$(BIN)/python benchmarks/bench_spectra.py $(BENCH_ARGS) --output $(OUT)/bench_spectra.md
 
 clean:  ## remove the virtual environment, caches and demo output
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache *.egg-info

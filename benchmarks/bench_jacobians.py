@@ -21,7 +21,16 @@ from torch import nn
 from torch.func import jacfwd, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Case, PeakMemory, Row, fill_seconds, gemm_rate, timeit  # noqa: E402
+from common import (  # noqa: E402
+    JACOBIAN_CASES,
+    Case,
+    PeakMemory,
+    Row,
+    fill_seconds,
+    gemm_rate,
+    selected_cases,
+    timeit,
+)
 
 import jaccli  # noqa: E402
 from jaccli.engine.engine import JacobianEngine  # noqa: E402
@@ -240,7 +249,7 @@ def case_pipeline(device, *, samples: int) -> Case:
                                  peak_bytes=peak.peak,
                                  note=f"{wall / engine:.2f}× the engine time; file "
                                       f"{summary.output_bytes / 2**20:.0f} MiB"))
-            case.rows.append(Row(f"engine only (--store {store})", engine))
+            case.rows.append(Row(f"jaccli engine only (--store {store})", engine))
     return case
 
 
@@ -248,10 +257,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--cases", nargs="*",
-                        default=["mlp-layers", "mlp-e2e", "cnn", "samples", "pipeline"])
+    parser.add_argument("--cases", nargs="*", help=f"any of {', '.join(JACOBIAN_CASES)} "
+                        "(cases of bench_spectra.py are skipped here)")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
     args = parser.parse_args()
+    args.cases = selected_cases(args.cases, JACOBIAN_CASES)
+    if not args.cases:
+        return
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     dtype = torch.float32
