@@ -71,9 +71,10 @@ class Summary:
 
 def render_table(summary: Summary, console: Console) -> None:
     """Print the per-layer table and totals."""
-    table = Table(title=f"jaccli {summary.command}: {summary.model} on {summary.data} "
-                        f"({summary.n_samples} samples, {summary.device}, {summary.dtype})",
-                  title_justify="left")
+    console.print(f"jaccli {summary.command}: {summary.model} on {summary.data} "
+                  f"({summary.n_samples} samples, {summary.device}, {summary.dtype})",
+                  highlight=False)
+    table = Table()
     for column, justify in (("layer", "left"), ("type", "left"), ("D_in → D_out", "right"),
                             ("Jacobian", "right"), ("structure", "left"),
                             ("‖J‖_F mean", "right"), ("‖J‖_F max", "right"),
@@ -110,7 +111,8 @@ def finite_or_none(value: Any) -> Any:
 def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
                 show_batches: bool = True) -> None:
     """Print a plan (from `Plan.to_dict()`): one row per Jacobian, then the totals."""
-    table = Table(title=title, title_justify="left")
+    console.print(title, highlight=False)
+    table = Table()
     for column, justify in (("layer", "left"), ("type", "left"), ("input → output", "right"),
                             ("rule", "left"), ("structure", "left"), ("mode", "left"),
                             ("per sample", "right"), ("shared", "right"),

@@ -119,6 +119,7 @@ def test_lanczos_top_k_agrees_with_exact_values_and_reports_residuals():
 def test_lanczos_converges_on_a_conv_layer_too_large_to_materialize():
     torch.manual_seed(5)
     conv = nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular", bias=False).double()
+    conv.requires_grad_(False)
     x = torch.zeros(1, 64, 32, 32, dtype=F64)  # J is 65536 x 65536: 32 GiB dense
     from jaccli.engine.rules import rule_for
 

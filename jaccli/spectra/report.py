@@ -38,9 +38,10 @@ def _stat(row: dict, quantity: str, stat: str):
 def render_spectrum(summary: dict, console: Console) -> None:
     """Per Jacobian: σ_max (mean, p95), σ_min, condition number, Frobenius norm, stable rank,
     σ² mean ± std (isometry: 1 ± 0 is perfect), and the distribution of singular values."""
-    table = Table(title=f"jaccli spectrum: {summary['model']} on {summary['data']} "
-                        f"({summary['n_samples']} samples, {summary['device']}, "
-                        f"{summary['dtype']})", title_justify="left")
+    console.print(f"jaccli spectrum: {summary['model']} on {summary['data']} "
+                  f"({summary['n_samples']} samples, {summary['device']}, {summary['dtype']})",
+                  highlight=False)
+    table = Table()
     for column, justify in (("layer", "left"), ("method", "left"), ("σ_max mean", "right"),
                             ("σ_max p95", "right"), ("σ_min mean", "right"),
                             ("cond p50", "right"), ("‖J‖_F mean", "right"),
@@ -70,8 +71,9 @@ def render_spectrum(summary: dict, console: Console) -> None:
             f"{_g(bounds['end_to_end']['mean'])} (max {_g(bounds['end_to_end']['max'])}); "
             f"bound / measured: median {_g(bounds['ratio']['p50'])}", highlight=False)
     if summary.get("profile"):
-        profile = Table(title="dynamical isometry through depth (σ² of J from the input to "
-                              "each layer's output)", title_justify="left")
+        console.print("dynamical isometry through depth: σ² of the Jacobian from the model "
+                      "input to each layer's output", highlight=False)
+        profile = Table()
         for column in ("layer", "mean σ²", "var σ²"):
             profile.add_column(column, justify="left" if column == "layer" else "right")
         for p in summary["profile"]:
