@@ -182,3 +182,26 @@ def test_non_chain_model_has_no_profile_or_bounds(tmp_path):
     assert summary["profile"] == [] and summary["bounds"] is None
     assert "not a chain" in summary["profile_note"] or summary["profile_note"] == ""
     assert nn is not None
+
+
+def test_planner_sends_a_conv_too_large_to_decompose_to_lanczos():
+    from jaccli.engine.engine import JacobianEngine
+    from jaccli.layers import trace_layers
+    from jaccli.spectra.plan import plan_spectra
+
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()).eval()
+    x = torch.zeros(2, 64, 32, 32)
+    trace = trace_layers(model, x)
+    engine = JacobianEngine(model, trace, layers=trace.layers, end_to_end=False, n_samples=2)
+    entries = plan_spectra(engine, batch_size=2, itemsize=4, budget=4 * 2**30, top_k=None,
+                           exact=False)
+    conv, relu = entries
+    assert conv.method == "lanczos" and "too large" in conv.reason and conv.k == 10
+    assert relu.method == "structured" and relu.complete
+    circular = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular")).eval()
+    trace = trace_layers(circular, x)
+    engine = JacobianEngine(circular, trace, layers=trace.layers, end_to_end=False,
+                            n_samples=2)
+    (entry,) = plan_spectra(engine, batch_size=2, itemsize=4, budget=4 * 2**30, top_k=None,
+                            exact=False)
+    assert entry.method == "fft" and entry.complete
