@@ -405,7 +405,7 @@ def spectrum(
             if data is not None:
                 raise UsageError(f"{source} is a results file and already holds its samples; "
                                  "drop DATA")
-            summary = spectrum_from_results(config, source)
+            summary = spectrum_from_results(config, source).summary
         else:
             if data is None:
                 raise UsageError("missing DATA: give the samples after the model file (or "
@@ -414,7 +414,7 @@ def spectrum(
 
             prepared = prepare_spectrum(config)
             with _progress(len(prepared.inputs.data), not quiet) as on_batch:
-                summary = run_spectrum(config, on_batch=on_batch, run=prepared)
+                summary = run_spectrum(config, on_batch=on_batch, run=prepared).summary
         if plot is not None:
             summary["plots"] = [str(p) for p in write_plots(summary, plot)]
         if json_output:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from .errors import UsageError
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1024**2, "MB": 1000**2,
@@ -44,8 +42,11 @@ def available_ram() -> int:
     return 4 * 1024**3
 
 
-def memory_budget(device: torch.device, max_memory: int | None) -> tuple[int, str]:
-    """The bytes a run may hold at once on `device`, and where that number came from."""
+def memory_budget(device, max_memory: int | None) -> tuple[int, str]:
+    """The bytes a run may hold at once on `device` (a torch.device), and where that number
+    came from."""
+    import torch
+
     if max_memory is not None:
         return max_memory, "--max-memory"
     if device.type == "cuda":

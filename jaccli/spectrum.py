@@ -27,10 +27,9 @@ from .spectra.conv_fft import conv2d_circular_singular_values
 from .spectra.exact import Spectrum, exact_spectrum
 from .spectra.lanczos import hutchinson_frobenius, top_singular_values
 from .spectra.plan import SpectrumEntry, plan_spectra
-from .spectra.quantities import aggregate, all_quantities
+from .spectra.quantities import all_quantities
+from .spectra.summary import SpectrumRecord, build_summary, chain_bounds
 from .writer import ResultsWriter
-
-HISTOGRAM_BINS = 16
 
 
 @dataclass
@@ -115,9 +114,20 @@ def prepare_spectrum(config: SpectrumConfig) -> SpectrumRun:
     return SpectrumRun(config, inputs, entries, engine, operators, plan, batch)
 
 
+@dataclass
+class SpectrumOutcome:
+    """What a spectrum run produced: the summary document, the per-sample records, the
+    samples' rows in the data file, and the chain bounds per sample (or None)."""
+
+    summary: dict
+    records: list[SpectrumRecord]
+    sample_index: np.ndarray
+    bounds: dict[str, np.ndarray] | None
+
+
 def run_spectrum(config: SpectrumConfig, *, on_batch=None, run: SpectrumRun | None = None
-                 ) -> dict:
-    """Compute the spectra; write them if `config.output` is set; return the summary dict."""
+                 ) -> SpectrumOutcome:
+    """Compute the spectra; write them if `config.output` is set."""
     started = time.perf_counter()
     run = run or prepare_spectrum(config)
     inputs = run.inputs
@@ -144,15 +154,16 @@ def run_spectrum(config: SpectrumConfig, *, on_batch=None, run: SpectrumRun | No
                 profile.add(x, records, budget=run.plan.budget)
             if on_batch is not None:
                 on_batch(stop - start)
-    summary, bounds = _summary(config, run.entries, results, profile, inputs.loaded.source,
-                               len(data), run.plan.device, run.plan.dtype, trace.chain,
-                               all_layers=len(trace.layers) == len(trace.all_layers))
+    summary, records, bounds = _summary(
+        config, run.entries, results, profile, inputs.loaded.source, len(data),
+        run.plan.device, run.plan.dtype, trace.chain,
+        all_layers=len(trace.layers) == len(trace.all_layers))
     if config.output is not None:
         _write(config, summary, results, profile, bounds, data.indices,
                provenance(config, inputs.loaded, data, run.plan, inputs.device))
         summary["output"] = str(config.output)
     summary["seconds"] = time.perf_counter() - started
-    return summary
+    return SpectrumOutcome(summary, records, data.indices, bounds)
 
 
 def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x, records,
@@ -265,7 +276,8 @@ def structured_from_group(group, start: int, stop: int, dtype: torch.dtype) -> S
     raise UsageError(f"{group.name}: unknown Jacobian encoding {encoding!r}")
 
 
-def spectrum_from_results(config: SpectrumConfig, path: Path, *, on_batch=None) -> dict:
+def spectrum_from_results(config: SpectrumConfig, path: Path, *,
+                          on_batch=None) -> SpectrumOutcome:
     """Spectra of the Jacobians stored in a `compute` results file (no model needed)."""
     started = time.perf_counter()
     with Results(path) as source:
@@ -298,8 +310,8 @@ def spectrum_from_results(config: SpectrumConfig, path: Path, *, on_batch=None) 
             results[entry.name].seconds = time.perf_counter() - begin
         attrs = dict(source.attrs)
         indices = source.sample_index
-    summary, bounds = _summary(config, entries, results, None,
-                               str(attrs.get("model_format", "")), n,
+    summary, records, bounds = _summary(config, entries, results, None,
+                                        str(attrs.get("model_format", "")), n,
                        str(attrs.get("device", "")), str(attrs.get("dtype", "")),
                        bool(attrs.get("chain")), all_layers=True, model=str(attrs.get(
                            "model_path", "")), data=str(attrs.get("data_path", "")))
@@ -313,77 +325,39 @@ def spectrum_from_results(config: SpectrumConfig, path: Path, *, on_batch=None) 
     summary["seconds"] = time.perf_counter() - started
     if on_batch is not None:
         on_batch(n)
-    return summary
+    return SpectrumOutcome(summary, records, indices, bounds)
 
 
 # ------------------------------------------------------------------------ summary and file
 
 
-def _summary(config, entries, results, profile, model_format, n, device, dtype, chain, *,
-             all_layers: bool, model: str | None = None, data: str | None = None) -> dict:
-    rows = []
+def _records(entries: list[SpectrumEntry], results: dict[str, EntryResult]
+             ) -> list[SpectrumRecord]:
+    records = []
     for entry in entries:
         result = results[entry.name]
-        values = np.concatenate(result.values) if result.values else np.zeros((0, 0))
-        stats = {name: aggregate(torch.from_numpy(result.array(name)))
-                 for name in result.quantities}
-        if entry.complete or entry.method == "structured":
-            sigma_min = values[:, -1] if entry.complete else None
-        else:
-            sigma_min = None
-        sigma2 = values.reshape(-1) ** 2 if entry.complete else None
-        rows.append({
-            "name": entry.name, "kind": entry.kind, "type": entry.type_name,
-            "d_in": entry.d_in, "d_out": entry.d_out, "structure": entry.structure,
-            "method": result.method or entry.method, "reason": entry.reason,
-            "note": result.note, "complete": entry.complete, "k": entry.k,
-            "seconds": result.seconds, "quantities": stats,
-            "sigma_min": aggregate(torch.from_numpy(sigma_min)) if sigma_min is not None
-            else None,
-            "isometry": ({"mean_sigma2": float(sigma2.mean()), "std_sigma2": float(
-                sigma2.std())} if sigma2 is not None and sigma2.size else None),
-            "max_residual": float(np.concatenate(result.residuals).max())
-            if result.residuals else None,
-            "histogram": _histogram(values),
-        })
-    summary = {"command": "spectrum", "summary_version": 1,
-               "model": model or str(config.model), "data": data or str(config.data),
-               "model_format": model_format, "n_samples": n, "device": device, "dtype": dtype,
-               "chain": chain, "entries": rows, "output": None,
-               "profile": profile.rows() if profile is not None else [],
-               "profile_note": profile.skipped if profile is not None else (
-                   "" if chain else "not a chain model: no cumulative Jacobians")}
-    bounds = _bounds(results, entries, chain and all_layers)
-    summary["bounds"] = ({name: aggregate(torch.from_numpy(values))
-                          for name, values in bounds.items()} if bounds else None)
-    return summary, bounds
+        records.append(SpectrumRecord(
+            entry.name, entry.kind, entry.type_name, entry.d_in, entry.d_out, entry.structure,
+            result.method or entry.method, entry.reason, result.note, entry.complete, entry.k,
+            result.seconds,
+            np.concatenate(result.values) if result.values else np.zeros((0, 0)),
+            {name: result.array(name) for name in result.quantities},
+            np.concatenate(result.residuals) if result.residuals else None))
+    return records
 
 
-def _bounds(results: dict, entries: list[SpectrumEntry],
-            applicable: bool) -> dict[str, np.ndarray] | None:
-    """Per sample: the product of the layers' spectral norms (an upper bound on the
-    end-to-end spectral norm along the chain), the measured end-to-end spectral norm (a lower
-    bound on the local Lipschitz constant), and their ratio."""
-    layers = [e for e in entries if e.kind == "layer"]
-    e2e = [e for e in entries if e.kind == "end_to_end"]
-    if not applicable or not layers or not e2e:
-        return None
-    product = np.prod([results[e.name].array("spectral_norm") for e in layers], axis=0)
-    measured = results[e2e[0].name].array("spectral_norm")
-    ratio = product / np.where(measured > 0, measured, np.nan)
-    return {"layer_product": product, "end_to_end": measured, "ratio": ratio}
-
-
-def _histogram(values: np.ndarray) -> dict:
-    flat = values.reshape(-1)
-    flat = flat[np.isfinite(flat)]
-    if flat.size == 0:
-        return {"edges": [], "counts": []}
-    low, high = float(flat.min()), float(flat.max())
-    if high <= low:
-        high = low + 1.0
-    counts, edges = np.histogram(flat, bins=HISTOGRAM_BINS, range=(low, high))
-    return {"edges": edges.tolist(), "counts": counts.tolist()}
+def _summary(config, entries, results, profile, model_format, n, device, dtype, chain, *,
+             all_layers: bool, model: str | None = None, data: str | None = None):
+    records = _records(entries, results)
+    bounds = chain_bounds(records, chain and all_layers)
+    summary = build_summary(
+        records, model=model or str(config.model), data=data or str(config.data),
+        model_format=model_format, n_samples=n, device=device, dtype=dtype, chain=chain,
+        profile=profile.rows() if profile is not None else [],
+        profile_note=(profile.skipped if profile is not None
+                      else "" if chain else "not a chain model: no cumulative Jacobians"),
+        bounds=bounds)
+    return summary, records, bounds
 
 
 def _write(config, summary, results, profile, bounds, indices, provenance: dict) -> None:
@@ -406,6 +380,7 @@ def _write(config, summary, results, profile, bounds, indices, provenance: dict)
                 group.create_dataset("residual", data=np.concatenate(result.residuals))
             for quantity in result.quantities:
                 group.create_dataset(quantity, data=result.array(quantity))
+        writer.file.attrs["profile_note"] = summary["profile_note"]
         if profile is not None and profile.rows():
             rows = profile.rows()
             g = writer.file.create_group("profile")

@@ -12,7 +12,8 @@ from jaccli.engine.structures import Diagonal, Matrix, RowScaled, Selection
 from jaccli.spectra.conv_fft import conv2d_circular_singular_values, fft_applicable
 from jaccli.spectra.exact import exact_spectrum
 from jaccli.spectra.lanczos import hutchinson_frobenius, top_singular_values
-from jaccli.spectra.quantities import aggregate, all_quantities
+from jaccli.spectra.quantities import all_quantities
+from jaccli.stats import aggregate, worst_samples
 
 F64 = torch.float64
 
@@ -41,10 +42,13 @@ def test_rank_deficient_conventions():
     assert q["stable_rank"][1] == 0 and q["effective_rank"][1] == 0  # a zero Jacobian
 
 
-def test_aggregate_statistics():
-    stats = aggregate(torch.tensor([1.0, 2.0, 3.0, 4.0, float("inf")], dtype=F64))
+def test_aggregate_statistics_and_worst_samples():
+    stats = aggregate(torch.tensor([1.0, 2.0, 3.0, 4.0, float("inf")], dtype=F64).numpy())
     assert stats["n_nonfinite"] == 1 and stats["mean"] == 2.5 and stats["max"] == 4
-    assert stats["p50"] == 2.5 and stats["min"] == 1
+    assert stats["p50"] == 2.5 and stats["min"] == 1 and stats["std"] == pytest.approx(1.118, 1e-3)
+    rows = [10, 11, 12, 13]
+    assert worst_samples([0.5, 3.0, 2.0, 0.1], rows, largest=True, count=2) == [11, 12]
+    assert worst_samples([0.5, 3.0, 2.0, 0.1], rows, largest=False, count=1) == [13]
 
 
 @pytest.mark.parametrize("make", [

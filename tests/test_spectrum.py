@@ -31,7 +31,7 @@ def test_spectra_match_svdvals_of_reference_jacobians(mlp_files, mlp):
     out = d / "spec.h5"
     summary = run_spectrum(SpectrumConfig(model=d / "mlp.safetensors", data=d / "x.npy",
                                           output=out, dtype="float64", granularity="block",
-                                          batch_size=4))
+                                          batch_size=4)).summary
     model = mlp.double()
     with h5py.File(out) as f:
         assert f.attrs["kind"] == "spectra"
@@ -71,7 +71,7 @@ def test_top_k_uses_lanczos_for_dense_jacobians_and_agrees(tmp_path):
     np.save(tmp_path / "x.npy", x.numpy())
     summary = run_spectrum(SpectrumConfig(model=tmp_path / "m.safetensors",
                                           data=tmp_path / "x.npy", dtype="float64", top_k=2,
-                                          tol=1e-12, layers=["1"]))
+                                          tol=1e-12, layers=["1"])).summary
     rows = {r["name"]: r for r in summary["entries"]}
     assert rows["1"]["method"] == "diagonal" and rows["1"]["k"] == 2
     e2e = rows["(end-to-end)"]
@@ -118,7 +118,7 @@ def test_circular_conv_layer_uses_the_fft_method(tmp_path):
     jaccli.save_model(model, spec, tmp_path / "m.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(5).normal(size=(3, 2, 5, 5)))
     summary = run_spectrum(SpectrumConfig(model=tmp_path / "m.safetensors",
-                                          data=tmp_path / "x.npy", dtype="float64"))
+                                          data=tmp_path / "x.npy", dtype="float64")).summary
     conv = summary["entries"][0]
     assert conv["method"] == "fft" and conv["complete"]
     from jaccli.engine.rules.linear import linear_map_matrix
@@ -178,7 +178,7 @@ def test_non_chain_model_has_no_profile_or_bounds(tmp_path):
         "import torch.nn as nn\nfrom tests.conftest import TwoBranch\n")
     np.save(tmp_path / "x.npy", x.numpy())
     summary = run_spectrum(Config(model=tmp_path / "m.pt", data=tmp_path / "x.npy",
-                                  arch="tests.conftest:TwoBranch"))
+                                  arch="tests.conftest:TwoBranch")).summary
     assert summary["profile"] == [] and summary["bounds"] is None
     assert "not a chain" in summary["profile_note"] or summary["profile_note"] == ""
     assert nn is not None

@@ -66,23 +66,3 @@ def all_quantities(sigma: torch.Tensor, d_out: int, d_in: int) -> dict[str, torc
         "log_volume": log_volume(sigma), "stable_rank": stable_rank(sigma),
         "effective_rank": effective_rank(sigma),
     }
-
-
-PERCENTILES = (5, 25, 50, 75, 95, 99)
-
-
-def aggregate(values: torch.Tensor) -> dict[str, float]:
-    """Statistics over samples of a `(N,)` quantity (non-finite values are left out and
-    counted)."""
-    finite = values[torch.isfinite(values)].double()
-    stats = {"n_nonfinite": int(values.numel() - finite.numel())}
-    if finite.numel() == 0:
-        return stats | {k: float("nan") for k in ("mean", "std", "min", "max")} | {
-            f"p{q}": float("nan") for q in PERCENTILES}
-    quantiles = torch.quantile(finite, torch.tensor([q / 100 for q in PERCENTILES],
-                                                    dtype=finite.dtype))
-    stats |= {"mean": finite.mean().item(),
-              "std": finite.std(unbiased=False).item() if finite.numel() > 1 else 0.0,
-              "min": finite.min().item(), "max": finite.max().item()}
-    stats |= {f"p{q}": v.item() for q, v in zip(PERCENTILES, quantiles, strict=True)}
-    return stats
