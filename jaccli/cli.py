@@ -2,6 +2,8 @@
 
 Exit codes: 0 success, 1 a problem with the input or the run (one line on stderr),
 2 a usage error, 3 an internal error (a bug: please report it), 130 interrupted.
+`check` and `diff` use 1 for "a bound is violated" / "the runs differ", so their input and
+run errors exit with 4 instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.exceptions import TyperException
 
 from . import __version__
 
@@ -25,6 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]})
 
 EXIT_INTERNAL = 3
+EXIT_GATE_ERROR = 4  # check/diff: an error, as opposed to a violation (1)
 EXIT_INTERRUPTED = 130
 T = TypeVar("T")
 
@@ -115,9 +119,10 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _guarded(action: Callable[[], T]) -> T:
+def _guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
     """Run `action`, mapping exceptions to one stderr line and an exit code.
 
+    input_error_code: the code for input/run errors (1, or 4 for the gate commands).
     JACCLI_DEBUG=1 lets every exception through with its traceback.
     """
     from .errors import JaccliError
@@ -126,8 +131,11 @@ def _guarded(action: Callable[[], T]) -> T:
         return action()
     try:
         return action()
+    except (typer.Exit, typer.Abort, TyperException):
+        raise  # deliberate exits, and the command-line parser's own usage errors
     except JaccliError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        code = exc.exit_code if exc.exit_code != 1 else input_error_code
+        raise _fail(str(exc), code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted", EXIT_INTERRUPTED) from None
     except RuntimeError as exc:
@@ -135,7 +143,7 @@ def _guarded(action: Callable[[], T]) -> T:
 
         if is_out_of_memory(exc):
             raise _fail("out of memory; lower --batch-size or --max-memory, or select fewer "
-                        "layers with --layers", 1) from None
+                        "layers with --layers", input_error_code) from None
         raise _fail(f"internal error: {type(exc).__name__}: {_first_line(exc)} (rerun with "
                     "JACCLI_DEBUG=1 for the traceback, and please report it)",
                     EXIT_INTERNAL) from None
@@ -158,10 +166,17 @@ def _stdout(quiet: bool = False):
     return Console(file=sys.stdout, quiet=quiet, width=width)
 
 
+ProgressOpt = Annotated[bool | None, typer.Option(
+    "--progress/--no-progress", help="Progress bar on stderr (default: only on a terminal).")]
+
+
 @contextmanager
-def _progress(total: int, enabled: bool):
-    """A Rich progress bar over samples on stderr; a no-op callback when disabled."""
-    if not enabled or not sys.stderr.isatty():
+def _progress(total: int, enabled: bool | None):
+    """A Rich progress bar over samples on stderr, shown when `enabled` (None: when stderr
+    is a terminal); yields the per-batch callback, or None."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
         yield None
         return
     from rich.console import Console
@@ -259,9 +274,11 @@ def compute(
         rich_help_panel="Output")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (layers, modes, sizes, batch size) and stop.")] = False,
-    json_output: JsonOpt = False, quiet: QuietOpt = False,
+    json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
 ) -> None:
-    """Compute every layer's per-sample Jacobian (and the end-to-end one) for DATA."""
+    """Compute every layer's per-sample Jacobian (and the end-to-end one) for DATA.
+
+    DATA may be - to read a .npy stream from standard input."""
     from .config import ComputeConfig
 
     config = ComputeConfig(
@@ -287,7 +304,7 @@ def compute(
             else:
                 render_plan(plan, out, title=f"jaccli compute --dry-run: {model} on {data}")
             return
-        with _progress(len(prepared.data), not quiet) as on_batch:
+        with _progress(len(prepared.data), False if quiet else progress) as on_batch:
             summary = run_compute(config, on_batch=on_batch, prepared=prepared)
         if json_output:
             _emit_json(summary.to_dict(), quiet)
@@ -381,9 +398,11 @@ def spectrum(
     compression: Annotated[Compression, typer.Option(
         "--compression", help="HDF5 compression.", rich_help_panel="Output")
     ] = Compression.none,
-    json_output: JsonOpt = False, quiet: QuietOpt = False,
+    json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
 ) -> None:
-    """Singular values, norms, condition numbers and ranks of every Jacobian, per sample."""
+    """Singular values, norms, condition numbers and ranks of every Jacobian, per sample.
+
+    DATA may be - to read a .npy stream from standard input."""
     from .spectrum import SpectrumConfig
 
     config = SpectrumConfig(
@@ -401,6 +420,7 @@ def spectrum(
         from .spectrum import run_spectrum, spectrum_from_results
 
         config.max_memory = _parse_size(max_memory)
+        _require_file(source)
         if _is_hdf5(source):
             if data is not None:
                 raise UsageError(f"{source} is a results file and already holds its samples; "
@@ -413,7 +433,7 @@ def spectrum(
             from .spectrum import prepare_spectrum
 
             prepared = prepare_spectrum(config)
-            with _progress(len(prepared.inputs.data), not quiet) as on_batch:
+            with _progress(len(prepared.inputs.data), False if quiet else progress) as on_batch:
                 summary = run_spectrum(config, on_batch=on_batch, run=prepared).summary
         if plot is not None:
             summary["plots"] = [str(p) for p in write_plots(summary, plot)]
@@ -423,6 +443,266 @@ def spectrum(
             render_spectrum(summary, out)
 
     _guarded(run)
+
+
+@app.command()
+def show(
+    results: Annotated[Path, typer.Argument(help="A file written by compute or spectrum.")],
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="Print one layer's Jacobian or spectrum ('end_to_end' for the "
+                        "end-to-end one); needs --sample.")] = None,
+    sample: Annotated[int | None, typer.Option(
+        "--sample", min=0, help="Row of the sample in the data file.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Summarize a results file without recomputing (or print one sample's result)."""
+    out = _stdout()
+
+    def run() -> None:
+        from .errors import UsageError
+
+        if (layer is None) != (sample is None):
+            raise UsageError("--layer and --sample go together")
+        if layer is not None:
+            from .show import sample_detail
+
+            detail = sample_detail(results, layer, sample)
+            if json_output:
+                _emit_json(detail)
+            else:
+                _render_detail(detail, out)
+            return
+        from .show import summarize_file
+
+        kind, summary = summarize_file(results)
+        if kind == "jacobians":
+            if json_output:
+                _emit_json(summary.to_dict())
+            else:
+                from .summary import render_table
+
+                render_table(summary, out)
+        elif json_output:
+            _emit_json(summary)
+        else:
+            from .spectra.report import render_spectrum
+
+            render_spectrum(summary, out)
+
+    _guarded(run)
+
+
+def _render_detail(detail: dict, out) -> None:
+    import numpy as np
+
+    head = f"{detail['file']}: {detail['layer']} ({detail['type']}), sample {detail['sample']}"
+    if detail["input_shape"]:
+        head += (f", input {tuple(detail['input_shape'])} → output "
+                 f"{tuple(detail['output_shape'])}")
+    out.print(head, highlight=False)
+    if "jacobian" in detail:
+        matrix = np.asarray(detail["jacobian"])
+        out.print(f"Jacobian {matrix.shape[0]} × {matrix.shape[1]} (stored as "
+                  f"{detail['encoding']}), ‖J‖_F = {detail['frobenius']:.6g}", highlight=False)
+        with np.printoptions(precision=4, suppress=True, linewidth=160, threshold=400):
+            out.print(str(matrix), markup=False, highlight=False)
+    else:
+        values = np.asarray(detail["singular_values"])
+        label = "all" if detail["complete"] else f"top {values.size}"
+        out.print(f"singular values ({label}, {detail['method']}):", highlight=False)
+        with np.printoptions(precision=6, linewidth=160, threshold=400):
+            out.print(str(values), markup=False, highlight=False)
+        for name, value in detail["quantities"].items():
+            out.print(f"{name}: {value:.6g}", highlight=False)
+
+
+@app.command()
+def check(
+    source: Annotated[Path, typer.Argument(help="Model file, or a results file from compute "
+                                                "or spectrum (then no DATA).")],
+    data: Annotated[Path | None, typer.Argument(help="Samples (- for a .npy stream on "
+                                                     "stdin).")] = None,
+    max_spectral_norm: Annotated[float | None, typer.Option(
+        "--max-spectral-norm", help="Upper bound on ‖J‖₂ of each Jacobian.",
+        rich_help_panel="Bounds")] = None,
+    max_cond: Annotated[float | None, typer.Option(
+        "--max-cond", help="Upper bound on the condition number.", rich_help_panel="Bounds")
+    ] = None,
+    max_frobenius: Annotated[float | None, typer.Option(
+        "--max-frobenius", help="Upper bound on ‖J‖_F.", rich_help_panel="Bounds")] = None,
+    max_lipschitz_bound: Annotated[float | None, typer.Option(
+        "--max-lipschitz-bound", help="Upper bound on the product of the layers' spectral "
+                                      "norms (chain models).", rich_help_panel="Bounds")
+    ] = None,
+    min_sigma: Annotated[float | None, typer.Option(
+        "--min-sigma", help="Lower bound on the smallest singular value.",
+        rich_help_panel="Bounds")] = None,
+    stat: Annotated[str | None, typer.Option(
+        "--stat", help="Statistic over samples compared with each bound: max, mean, p95, p99 "
+                       "(lower bounds use the other tail). Default max.",
+        rich_help_panel="Bounds")] = None,
+    check_layers: Annotated[list[str] | None, typer.Option(
+        "--layers", help="Glob on layer names to check (repeatable); the end-to-end "
+                         "Jacobian is always checked.", rich_help_panel="Bounds")] = None,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", help="TOML file with the bounds: jaccli.toml ([check] table) or "
+                         "pyproject.toml ([tool.jaccli.check]); ./jaccli.toml is read when "
+                         "present. Command-line bounds win.", rich_help_panel="Bounds")
+    ] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    granularity: GranularityOpt = Granularity.module,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget, e.g. 2GiB.", rich_help_panel="Compute")] = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Fail (exit 1) when a Jacobian's spectrum breaks a bound: a regression gate for CI.
+
+    Exit codes: 0 every bound holds, 1 a bound is violated (each violation listed),
+    2 usage error, 4 input or run error."""
+    out = _stdout(quiet)
+
+    def run() -> None:
+        from .check import evaluate, load_bounds
+        from .errors import UsageError
+        from .spectrum import SpectrumConfig, run_spectrum
+
+        bounds = load_bounds(config_file, {
+            "max_spectral_norm": max_spectral_norm, "max_cond": max_cond,
+            "max_frobenius": max_frobenius, "max_lipschitz_bound": max_lipschitz_bound,
+            "min_sigma": min_sigma, "stat": stat, "layers": check_layers or []})
+        config = SpectrumConfig(
+            model=source, data=data, arch=arch, arch_path=arch_path, trust_pickle=trust_pickle,
+            key=key, offset=offset, limit=limit, granularity=granularity.value,
+            device=device, dtype=dtype.value, max_memory=_parse_size(max_memory),
+            profile=False, command_line=_command_line())
+        _require_file(source)
+        if _is_hdf5(source):
+            if data is not None:
+                raise UsageError(f"{source} is a results file and already holds its samples; "
+                                 "drop DATA")
+            outcome = _spectra_of_file(config, source)
+        else:
+            if data is None:
+                raise UsageError("missing DATA: give the samples after the model file")
+            outcome = run_spectrum(config)
+        result = evaluate(bounds, outcome.records, outcome.sample_index, outcome.bounds,
+                          model=outcome.summary["model"], data=outcome.summary["data"])
+        if json_output:
+            _emit_json(result, quiet)
+        else:
+            _render_check(result, out)
+        if not result["passed"]:
+            raise typer.Exit(1)
+
+    _guarded(run, input_error_code=EXIT_GATE_ERROR)
+
+
+def _spectra_of_file(config, path: Path):
+    """Spectra from a results file: recomputed from stored Jacobians, or read back."""
+    import h5py
+
+    from .spectrum import SpectrumOutcome, spectrum_from_results
+
+    with h5py.File(path, "r") as f:
+        kind = f.attrs.get("kind")
+    if kind != "spectra":
+        return spectrum_from_results(config, path)
+    from .results import Results
+    from .show import _record, summarize_file
+    from .spectra.summary import chain_bounds
+
+    _, summary = summarize_file(path)
+    with Results(path) as results:
+        records = [_record(g) for g in results.groups()]
+        index = results.sample_index
+        bounds = ({n: results.file["bounds"][n][:] for n in results.file["bounds"]}
+                  if "bounds" in results.file else chain_bounds(records, False))
+    return SpectrumOutcome(summary, records, index, bounds)
+
+
+def _render_check(result: dict, out) -> None:
+    from rich.table import Table
+
+    table = Table()
+    for column in ("layer", "quantity", "stat", "value", "bound", "", "worst samples"):
+        table.add_column(column, justify="right" if column in ("value", "bound") else "left")
+    for c in result["checks"]:
+        op = "≤" if c["kind"] == "max" else "≥"
+        mark = "[green]ok[/green]" if c["passed"] else "[bold red]VIOLATED[/bold red]"
+        table.add_row(c["layer"], c["quantity"], c["stat"], f"{c['value']:.6g}",
+                      f"{op} {c['bound']:.6g}", mark,
+                      ", ".join(map(str, c["worst_samples"])))
+    out.print(table)
+    n_bad = len(result["violations"])
+    if n_bad:
+        out.print(f"[bold red]FAILED[/bold red]: {n_bad} of {len(result['checks'])} checks "
+                  f"violated on {result['n_samples']} samples of {result['data']}")
+    else:
+        out.print(f"[green]passed[/green]: {len(result['checks'])} checks on "
+                  f"{result['n_samples']} samples of {result['data']}")
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="Results file of the reference run.")],
+    b: Annotated[Path, typer.Argument(help="Results file of the run to compare.")],
+    rtol: Annotated[float, typer.Option(
+        "--rtol", min=0.0, help="Largest relative change allowed per metric.")] = 0.05,
+    allow_different_data: Annotated[bool, typer.Option(
+        "--allow-different-data", help="Compare runs even when their data differ.")] = False,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Compare two runs (two checkpoints on the same data) layer by layer.
+
+    Exit codes: 0 within --rtol, 1 a change beyond --rtol (or layers added/removed),
+    2 usage error, 4 input error (including different data)."""
+    out = _stdout(quiet)
+
+    def run() -> None:
+        from .diff import diff_files
+
+        result = diff_files(a, b, rtol=rtol, allow_different_data=allow_different_data)
+        if json_output:
+            _emit_json(result, quiet)
+        else:
+            _render_diff(result, out)
+        if not result["same"]:
+            raise typer.Exit(1)
+
+    _guarded(run, input_error_code=EXIT_GATE_ERROR)
+
+
+def _render_diff(result: dict, out) -> None:
+    from rich.table import Table
+
+    table = Table()
+    for column in ("layer", "metric", "A", "B", "change", ""):
+        table.add_column(column, justify="left" if column in ("layer", "metric", "") else
+                         "right")
+    for layer in result["layers"]:
+        for name, m in layer["metrics"].items():
+            rel = m["rel_change"]
+            beyond = rel is None or abs(rel) > result["rtol"]
+            table.add_row(layer["name"], name, f"{m['a']:.6g}", f"{m['b']:.6g}",
+                          "undefined" if rel is None else f"{rel:+.2%}",
+                          "[bold red]beyond rtol[/bold red]" if beyond else "")
+    out.print(table)
+    for name in result["only_in_a"]:
+        out.print(f"only in A: {name}", highlight=False)
+    for name in result["only_in_b"]:
+        out.print(f"only in B: {name}", highlight=False)
+    verdict = ("[green]same[/green] within" if result["same"]
+               else "[bold red]DIFFERENT[/bold red] beyond")
+    out.print(f"{verdict} rtol {result['rtol']:g}: {result['a']} vs {result['b']}")
+
+
+def _require_file(path: Path) -> None:
+    from .errors import JaccliError
+
+    if not path.exists():
+        raise JaccliError(f"file not found: {path}")
 
 
 def _is_hdf5(path: Path) -> bool:

@@ -332,7 +332,7 @@ def provenance(config: ComputeConfig, loaded: LoadedModel, data: DataSource, pla
         "model_path": str(c.model), "model_format": loaded.source,
         "model_sha256": sha256_file(c.model),
         "data_path": str(c.data), "data_key": data.key or "", "data_offset": data.offset,
-        "data_sha256": sha256_file(c.data), "n_samples": plan.n_samples,
+        "data_sha256": data.sha256 or sha256_file(c.data), "n_samples": plan.n_samples,
     }
 
 

@@ -41,6 +41,7 @@ class DataSource:
     offset: int
     count: int
     sample_shape: tuple[int, ...]
+    sha256: str | None = None  # set when the bytes were read whole (standard input)
 
     def __len__(self) -> int:
         return self.count
@@ -98,10 +99,12 @@ def load_data(path: str | Path, *, key: str | None = None, offset: int = 0,
     offset: index of the first sample to use; limit: at most this many samples.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataLoadError(f"data file not found: {path}")
     if offset < 0 or (limit is not None and limit < 1):
         raise DataLoadError("--offset must be >= 0 and --limit >= 1")
+    if str(path) == "-":
+        return _select(path, "npy", None, *_read_stdin(), offset, limit)
+    if not path.exists():
+        raise DataLoadError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     readers = {".npy": _open_npy, ".npz": _open_npz, ".safetensors": _open_safetensors,
                ".h5": _open_hdf5, ".hdf5": _open_hdf5, ".pt": _open_pt, ".pth": _open_pt,
@@ -111,6 +114,28 @@ def load_data(path: str | Path, *, key: str | None = None, offset: int = 0,
                             f"{', '.join(sorted(readers))}")
     fmt = suffix.lstrip(".").replace("hdf5", "h5").replace("pth", "pt")
     array, key = readers[suffix](path, key)
+    return _select(path, fmt, key, array, None, offset, limit)
+
+
+def _read_stdin() -> tuple[np.ndarray, str]:
+    """A .npy array streamed on standard input (`jaccli ... -`), and the SHA-256 of its bytes."""
+    import hashlib
+    import io
+    import sys
+
+    raw = sys.stdin.buffer.read()
+    if not raw.startswith(b"\x93NUMPY"):
+        raise DataLoadError("standard input is not a .npy stream; write one with "
+                            "numpy.save(sys.stdout.buffer, array)")
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as exc:
+        raise DataLoadError(f"cannot read the .npy stream on standard input ({exc})") from exc
+    return array, hashlib.sha256(raw).hexdigest()
+
+
+def _select(path: Path, fmt: str, key: str | None, array: _ArrayLike, sha256: str | None,
+            offset: int, limit: int | None) -> DataSource:
     shape = tuple(int(d) for d in array.shape)
     if len(shape) < 1 or shape[0] == 0:
         raise DataLoadError(f"{path}: the array{_key_note(key)} has shape {shape}; expected "
@@ -119,7 +144,7 @@ def load_data(path: str | Path, *, key: str | None = None, offset: int = 0,
         raise DataLoadError(f"--offset {offset} is past the end of {path.name} "
                             f"({shape[0]} samples)")
     count = shape[0] - offset if limit is None else min(limit, shape[0] - offset)
-    return DataSource(path, fmt, key, array, offset, count, shape[1:])
+    return DataSource(path, fmt, key, array, offset, count, shape[1:], sha256)
 
 
 def _key_note(key: str | None) -> str:

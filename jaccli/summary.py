@@ -11,7 +11,8 @@ from rich.table import Table
 
 from .memory import format_bytes
 
-SUMMARY_VERSION = 1
+SCHEMA = "jaccli/compute-summary"
+SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -64,9 +65,7 @@ class Summary:
     command: str = "compute"
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["summary_version"] = SUMMARY_VERSION
-        return data
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}
 
 
 def render_table(summary: Summary, console: Console) -> None:
