@@ -2,8 +2,8 @@
 
 Bounds come from the command line, a `jaccli.toml` file, or the `[tool.jaccli.check]` table of
 a `pyproject.toml`; command-line values win. Each bound is checked on every selected
-Jacobian (layers and the end-to-end one): the chosen statistic over samples must stay within
-the bound.
+Jacobian (all layers and the end-to-end one, or those `--layers` names; the end-to-end one is
+called `(end-to-end)`): the chosen statistic over samples must stay within the bound.
 """
 
 from __future__ import annotations
@@ -92,8 +92,12 @@ def _read_toml_bounds(path: Path) -> dict:
 def evaluate(bounds: Bounds, records: list[SpectrumRecord], sample_index: np.ndarray,
              chain_bounds: dict[str, np.ndarray] | None, *, model: str, data: str) -> dict:
     """Check every bound on every selected Jacobian: the result document."""
-    selected = [r for r in records if not bounds.layers or r.kind == "end_to_end"
+    selected = [r for r in records if not bounds.layers
                 or any(fnmatch.fnmatchcase(r.name, p) for p in bounds.layers)]
+    if not selected:
+        names = ", ".join(r.name for r in records)
+        raise UsageError(f"--layers {' '.join(bounds.layers)} matches nothing to check; "
+                         f"names are: {names}")
     checks = []
     for record in selected:
         for quantity, bound, upper in (("spectral_norm", bounds.max_spectral_norm, True),

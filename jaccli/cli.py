@@ -542,8 +542,8 @@ def check(
                        "(lower bounds use the other tail). Default max.",
         rich_help_panel="Bounds")] = None,
     check_layers: Annotated[list[str] | None, typer.Option(
-        "--layers", help="Glob on layer names to check (repeatable); the end-to-end "
-                         "Jacobian is always checked.", rich_help_panel="Bounds")] = None,
+        "--layers", help="Glob on the names to check (repeatable); '(end-to-end)' is the "
+                         "end-to-end Jacobian. Default: all.", rich_help_panel="Bounds")] = None,
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="TOML file with the bounds: jaccli.toml ([check] table) or "
                          "pyproject.toml ([tool.jaccli.check]); ./jaccli.toml is read when "

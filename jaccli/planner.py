@@ -82,6 +82,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {
+            "schema": "jaccli/plan", "schema_version": 1,
             "n_samples": self.n_samples, "batch_size": self.batch_size,
             "n_batches": -(-self.n_samples // self.batch_size),
             "memory_budget_bytes": self.budget, "memory_budget_source": self.budget_source,
