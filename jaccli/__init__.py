@@ -16,6 +16,7 @@ _EXPORTS = {
     "ComputeConfig": "config", "DataSource": "data", "JaccliError": "errors",
     "LoadedModel": "models", "Results": "results", "build_model": "models",
     "end_to_end_jacobian": "api", "layer_jacobians": "api", "list_layers": "api",
+    "jacobian": "api", "param_jacobians": "api", "jvp": "api", "vjp": "api", "hvp": "api",
     "load_data": "data", "load_model": "models", "open_results": "results",
     "run_compute": "compute", "save_model": "models",
 }

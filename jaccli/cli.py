@@ -51,6 +51,18 @@ class Mode(str, Enum):
     rev = "rev"
 
 
+class Wrt(str, Enum):
+    inputs = "inputs"
+    params = "params"
+
+
+class Loss(str, Enum):
+    cross_entropy = "cross-entropy"
+    nll = "nll"
+    mse = "mse"
+    bce_logits = "bce-logits"
+
+
 class Store(str, Enum):
     compact = "compact"
     dense = "dense"
@@ -274,9 +286,31 @@ def compute(
         rich_help_panel="Output")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (layers, modes, sizes, batch size) and stop.")] = False,
+    wrt: Annotated[list[Wrt] | None, typer.Option(
+        "--wrt", help="Differentiate w.r.t. inputs (default) and/or params (repeatable).",
+        rich_help_panel="Parameters")] = None,
+    params: Annotated[list[str] | None, typer.Option(
+        "--params", help="Glob on parameter names (repeatable), e.g. 'features.*.weight'.",
+        rich_help_panel="Parameters")] = None,
+    output_index: Annotated[int | None, typer.Option(
+        "--output-index", min=0, help="Differentiate this (flattened) output entry only.",
+        rich_help_panel="Parameters")] = None,
+    targets: Annotated[Path | None, typer.Option(
+        "--targets", help="Targets for --loss (same samples as DATA).",
+        rich_help_panel="Parameters")] = None,
+    targets_key: Annotated[str | None, typer.Option(
+        "--targets-key", help="Array to use in a multi-array targets file.",
+        rich_help_panel="Parameters")] = None,
+    loss: Annotated[Loss | None, typer.Option(
+        "--loss", help="Differentiate the per-sample loss against --targets.",
+        rich_help_panel="Parameters")] = None,
+    flatten: Annotated[bool, typer.Option(
+        "--flatten", help="Also store one (N, C, D) dataset over all selected parameters.",
+        rich_help_panel="Parameters")] = False,
     json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
 ) -> None:
-    """Compute every layer's per-sample Jacobian (and the end-to-end one) for DATA.
+    """Compute every layer's per-sample Jacobian (and the end-to-end one) for DATA; with
+    --wrt params, per-sample Jacobians w.r.t. the parameters.
 
     DATA may be - to read a .npy stream from standard input."""
     from .config import ComputeConfig
@@ -288,6 +322,9 @@ def compute(
         end_to_end=end_to_end, batch_size=batch_size,
         device=device, dtype=dtype.value, mode=mode.value, store=store.value,
         strict_rules=strict_rules, tf32=tf32, compression=compression.value,
+        wrt=tuple(w.value for w in wrt) if wrt else ("inputs",), params=params or None,
+        output_index=output_index, targets=targets, targets_key=targets_key,
+        loss=loss.value if loss else None, flatten=flatten,
         compression_level=compression_level, command_line=_command_line())
     out = _stdout(quiet)
 

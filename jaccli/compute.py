@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -21,8 +22,8 @@ from .device import resolve_device, resolve_dtype
 from .engine.engine import JacobianEngine
 from .engine.generic import MODES
 from .engine.independence import check_sample_independence
-from .engine.structures import Structured
-from .errors import OutOfMemoryError, UnsupportedModuleError, UsageError
+from .engine.structures import Matrix, Structured
+from .errors import OutOfMemoryError, ShapeMismatchError, UnsupportedModuleError, UsageError
 from .hashing import sha256_file
 from .layers import (
     ForwardRecorder,
@@ -34,11 +35,13 @@ from .layers import (
 )
 from .memory import memory_budget
 from .models import LoadedModel, load_model
-from .planner import STORES, Plan, make_plan
+from .planner import STORES, Plan, PlanEntry, make_plan
 from .summary import EntrySummary, Summary
 from .writer import SHARED_DATASETS, ResultsWriter
 
 _INDEPENDENCE_SAMPLES = 4
+_PARENTS = {"layer": "layers", "end_to_end": "end_to_end", "param": "params"}
+FLATTENED = "(flattened)"
 
 
 @dataclass
@@ -55,11 +58,22 @@ class Inputs:
 
 
 @dataclass
+class ParamSetup:
+    """What `--wrt params` differentiates: the parameters, the objective, the targets."""
+
+    params: list
+    objective: Callable
+    targets: DataSource | None
+    outputs: int  # C: per-sample outputs of the objective (1 for a scalar)
+
+
+@dataclass
 class Prepared(Inputs):
     """Inputs with the engine and the plan for running over them."""
 
     engine: JacobianEngine = None
     plan: Plan = None
+    param_setup: ParamSetup | None = None
 
 
 def load_inputs(config: ComputeConfig) -> Inputs:
@@ -81,11 +95,48 @@ def prepare(config: ComputeConfig) -> Prepared:
     """Load and check the inputs, build the engine, and plan the run."""
     inputs = load_inputs(config)
     engine = make_engine(config, inputs.model, inputs.trace, len(inputs.data))
+    setup = _param_setup(config, inputs) if "params" in config.wrt else None
     budget, source = memory_budget(inputs.device, config.max_memory)
+    itemsize = torch.empty((), dtype=inputs.dtype).element_size()
+    extra = [] if setup is None else [
+        PlanEntry(p.name, f"param of {type(p.module).__name__}", p.shape, (setup.outputs,),
+                  "outer product" if p.structured else "generic", "dense",
+                  "-" if p.structured else "rev", setup.outputs * math.prod(p.shape) * itemsize,
+                  param_shape=p.shape) for p in setup.params]
+    if setup is not None and config.flatten:
+        total = sum(math.prod(p.shape) for p in setup.params)
+        extra.append(PlanEntry(FLATTENED, "all selected parameters", (total,),
+                               (setup.outputs,), "concatenated", "dense", "-",
+                               setup.outputs * total * itemsize, param_shape=(total,)))
     plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
                      device=inputs.device, budget=budget, budget_source=source,
-                     store=config.store, batch_size=config.batch_size)
-    return Prepared(**vars(inputs), engine=engine, plan=plan)
+                     store=config.store, batch_size=config.batch_size, extra=extra)
+    return Prepared(**vars(inputs), engine=engine, plan=plan, param_setup=setup)
+
+
+def _param_setup(config: ComputeConfig, inputs: Inputs) -> ParamSetup:
+    from .objectives import objective
+    from .params import select_params
+
+    targets = None
+    if config.loss is not None and config.targets is None:
+        raise UsageError("--loss needs --targets FILE")
+    if config.targets is not None:
+        if config.loss is None:
+            raise UsageError("--targets needs --loss (cross-entropy, nll, mse, bce-logits)")
+        targets = load_data(config.targets, key=config.targets_key, offset=config.offset,
+                            limit=config.limit)
+        if len(targets) != len(inputs.data):
+            raise ShapeMismatchError(f"{config.targets} has {len(targets)} targets for "
+                                     f"{len(inputs.data)} samples; they must match")
+    fn = objective(output_index=config.output_index, loss=config.loss)
+    example = to_tensor(inputs.data.read(0, 1), inputs.device, inputs.dtype)
+    example_targets = (None if targets is None
+                       else torch.from_numpy(np.array(targets.read(0, 1))).to(inputs.device))
+    with torch.no_grad():
+        value = fn(inputs.model(example), example_targets)
+    outputs = 1 if value.ndim == 1 else value.shape[1]
+    return ParamSetup(select_params(inputs.model, config.params), fn, targets, outputs)
 
 
 def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) -> Plan:
@@ -187,9 +238,15 @@ def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x:
             records = {r.site: r for r in calls}
         forward = time.perf_counter() - begin
         results = p.engine.compute(x, records)
+        spent = dict(p.engine.last_seconds)
+        if p.param_setup is not None:
+            begin = time.perf_counter()
+            params = _param_batch(p, start, x)
+            each = (time.perf_counter() - begin) / len(params)
+            results |= params
+            spent |= dict.fromkeys(params, each)
         # The one forward pass is shared by all entries: charge it to them equally.
-        spent = {name: seconds + forward / len(results)
-                 for name, seconds in p.engine.last_seconds.items()}
+        spent = {name: seconds + forward / len(results) for name, seconds in spent.items()}
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
@@ -206,6 +263,23 @@ def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x:
     p.plan.batch_size = min(p.plan.batch_size, half)
     yield from _compute_batch(p, recorder, start, x[:half])
     yield from _compute_batch(p, recorder, start + half, x[half:])
+
+
+def _param_batch(p: Prepared, start: int, x: torch.Tensor) -> dict[str, Structured]:
+    """Per-sample parameter Jacobians of one batch, as `(B, C, D)` matrices."""
+    from .params import param_jacobians
+
+    setup = p.param_setup
+    targets = None
+    if setup.targets is not None:
+        targets = torch.from_numpy(np.array(setup.targets.read(start, start + x.shape[0])))
+        targets = targets.to(x.device)
+    jacobians = param_jacobians(p.model, x, setup.objective, targets, setup.params)
+    result = {name: Matrix(jac.reshape(x.shape[0], setup.outputs, -1))
+              for name, jac in jacobians.items()}
+    if p.config.flatten:  # one (B, C, D) matrix over all selected parameters, in order
+        result[FLATTENED] = Matrix(torch.cat([m.matrix for m in result.values()], dim=2))
+    return result
 
 
 class _ResultSink:
@@ -252,8 +326,8 @@ class _ResultSink:
 
     def _create(self, entry, encoding: str, arrays: dict) -> h5py.Group:
         writer, n = self.writer, self.plan.n_samples
-        group = writer.create_group(entry.name, end_to_end=entry.layer is None, attrs={
-            "type": entry.type_name,
+        group = writer.create_group(entry.name, parent=_PARENTS[entry.kind], attrs={
+            "type": entry.type_name, "param_shape": list(entry.param_shape or ()),
             "modules": list(entry.layer.module_names) if entry.layer else [],
             "input_shape": list(entry.input_shape), "output_shape": list(entry.output_shape),
             "d_in": entry.d_in, "d_out": entry.d_out, "mode": entry.mode, "rule": entry.rule,
@@ -290,7 +364,13 @@ def _check_options(config: ComputeConfig) -> tuple[torch.device, torch.dtype]:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
     if config.store not in STORES:
         raise UsageError(f"--store must be one of {', '.join(STORES)}")
-    if not config.include_layers and not config.end_to_end:
+    if not set(config.wrt) <= {"inputs", "params"} or not config.wrt:
+        raise UsageError("--wrt takes inputs and/or params")
+    if "params" not in config.wrt and (config.loss or config.targets or config.params
+                                       or config.output_index is not None or config.flatten):
+        raise UsageError("--params, --loss, --targets, --output-index and --flatten go with "
+                         "--wrt params")
+    if "inputs" in config.wrt and not config.include_layers and not config.end_to_end:
         raise UsageError("nothing to compute: --no-layers and --no-end-to-end together")
     return resolve_device(config.device), resolve_dtype(config.dtype)
 
@@ -313,8 +393,10 @@ def trace_model(config: ComputeConfig, loaded: LoadedModel, model: nn.Module,
 
 def make_engine(config: ComputeConfig, model: nn.Module, trace: Trace,
                 n_samples: int) -> JacobianEngine:
-    return JacobianEngine(model, trace, layers=trace.layers, end_to_end=config.end_to_end,
-                          n_samples=n_samples, strict=config.strict_rules, mode=config.mode)
+    inputs = "inputs" in config.wrt
+    return JacobianEngine(model, trace, layers=trace.layers if inputs else [],
+                          end_to_end=config.end_to_end and inputs, n_samples=n_samples,
+                          strict=config.strict_rules, mode=config.mode)
 
 
 def provenance(config: ComputeConfig, loaded: LoadedModel, data: DataSource, plan: Plan,

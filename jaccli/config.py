@@ -29,6 +29,13 @@ class ComputeConfig:
     dtype: str = "float32"
     mode: str = "auto"
     store: str = "compact"
+    wrt: tuple[str, ...] = ("inputs",)
+    params: list[str] | None = None
+    output_index: int | None = None
+    targets: Path | None = None
+    targets_key: str | None = None
+    loss: str | None = None
+    flatten: bool = False
     strict_rules: bool = False
     tf32: bool = False
     compression: str = "none"

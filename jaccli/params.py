@@ -103,9 +103,12 @@ def _structured(model, x, objective, targets, params: list[ParamInfo],
         captured[id(module)] = (args[0].detach(), output)
 
     handles = [m.register_forward_hook(hook) for m in modules.values()]
+    # An input that requires grad puts every layer output in the graph, even when no
+    # parameter requires grad; the gradient w.r.t. a layer output is its per-sample cotangent.
+    source = x.detach().requires_grad_() if torch.is_floating_point(x) else x
     try:
         with torch.enable_grad():
-            out = objective(model(x), targets)
+            out = objective(model(source), targets)
     finally:
         for handle in handles:
             handle.remove()

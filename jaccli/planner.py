@@ -41,6 +41,7 @@ class PlanEntry:
     bytes_per_sample: int
     shared_bytes: int = 0
     layer: Layer | None = None
+    param_shape: tuple[int, ...] | None = None  # set for a parameter Jacobian
 
     @property
     def d_in(self) -> int:
@@ -52,6 +53,8 @@ class PlanEntry:
 
     @property
     def kind(self) -> str:
+        if self.param_shape is not None:
+            return "param"
         return "end_to_end" if self.layer is None else "layer"
 
 
@@ -117,8 +120,9 @@ def stored_bytes(structure: str, d_out: int, d_in: int, itemsize: int,
 
 def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
               device: torch.device, budget: int, budget_source: str, store: str = "compact",
-              batch_size: int | None = None) -> Plan:
-    """Plan a run of `engine` over `n_samples` samples within `budget` bytes."""
+              batch_size: int | None = None, extra: list[PlanEntry] | None = None) -> Plan:
+    """Plan a run of `engine` (plus `extra` entries, e.g. parameter Jacobians) over
+    `n_samples` samples within `budget` bytes."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     trace = engine.trace
     entries = []
@@ -148,6 +152,7 @@ def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
         entries.append(PlanEntry(END_TO_END, "model", trace.input_shape, trace.output_shape,
                                  rule, structure, mode,
                                  *stored_bytes(structure, d_out, d_in, itemsize, store)))
+    entries += extra or []
     working = [(e, _working_bytes(e, itemsize, store)) for e in entries]
     per_sample = max(1, sum(w for _, w in working))
     largest, largest_bytes = max(working, key=lambda item: item[1], default=(None, 0))

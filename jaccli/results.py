@@ -150,6 +150,9 @@ class Results:
         self.layers = sorted(groups, key=lambda g: g.attrs.get("order", 0))
         self.end_to_end = self._group(self.file["end_to_end"]) if "end_to_end" in self.file \
             else None
+        self.params = sorted((self._group(g) for g in self.file["params"].values()),
+                             key=lambda g: g.attrs.get("order", 0)) if "params" in self.file \
+            else []
 
     def _check_format(self) -> None:
         attrs = self.file.attrs
@@ -175,8 +178,9 @@ class Results:
         return len(self.sample_index)
 
     def groups(self) -> list[ResultGroup]:
-        """All result groups: the layers, then the end-to-end one if present."""
-        return self.layers + ([self.end_to_end] if self.end_to_end is not None else [])
+        """All result groups: the layers, the end-to-end one if present, the parameters."""
+        return (self.layers + ([self.end_to_end] if self.end_to_end is not None else [])
+                + self.params)
 
     def layer(self, name: str) -> ResultGroup:
         """The group of the layer called `name` ("end_to_end" for the end-to-end one)."""

@@ -366,7 +366,8 @@ def _write(config, summary, results, profile, bounds, indices, provenance: dict)
                        compression_level=config.compression_level) as writer:
         for row in summary["entries"]:
             result = results[row["name"]]
-            group = writer.create_group(row["name"], end_to_end=row["kind"] == "end_to_end",
+            group = writer.create_group(row["name"], parent="end_to_end" if row["kind"] ==
+                                        "end_to_end" else "layers",
                                         attrs={"type": row["type"], "d_in": row["d_in"],
                                                "d_out": row["d_out"], "method": row["method"],
                                                "note": row["note"], "reason": row["reason"],

@@ -89,14 +89,17 @@ class ResultsWriter:
         assert self._file is not None, "use ResultsWriter as a context manager"
         return self._file
 
-    def create_group(self, name: str, *, end_to_end: bool, attrs: dict[str, Any]) -> h5py.Group:
-        """The group for one layer (under /layers) or for the end-to-end result (/end_to_end)."""
-        if end_to_end:
+    def create_group(self, name: str, *, parent: str, attrs: dict[str, Any]) -> h5py.Group:
+        """The group for one result: a layer (`parent="layers"`: /layers/NAME), a parameter
+        (`"params"`: /params/NAME) or the end-to-end result (`"end_to_end"`: /end_to_end)."""
+        if parent == "end_to_end":
             group = self.file.create_group("end_to_end")
         else:
-            group = self.file["layers"].create_group(name)
-        group.attrs.update({"name": name, "kind": "end_to_end" if end_to_end else "layer",
-                            "order": self._order})
+            if parent not in self.file:
+                self.file.create_group(parent, track_order=True)
+            group = self.file[parent].create_group(name)
+        kind = {"layers": "layer", "params": "param"}.get(parent, parent)
+        group.attrs.update({"name": name, "kind": kind, "order": self._order})
         group.attrs.update({k: _attr(v) for k, v in attrs.items()})
         self._order += 1
         return group
