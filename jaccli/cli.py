@@ -735,6 +735,155 @@ def _render_diff(result: dict, out) -> None:
     out.print(f"{verdict} rtol {result['rtol']:g}: {result['a']} vs {result['b']}")
 
 
+def _products(direction: str, model: Path, data: Path, vectors: Path, vectors_key, layer, wrt,
+              params, output, arch, arch_path, trust_pickle, key, offset, limit, device, dtype,
+              json_output, quiet) -> None:
+    from .products import ProductConfig, run_products
+
+    config = ProductConfig(
+        model=model, data=data, output=output, arch=arch, arch_path=arch_path,
+        trust_pickle=trust_pickle, key=key, offset=offset, limit=limit, device=device,
+        dtype=dtype.value, wrt=(wrt.value,), params=params or None, direction=direction,
+        vectors=vectors, vectors_key=vectors_key, layer=layer, command_line=_command_line())
+    out = _stdout(quiet)
+
+    def run() -> None:
+        summary = run_products(config)
+        if json_output:
+            _emit_json(summary, quiet)
+            return
+        norm = summary["norm"]
+        out.print(f"jaccli {direction}: {summary['layer']} w.r.t. {summary['wrt']}, "
+                  f"{summary['n_samples']} samples → products {tuple(summary['shape'])}; "
+                  f"‖product‖ mean {norm['mean']:.6g}, max {norm['max']:.6g}"
+                  + (f"; written to {summary['output']}" if summary["output"] else ""),
+                  highlight=False)
+
+    _guarded(run)
+
+
+VectorsOpt = Annotated[Path, typer.Option(
+    "--vectors", help="Vectors (.npy, ...): one per sample, or one for all samples. jvp: input "
+                      "tangents (or parameter tangents, flattened); vjp: output cotangents.")]
+LayerOpt = Annotated[str | None, typer.Option(
+    "--layer", help="A layer's Jacobian instead of the end-to-end one (--wrt inputs).")]
+WrtOneOpt = Annotated[Wrt, typer.Option("--wrt", help="inputs or params.")]
+ParamsOpt = Annotated[list[str] | None, typer.Option(
+    "--params", help="Glob on parameter names (repeatable) for --wrt params.")]
+
+
+@app.command()
+def jvp(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    data: Annotated[Path, typer.Argument(help="Samples (- for a .npy stream on stdin).")],
+    vectors: VectorsOpt, layer: LayerOpt = None, wrt: WrtOneOpt = Wrt.inputs,
+    params: ParamsOpt = None,
+    vectors_key: Annotated[str | None, typer.Option("--vectors-key")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 output.")] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """J v for every sample (forward mode), without forming J."""
+    _products("jvp", model, data, vectors, vectors_key, layer, wrt, params, output, arch,
+              arch_path, trust_pickle, key, offset, limit, device, dtype, json_output, quiet)
+
+
+@app.command()
+def vjp(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    data: Annotated[Path, typer.Argument(help="Samples (- for a .npy stream on stdin).")],
+    vectors: VectorsOpt, layer: LayerOpt = None, wrt: WrtOneOpt = Wrt.inputs,
+    params: ParamsOpt = None,
+    vectors_key: Annotated[str | None, typer.Option("--vectors-key")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 output.")] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """uᵀ J for every sample (reverse mode), without forming J; with --wrt params, the
+    per-sample gradients of u · output."""
+    _products("vjp", model, data, vectors, vectors_key, layer, wrt, params, output, arch,
+              arch_path, trust_pickle, key, offset, limit, device, dtype, json_output, quiet)
+
+
+@app.command()
+def hessian(
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    data: Annotated[Path, typer.Argument(help="Samples.")],
+    targets: Annotated[Path, typer.Option("--targets", help="Targets for --loss.")],
+    loss: Annotated[Loss, typer.Option("--loss", help="Per-sample loss.")],
+    wrt: Annotated[Wrt, typer.Option(
+        "--wrt", help="params: Hessian of the mean loss over DATA w.r.t. the parameters; "
+                      "inputs: each sample's Hessian w.r.t. its input.")] = Wrt.params,
+    params: ParamsOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Eigenvalues to report.")] = 5,
+    which: Annotated[str, typer.Option(
+        "--which", help="largest (algebraic) or magnitude.")] = "largest",
+    probes: Annotated[int, typer.Option("--probes", min=2, help="Hutchinson probes for the "
+                                                                "trace.")] = 32,
+    density: Annotated[bool, typer.Option(
+        "--density", help="Spectral density by stochastic Lanczos quadrature (--wrt params).")
+    ] = False,
+    targets_key: Annotated[str | None, typer.Option("--targets-key")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 output.")] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Top eigenvalues, trace and spectral density of a loss Hessian, by Hessian-vector
+    products (never formed)."""
+    from .products import ProductConfig, run_hessian
+
+    config = ProductConfig(
+        model=model, data=data, output=output, arch=arch, arch_path=arch_path,
+        trust_pickle=trust_pickle, key=key, offset=offset, limit=limit, device=device,
+        dtype=dtype.value, wrt=(wrt.value,), params=params or None, targets=targets,
+        targets_key=targets_key, loss=loss.value, top_k=top_k, probes=probes,
+        density=density, which=which, batch_size=batch_size, command_line=_command_line())
+    out = _stdout(quiet)
+
+    def run() -> None:
+        from .errors import UsageError
+
+        if which not in ("largest", "magnitude"):
+            raise UsageError("--which must be largest or magnitude")
+        summary = run_hessian(config)
+        if json_output:
+            _emit_json(summary, quiet)
+            return
+        head = (f"jaccli hessian: {summary['loss']} loss w.r.t. {summary['wrt']} "
+                f"(dimension {summary['dim']}, {summary['n_samples']} samples)")
+        out.print(head, highlight=False)
+        if summary["wrt"] == "params":
+            values = ", ".join(f"{v:.6g}" for v in summary["eigenvalues"])
+            out.print(f"top {len(summary['eigenvalues'])} eigenvalues ({summary['which']}): "
+                      f"{values}", highlight=False)
+            out.print(f"trace {summary['trace']:.6g} ± {summary['trace_se']:.2g} "
+                      "(Hutchinson, standard error)", highlight=False)
+        else:
+            top, trace = summary["top_eigenvalue"], summary["trace"]
+            out.print(f"per-sample top eigenvalue: mean {top['mean']:.6g}, max "
+                      f"{top['max']:.6g}; per-sample trace mean {trace['mean']:.6g}",
+                      highlight=False)
+        if summary.get("density"):
+            from .spectra.report import sparkline
+
+            counts = summary["density"]["density"]
+            scale = max(counts) or 1
+            out.print("spectral density: " + sparkline([round(100 * c / scale)
+                                                        for c in counts[::8]]),
+                      highlight=False)
+        if summary["output"]:
+            out.print(f"written to {summary['output']}", highlight=False)
+
+    _guarded(run)
+
+
 def _require_file(path: Path) -> None:
     from .errors import JaccliError
 

@@ -93,6 +93,10 @@ def load_inputs(config: ComputeConfig) -> Inputs:
 
 def prepare(config: ComputeConfig) -> Prepared:
     """Load and check the inputs, build the engine, and plan the run."""
+    if "params" not in config.wrt and (config.loss or config.targets or config.params
+                                       or config.output_index is not None or config.flatten):
+        raise UsageError("--params, --loss, --targets, --output-index and --flatten go with "
+                         "--wrt params")
     inputs = load_inputs(config)
     engine = make_engine(config, inputs.model, inputs.trace, len(inputs.data))
     setup = _param_setup(config, inputs) if "params" in config.wrt else None
@@ -366,10 +370,6 @@ def _check_options(config: ComputeConfig) -> tuple[torch.device, torch.dtype]:
         raise UsageError(f"--store must be one of {', '.join(STORES)}")
     if not set(config.wrt) <= {"inputs", "params"} or not config.wrt:
         raise UsageError("--wrt takes inputs and/or params")
-    if "params" not in config.wrt and (config.loss or config.targets or config.params
-                                       or config.output_index is not None or config.flatten):
-        raise UsageError("--params, --loss, --targets, --output-index and --flatten go with "
-                         "--wrt params")
     if "inputs" in config.wrt and not config.include_layers and not config.end_to_end:
         raise UsageError("nothing to compute: --no-layers and --no-end-to-end together")
     return resolve_device(config.device), resolve_dtype(config.dtype)

@@ -1,0 +1,136 @@
+"""Per-sample parameter Jacobians and parameter JVP/VJP against float64 references."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import jaccli
+from jaccli.compute import run_compute
+from jaccli.config import ComputeConfig
+from jaccli.objectives import objective
+from jaccli.params import param_jacobians, param_jvp, param_vjp, select_params
+
+from .conftest import MLP_SPEC, TwoBranch
+
+
+def loop_reference(model, x, fn, targets=None):
+    """A per-sample loop of torch.autograd.grad: {name: (N, C, *shape)} or (N, *shape)."""
+    result = {name: [] for name, _ in model.named_parameters()}
+    for i in range(x.shape[0]):
+        value = fn(model(x[i:i + 1]), None if targets is None else targets[i:i + 1])[0]
+        rows = value.reshape(-1)
+        for name, p in model.named_parameters():
+            grads = torch.stack([torch.autograd.grad(rows[c], p, retain_graph=True,
+                                                     allow_unused=True)[0]
+                                 if p.requires_grad else torch.zeros_like(p)
+                                 for c in range(rows.numel())])
+            result[name].append(grads if value.ndim else grads[0])
+    return {name: torch.stack(v) for name, v in result.items()}
+
+
+def functorch_reference(model, x, fn):
+    """torch.func per sample: vmap(jacrev(functional_call))."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def single(p, xi):
+        return fn(torch.func.functional_call(model, p, (xi[None],)), None)[0]
+
+    return torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(params, x)
+
+
+MODELS = {
+    "mlp": lambda: jaccli.build_model(MLP_SPEC),
+    "cnn": lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(),
+                                 nn.Conv2d(3, 2, 2, dilation=1), nn.Tanh(), nn.Flatten(),
+                                 nn.Linear(8, 3)),
+    "layernorm+nested": lambda: nn.Sequential(nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)),
+                                              nn.Sequential(nn.GELU(), nn.Linear(5, 3))),
+    "shared module": lambda: TwoBranch(),
+}
+INPUTS = {"mlp": (6,), "cnn": (2, 5, 5), "layernorm+nested": (6,), "shared module": (4,)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("what", ["outputs", "index", "loss"])
+def test_parameter_jacobians_match_loop_and_functorch(name, what):
+    torch.manual_seed(0)
+    model = MODELS[name]().double().eval()
+    x = torch.randn(3, *INPUTS[name], dtype=torch.float64)
+    n_out = model(x).shape[1]
+    targets = torch.randint(0, n_out, (3,)) if what == "loss" else None
+    fn = objective(output_index=1 if what == "index" else None,
+                   loss="cross-entropy" if what == "loss" else None)
+    got = param_jacobians(model, x, fn, targets)
+    expected = loop_reference(model, x, fn, targets)
+    for param, value in expected.items():
+        torch.testing.assert_close(got[param], value, rtol=1e-10, atol=1e-12, msg=param)
+    if what == "outputs":
+        reference = functorch_reference(model, x, fn)
+        for param, value in reference.items():
+            torch.testing.assert_close(got[param], value, rtol=1e-10, atol=1e-12)
+    structured = {p.name for p in select_params(model) if p.structured}
+    assert structured >= {f"{n}.weight" for n, m in model.named_modules()
+                          if type(m) is nn.Linear}
+
+
+def test_param_selection_and_errors():
+    model = jaccli.build_model(MLP_SPEC)
+    assert [p.name for p in select_params(model, ["*.bias"])] == ["0.bias", "2.bias", "4.bias"]
+    with pytest.raises(jaccli.JaccliError, match="matches no parameter"):
+        select_params(model, ["conv*"])
+
+
+def test_parameter_vjp_and_jvp_equal_contractions_of_the_jacobian():
+    torch.manual_seed(1)
+    model = MODELS["cnn"]().double().eval()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    fn = objective()
+    jac = param_jacobians(model, x, fn)
+    u = torch.randn(4, 3, dtype=torch.float64)
+    vjp = param_vjp(model, x, fn, u)
+    for name, j in jac.items():
+        torch.testing.assert_close(vjp[name], torch.einsum("nc,nc...->n...", u, j))
+    tangents = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    expected = sum(torch.einsum("nc...,...->nc", jac[n], t) for n, t in tangents.items())
+    torch.testing.assert_close(param_jvp(model, x, fn, tangents), expected)
+
+
+def test_compute_wrt_params_writes_per_parameter_and_flattened(tmp_path, mlp):
+    jaccli.save_model(mlp, MLP_SPEC, tmp_path / "m.safetensors")
+    x = np.random.default_rng(0).normal(size=(7, 6))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.array([0, 1, 2, 0, 1, 2, 0]))
+    run_compute(ComputeConfig(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
+                              output=tmp_path / "p.h5", dtype="float64", wrt=("params",),
+                              loss="cross-entropy", targets=tmp_path / "y.npy", flatten=True,
+                              batch_size=3, params=["2.*", "4.weight"]))
+    model = mlp.double()
+    fn = objective(loss="cross-entropy")
+    expected = loop_reference(model, torch.from_numpy(x), fn, torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    with h5py.File(tmp_path / "p.h5") as f:
+        assert list(f["params"]) == ["2.weight", "2.bias", "4.weight", "(flattened)"]
+        assert "end_to_end" not in f and len(f["layers"]) == 0
+        weight = f["params/2.weight"]
+        assert list(weight.attrs["param_shape"]) == [4, 5]
+        np.testing.assert_allclose(weight["jacobian"][:].reshape(7, 4, 5),
+                                   expected["2.weight"].numpy(), rtol=1e-10)
+        flat = f["params/(flattened)/jacobian"][:]
+        assert flat.shape == (7, 1, 20 + 4 + 12)
+        np.testing.assert_allclose(flat[:, 0, 24:], expected["4.weight"].reshape(7, -1),
+                                   rtol=1e-10)
+
+
+def test_targets_must_match_and_go_with_a_loss(tmp_path, mlp):
+    jaccli.save_model(mlp, MLP_SPEC, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", np.zeros((5, 6)))
+    np.save(tmp_path / "y.npy", np.zeros(4))
+    base = {"model": tmp_path / "m.safetensors", "data": tmp_path / "x.npy"}
+    with pytest.raises(jaccli.JaccliError, match="4 targets for 5 samples"):
+        run_compute(ComputeConfig(**base, wrt=("params",), loss="mse",
+                                  targets=tmp_path / "y.npy"))
+    with pytest.raises(jaccli.JaccliError, match="--loss needs --targets"):
+        run_compute(ComputeConfig(**base, wrt=("params",), loss="mse"))
+    with pytest.raises(jaccli.JaccliError, match="go with --wrt params"):
+        run_compute(ComputeConfig(**base, loss="mse"))
