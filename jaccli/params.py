@@ -71,8 +71,7 @@ def param_jacobians(model: nn.Module, x: torch.Tensor, objective: Callable,
     Returns `{name: (N, C, *shape)}` (or `(N, *shape)` for a per-sample scalar).
     """
     params = params if params is not None else select_params(model)
-    structured = [p for p in params if p.structured and _called_once(model, p.module, x)]
-    generic = [p for p in params if p not in structured]
+    structured, generic = _split(model, params, x)
     result: dict[str, torch.Tensor] = {}
     if structured:
         result |= _structured(model, x, objective, targets, structured)
@@ -81,15 +80,24 @@ def param_jacobians(model: nn.Module, x: torch.Tensor, objective: Callable,
     return {p.name: result[p.name] for p in params}
 
 
-def _called_once(model: nn.Module, module: nn.Module, x: torch.Tensor) -> bool:
-    calls = []
-    handle = module.register_forward_hook(lambda *a: calls.append(1))
+def _split(model: nn.Module, params: list[ParamInfo], x: torch.Tensor
+           ) -> tuple[list[ParamInfo], list[ParamInfo]]:
+    """(structured, generic): the per-layer formula needs a module called exactly once."""
+    modules = {id(p.module): p.module for p in params if p.structured}
+    calls = dict.fromkeys(modules, 0)
+
+    def count(module, args, output):
+        calls[id(module)] += 1
+
+    handles = [m.register_forward_hook(count) for m in modules.values()]
     try:
         with torch.no_grad():
             model(x[:1])
     finally:
-        handle.remove()
-    return len(calls) == 1
+        for handle in handles:
+            handle.remove()
+    structured = [p for p in params if p.structured and calls[id(p.module)] == 1]
+    return structured, [p for p in params if p not in structured]
 
 
 def _structured(model, x, objective, targets, params: list[ParamInfo],
@@ -141,11 +149,13 @@ def _linear_grad(module: nn.Linear, attribute: str, x: torch.Tensor,
                  g: torch.Tensor) -> torch.Tensor:
     """Per-sample ∂/∂W = Σ_t G_{c,n,t} ⊗ x_{n,t}; ∂/∂b = Σ_t G_{c,n,t}. x (N, ..., D_in)."""
     n = x.shape[0]
-    x3 = x.reshape(n, -1, x.shape[-1])  # (N, T, D_in)
+    x3 = x.reshape(n, -1, x.shape[-1]).to(g.dtype)  # (N, T, D_in)
     g4 = g.reshape(g.shape[0], n, -1, g.shape[-1])  # (C, N, T, D_out)
-    if attribute == "weight":
-        return torch.einsum("cnto,nti->ncoi", g4, x3.to(g4.dtype))
-    return g4.sum(dim=2).transpose(0, 1)
+    if attribute == "bias":
+        return g4.sum(dim=2).transpose(0, 1)
+    if x3.shape[1] == 1:  # one position: a plain outer product, written once
+        return g4[:, :, 0, :].transpose(0, 1)[:, :, :, None] * x3[:, None, None, 0, :]
+    return torch.einsum("cnto,nti->ncoi", g4, x3)
 
 
 def _conv2d_grad(module: nn.Conv2d, attribute: str, x: torch.Tensor,
@@ -185,8 +195,7 @@ def param_vjp(model: nn.Module, x: torch.Tensor, objective: Callable, cotangents
     objective), without forming the Jacobian: `{name: (N, *shape)}`."""
     params = params if params is not None else select_params(model)
     cotangents = cotangents.reshape(x.shape[0], -1)
-    structured = [p for p in params if p.structured and _called_once(model, p.module, x)]
-    generic = [p for p in params if p not in structured]
+    structured, generic = _split(model, params, x)
     result: dict[str, torch.Tensor] = {}
     if structured:
         result |= _structured(model, x, objective, targets, structured, cotangents)
