@@ -134,3 +134,28 @@ def test_targets_must_match_and_go_with_a_loss(tmp_path, mlp):
         run_compute(ComputeConfig(**base, wrt=("params",), loss="mse"))
     with pytest.raises(jaccli.JaccliError, match="go with --wrt params"):
         run_compute(ComputeConfig(**base, loss="mse"))
+
+
+def test_cli_wrt_params_json_follows_the_schema(tmp_path, mlp):
+    import json
+
+    import jsonschema
+    from typer.testing import CliRunner
+
+    from jaccli.cli import app
+
+    from .conftest import ROOT
+
+    jaccli.save_model(mlp, MLP_SPEC, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(5, 6)))
+    result = CliRunner().invoke(app, ["compute", str(tmp_path / "m.safetensors"),
+                                      str(tmp_path / "x.npy"), "--wrt", "params", "--wrt",
+                                      "inputs", "--params", "4.*", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    schema = json.loads((ROOT / "jaccli/schemas/compute-summary.schema.json").read_text())
+    jsonschema.validate(doc, schema)
+    params = [e for e in doc["entries"] if e["kind"] == "param"]
+    assert [(e["name"], e["jacobian_shape"]) for e in params] == [
+        ("4.weight", [5, 3, 12]), ("4.bias", [5, 3, 3])]
+    assert any(e["kind"] == "end_to_end" for e in doc["entries"])
