@@ -116,7 +116,7 @@ def param_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
 
 
 def _operators(module: nn.Module, x: torch.Tensor, layer: str | None):
-    trace = trace_layers(module, x)
+    trace = trace_layers(module, x[:2])  # shapes and structure only: two samples suffice
     chosen = [c for c in trace.all_layers if c.name == layer] if layer else []
     if layer and not chosen:
         raise KeyError(f"no layer {layer!r}; layers: "
