@@ -7,9 +7,6 @@ reports time, jaccli's speed-up, the share of the hardware limit reached and pea
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +25,8 @@ from common import (  # noqa: E402
     Row,
     fill_seconds,
     gemm_rate,
-    selected_cases,
+    header,
+    parse_args,
     timeit,
 )
 
@@ -254,30 +252,19 @@ def case_pipeline(device, *, samples: int) -> Case:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--cases", nargs="*", help=f"any of {', '.join(JACOBIAN_CASES)} "
-                        "(cases of bench_spectra.py are skipped here)")
-    parser.add_argument("--output", type=Path, help="also write the report to this file")
-    args = parser.parse_args()
-    args.cases = selected_cases(args.cases, JACOBIAN_CASES)
-    if not args.cases:
+    args, cases, device = parse_args(__doc__.splitlines()[0], JACOBIAN_CASES)
+    if not cases:
         return
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    args.cases = cases
     dtype = torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     quick = args.quick
     repeat = 1 if quick else 3
     widths = [784, 1000, 1000, 1000, 10]
-    header = (f"## {device.type.upper()}: {_device_name(device)}, {torch.get_num_threads()} "
-              f"threads, torch {torch.__version__}, {datetime.date.today().isoformat()}"
-              f"{' (quick)' if quick else ''}\n")
-    print(header, flush=True)
+    title = header("", device, quick)
+    print(title, flush=True)
     if args.output:
-        args.output.write_text(header + "\n")
+        args.output.write_text(title + "\n")
     cases = _Report(args.output)
     if "mlp-layers" in args.cases:
         n = 16 if quick else (1024 if device.type == "cuda" else 256)
@@ -335,12 +322,6 @@ class _Report(list):
         if self.output:
             with self.output.open("a") as f:
                 f.write(text + "\n")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

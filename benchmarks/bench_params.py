@@ -7,8 +7,6 @@ backpack-for-pytorch`); it is not a dependency.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -18,8 +16,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_jacobians import _device_name, cifar_cnn, mlp  # noqa: E402
-from common import PARAMS_CASES, Case, Row, selected_cases, sync, timeit  # noqa: E402
+from bench_jacobians import cifar_cnn, mlp  # noqa: E402
+from common import PARAMS_CASES, Case, Row, header, parse_args, sync, timeit  # noqa: E402
 
 import jaccli  # noqa: E402
 from jaccli.objectives import objective  # noqa: E402
@@ -95,27 +93,15 @@ def products_case(model, x, device, repeat) -> Case:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--output", type=Path)
-    parser.add_argument("--cases", nargs="*", help=f"any of {', '.join(PARAMS_CASES)}")
-    args = parser.parse_args()
-    cases = selected_cases(args.cases, PARAMS_CASES)
+    args, cases, device = parse_args(__doc__.splitlines()[0], PARAMS_CASES)
     if not cases:
         return
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     repeat = 1 if args.quick else 3
     n = 32 if args.quick else (512 if device.type == "cuda" else 128)
-    header = (f"## Parameter Jacobians and products, {device.type.upper()}: "
-              f"{_device_name(device)}, {torch.get_num_threads()} threads, torch "
-              f"{torch.__version__}, {datetime.date.today().isoformat()}"
-              f"{' (quick)' if args.quick else ''}\n")
-    report = [header]
-    print(header, flush=True)
+    title = header("Parameter Jacobians and products, ", device, args.quick)
+    report = [title]
+    print(title, flush=True)
     model = mlp([784, 1000, 1000, 1000, 10]).to(device).eval().requires_grad_(False)
     x = torch.randn(n, 784, device=device)
     y = torch.randint(0, 10, (n,), device=device)

@@ -6,8 +6,6 @@ Usage: python benchmarks/bench_spectra.py [--device cpu|cuda] [--quick]
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -15,8 +13,8 @@ import torch
 from torch.func import jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_jacobians import _device_name, mlp, prepared  # noqa: E402
-from common import SPECTRA_CASES, Case, Row, selected_cases, timeit  # noqa: E402
+from bench_jacobians import mlp, prepared  # noqa: E402
+from common import SPECTRA_CASES, Case, Row, header, parse_args, timeit  # noqa: E402
 
 from jaccli.engine.engine import JacobianEngine  # noqa: E402
 from jaccli.layers import ForwardRecorder, trace_layers  # noqa: E402
@@ -107,24 +105,12 @@ def case_top_k(n: int, k: int, device, dtype, repeat: int) -> Case:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--output", type=Path)
-    parser.add_argument("--cases", nargs="*", help=f"any of {', '.join(SPECTRA_CASES)}")
-    args = parser.parse_args()
-    cases = selected_cases(args.cases, SPECTRA_CASES)
+    args, cases, device = parse_args(__doc__.splitlines()[0], SPECTRA_CASES)
     if not cases:
         return
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    header = (f"## Spectra, {device.type.upper()}: {_device_name(device)}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-              f"{datetime.date.today().isoformat()}{' (quick)' if args.quick else ''}\n")
     n = 2 if args.quick else (64 if device.type == "cuda" else 8)
     repeat = 1 if args.quick else 3
-    report = [header]
+    report = [header("Spectra, ", device, args.quick)]
     runners = {"spectra-all": lambda: case_all_values(n, device, torch.float64, repeat),
                "spectra-topk": lambda: case_top_k(n, 10, device, torch.float64, repeat)}
     for name in cases:

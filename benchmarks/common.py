@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,37 @@ def selected_cases(requested: list[str] | None, known: tuple[str, ...]) -> list[
         raise SystemExit(f"unknown benchmark case(s): {', '.join(sorted(unknown))}; choose "
                          f"from {', '.join(everything)}")
     return [c for c in requested if c in known]
+
+
+def parse_args(description: str, known: tuple[str, ...]):
+    """The options every benchmark script takes; returns (args, cases to run, device).
+
+    Also turns TF32 off, so float32 timings are strict float32."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--output", type=Path, help="also write the report to this file")
+    parser.add_argument("--cases", nargs="*", help=f"any of {', '.join(known)}")
+    args = parser.parse_args()
+    cases = selected_cases(args.cases, known)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return args, cases, device
+
+
+def header(title: str, device: torch.device, quick: bool) -> str:
+    """The report's first line: what ran where, with which torch, when."""
+    import datetime
+    import platform
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    return (f"## {title}{device.type.upper()}: {name}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, {datetime.date.today().isoformat()}"
+            f"{' (quick)' if quick else ''}\n")
 
 
 def sync(device: torch.device) -> None:

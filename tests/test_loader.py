@@ -39,7 +39,7 @@ def test_pickled_module_needs_explicit_trust(model_files, capsys):
 
 
 def test_state_dict_needs_arch(model_files):
-    with pytest.raises(ModelLoadError, match="pass --arch"):
+    with pytest.raises(ModelLoadError, match="no architecture; pass --arch"):
         jaccli.load_model(model_files["state_dict + spec"]["path"])
     with pytest.raises(ModelLoadError, match="no architecture; pass --arch"):
         jaccli.load_model(model_files["plain safetensors + spec"]["path"])

@@ -138,13 +138,8 @@ def _load_safetensors(path: Path, arch: str | None, arch_path: str | Path | None
         load_strict(model, state, str(path))
         return LoadedModel(model, ModelFormat.SAFETENSORS, "self-describing safetensors", path,
                            input_shape=spec_input_shape(spec))
-    if arch is None:
-        raise ModelLoadError(f"{path} holds weights but no architecture; pass --arch SPEC.json "
-                             "or --arch package.module:factory")
-    model, input_shape = _build_arch(arch, arch_path)
-    load_strict(model, state, str(path))
-    return LoadedModel(model, ModelFormat.SAFETENSORS, "safetensors state_dict + --arch", path,
-                       input_shape=input_shape)
+    return _with_arch(state, arch, arch_path, path, ModelFormat.SAFETENSORS,
+                      "safetensors state_dict + --arch")
 
 
 def _load_torch_pickle(path: Path, arch: str | None, arch_path: str | Path | None,
@@ -163,14 +158,19 @@ def _load_torch_pickle(path: Path, arch: str | None, arch_path: str | Path | Non
         raise ModelLoadError(f"cannot read {path} with torch.load: {_first_line(exc)}") from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, ModelFormat.TORCH_PICKLE, "pickled module (--trust-pickle)", path)
-    state = extract_state_dict(obj, str(path))
+    return _with_arch(extract_state_dict(obj, str(path)), arch, arch_path, path,
+                      ModelFormat.TORCH_PICKLE, "state_dict + --arch")
+
+
+def _with_arch(state: dict, arch: str | None, arch_path: str | Path | None, path: Path,
+               fmt: ModelFormat, source: str) -> LoadedModel:
+    """Weights from a file that holds no architecture, into the one --arch names."""
     if arch is None:
-        raise ModelLoadError(f"{path} is a state_dict with no architecture; pass --arch "
-                             "SPEC.json or --arch package.module:factory")
+        raise ModelLoadError(f"{path} holds weights but no architecture; pass --arch SPEC.json "
+                             "or --arch package.module:factory")
     model, input_shape = _build_arch(arch, arch_path)
     load_strict(model, state, str(path))
-    return LoadedModel(model, ModelFormat.TORCH_PICKLE, "state_dict + --arch", path,
-                       input_shape=input_shape)
+    return LoadedModel(model, fmt, source, path, input_shape=input_shape)
 
 
 def _unpickle_trusted(path: Path) -> object:
