@@ -157,7 +157,7 @@ def _product(config, inputs, engine, layer, params, x, v) -> torch.Tensor:
 
 def run_hessian(config: ProductConfig) -> dict:
     """Top eigenvalues, trace and (optionally) spectral density of the loss Hessian."""
-    from .hessian import hessian_spectrum, inputs_hvp, params_hvp, smoothed_density
+    from .hessian import HessianSpectrum, hessian_spectrum, inputs_hvp, params_hvp, smoothed_density
 
     if config.loss is None or config.targets is None:
         raise UsageError("hessian needs --targets FILE and --loss NAME")
@@ -171,7 +171,7 @@ def run_hessian(config: ProductConfig) -> dict:
     loss = per_sample_loss(config.loss)
     batch = _batch_size(config, inputs)
     x_all = to_tensor(inputs.data.read(0, n), inputs.device, inputs.dtype) \
-        if config.wrt[0] == "inputs" else None
+        if config.wrt[0] == "inputs" else None  # the samples themselves are small
     t_all = torch.from_numpy(np.array(targets_source.read(0, n))).to(inputs.device)
     started = time.perf_counter()
     if config.wrt[0] == "params":
@@ -189,11 +189,19 @@ def run_hessian(config: ProductConfig) -> dict:
                                     probes=config.probes, dtype=inputs.dtype,
                                     device=inputs.device, which=config.which,
                                     density_probes=8 if config.density else 0)
-    else:
+    else:  # one Hessian per sample: batch by batch, to bound memory
         dim = math.prod(inputs.trace.input_shape)
-        spectrum = hessian_spectrum(inputs_hvp(inputs.model, loss, x_all, t_all), batch=n,
-                                    dim=dim, k=config.top_k, probes=config.probes,
-                                    dtype=inputs.dtype, device=inputs.device, which=config.which)
+        parts = []
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            parts.append(hessian_spectrum(
+                inputs_hvp(inputs.model, loss, x_all[start:stop], t_all[start:stop]),
+                batch=stop - start, dim=dim, k=config.top_k, probes=config.probes,
+                dtype=inputs.dtype, device=inputs.device, which=config.which))
+        spectrum = HessianSpectrum(
+            torch.cat([p.eigenvalues for p in parts]), torch.cat([p.residuals for p in parts]),
+            max(p.steps for p in parts), torch.cat([p.trace for p in parts]),
+            torch.cat([p.trace_se for p in parts]), dim)
     eigen = spectrum.eigenvalues.detach().double().cpu().numpy()
     residuals = spectrum.residuals.detach().double().cpu().numpy()
     trace = spectrum.trace.detach().double().cpu().numpy()
