@@ -9,6 +9,7 @@ eval-mode normalizations / dropouts) applied directly to its output (`granularit
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,11 +76,11 @@ class Layer:
 
     @property
     def d_in(self) -> int:
-        return _numel(self.input_shape)
+        return math.prod(self.input_shape)
 
     @property
     def d_out(self) -> int:
-        return _numel(self.output_shape)
+        return math.prod(self.output_shape)
 
     def function(self, record: CallRecord) -> Callable[..., torch.Tensor]:
         """`f(x, *batched_extras) -> y`: the layer's map from a batch of inputs to outputs.
@@ -374,10 +375,3 @@ def _is_chain(groups, layers, example, output) -> bool:
         return False
     pairs = zip(groups, groups[1:], strict=False)
     return all(nxt[0].input_ref is prev[-1].output_ref for prev, nxt in pairs)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -55,7 +55,6 @@ def test_products_and_compact_forms_round_trip():
         assert compact, tag
         if tag.startswith("shared"):
             assert all(v.shape[0] != N or v.ndim == 1 for v in compact.values())
-        torch.testing.assert_close(j.select(1, 3).dense(2), j.dense(N)[1:3])
 
 
 def test_order_reverse_wins_when_outputs_are_few():

@@ -18,7 +18,6 @@ from .rules import Rule, rule_for
 from .structures import Matrix, Structured, chain_product
 
 Apply = Callable[[torch.Tensor], torch.Tensor]  # (B, D, b) -> (B, D', b): blocks of vectors
-END_TO_END_METHODS = ("chain product", "reverse accumulation", "forward accumulation", "generic")
 
 END_TO_END = "(end-to-end)"
 

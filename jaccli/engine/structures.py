@@ -55,9 +55,6 @@ class Structured:
         """The tensors that define this Jacobian exactly (for storage; see docs/FORMAT.md)."""
         raise NotImplementedError
 
-    def select(self, start: int, stop: int) -> Structured:
-        """Samples `start:stop` (shared structures are returned as they are)."""
-        raise NotImplementedError
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,8 +111,6 @@ class Diagonal(Structured):
     def compact(self):
         return {"diagonal": self.diag[0] if self.shared else self.diag}
 
-    def select(self, start, stop):
-        return self if self.shared else Diagonal(self.diag[start:stop])
 
 
 @dataclass
@@ -154,8 +149,6 @@ class Matrix(Structured):
     def compact(self):
         return {"matrix": self.matrix[0]} if self.shared else {"jacobian": self.matrix}
 
-    def select(self, start, stop):
-        return self if self.shared else Matrix(self.matrix[start:stop])
 
 
 @dataclass
@@ -193,8 +186,6 @@ class RowScaled(Structured):
     def compact(self):
         return {"row_scale": self.scale, "matrix": self.matrix[0]}
 
-    def select(self, start, stop):
-        return RowScaled(self.scale[start:stop], self.matrix)
 
 
 @dataclass
@@ -245,9 +236,6 @@ class Selection(Structured):
     def compact(self):
         return {"selection": self.index}
 
-    def select(self, start, stop):
-        return Selection(self.index[start:stop], self.n_in, self.dtype)
-
 
 def compose(a: Structured, b: Structured) -> Structured:
     """The product `a @ b` (apply b, then a) per sample, kept structured where that is exact."""
@@ -273,10 +261,6 @@ def compose(a: Structured, b: Structured) -> Structured:
 
 def _is_shared(j: Structured) -> bool:
     return bool(getattr(j, "shared", False))
-
-
-def _as_matrix(j: Structured) -> torch.Tensor:
-    return j.matrix if isinstance(j, Matrix) else j.dense()
 
 
 def chain_product(jacobians: list[Structured], order: list[tuple[int, int, int]] | None = None
