@@ -772,41 +772,33 @@ ParamsOpt = Annotated[list[str] | None, typer.Option(
     "--params", help="Glob on parameter names (repeatable) for --wrt params.")]
 
 
-@app.command()
-def jvp(
-    model: Annotated[Path, typer.Argument(help="Model file.")],
-    data: Annotated[Path, typer.Argument(help="Samples (- for a .npy stream on stdin).")],
-    vectors: VectorsOpt, layer: LayerOpt = None, wrt: WrtOneOpt = Wrt.inputs,
-    params: ParamsOpt = None,
-    vectors_key: Annotated[str | None, typer.Option("--vectors-key")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 output.")] = None,
-    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
-    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
-    json_output: JsonOpt = False, quiet: QuietOpt = False,
-) -> None:
-    """J v for every sample (forward mode), without forming J."""
-    _products("jvp", model, data, vectors, vectors_key, layer, wrt, params, output, arch,
-              arch_path, trust_pickle, key, offset, limit, device, dtype, json_output, quiet)
+def _product_command(direction: str, doc: str) -> None:
+    """Register `jaccli jvp` or `jaccli vjp`: the same options, one direction each."""
+
+    def command(
+        model: Annotated[Path, typer.Argument(help="Model file.")],
+        data: Annotated[Path, typer.Argument(help="Samples (- for a .npy stream on stdin).")],
+        vectors: VectorsOpt, layer: LayerOpt = None, wrt: WrtOneOpt = Wrt.inputs,
+        params: ParamsOpt = None,
+        vectors_key: Annotated[str | None, typer.Option("--vectors-key")] = None,
+        output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                    help="HDF5 output.")] = None,
+        arch: ArchOpt = None, arch_path: ArchPathOpt = None,
+        trust_pickle: TrustPickleOpt = False, key: KeyOpt = None, offset: OffsetOpt = 0,
+        limit: LimitOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+        json_output: JsonOpt = False, quiet: QuietOpt = False,
+    ) -> None:
+        _products(direction, model, data, vectors, vectors_key, layer, wrt, params, output,
+                  arch, arch_path, trust_pickle, key, offset, limit, device, dtype,
+                  json_output, quiet)
+
+    command.__doc__ = doc
+    app.command(name=direction)(command)
 
 
-@app.command()
-def vjp(
-    model: Annotated[Path, typer.Argument(help="Model file.")],
-    data: Annotated[Path, typer.Argument(help="Samples (- for a .npy stream on stdin).")],
-    vectors: VectorsOpt, layer: LayerOpt = None, wrt: WrtOneOpt = Wrt.inputs,
-    params: ParamsOpt = None,
-    vectors_key: Annotated[str | None, typer.Option("--vectors-key")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 output.")] = None,
-    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
-    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
-    json_output: JsonOpt = False, quiet: QuietOpt = False,
-) -> None:
-    """uᵀ J for every sample (reverse mode), without forming J; with --wrt params, the
-    per-sample gradients of u · output."""
-    _products("vjp", model, data, vectors, vectors_key, layer, wrt, params, output, arch,
-              arch_path, trust_pickle, key, offset, limit, device, dtype, json_output, quiet)
+_product_command("jvp", "J v for every sample (forward mode), without forming J.")
+_product_command("vjp", "uᵀ J for every sample (reverse mode), without forming J; with --wrt "
+                        "params, the per-sample gradients of u · output.")
 
 
 @app.command()
