@@ -159,3 +159,20 @@ def test_cli_wrt_params_json_follows_the_schema(tmp_path, mlp):
     assert [(e["name"], e["jacobian_shape"]) for e in params] == [
         ("4.weight", [5, 3, 12]), ("4.bias", [5, 3, 3])]
     assert any(e["kind"] == "end_to_end" for e in doc["entries"])
+
+
+def test_agrees_with_backpack_batchgrad_when_installed():
+    backpack = pytest.importorskip("backpack", reason="backpack-for-pytorch not installed")
+    from backpack.extensions import BatchGrad
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    ours = param_jacobians(model, x, objective(loss="cross-entropy"), y)
+    extended = backpack.extend(model)
+    loss = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))(extended(x), y)
+    with backpack.backpack(BatchGrad()):
+        loss.backward()
+    for name, p in extended.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad_batch)
