@@ -82,7 +82,7 @@ def jaccli_runner(model, x, trace, *, layers: bool, end_to_end: bool, dense: boo
     recorder = ForwardRecorder(model)
 
     def run():
-        engine._shared.clear()  # a fresh run each time: shared Jacobians are recomputed
+        engine.clear_cache()  # a fresh run each time: shared Jacobians are recomputed
         _, records = recorder.run(x)
         results = engine.compute(x, {r.site: r for r in records})
         if dense:

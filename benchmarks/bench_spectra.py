@@ -42,7 +42,7 @@ def case_all_values(n: int, device, dtype, repeat: int) -> Case:
                 f"(blocks), {n} samples, {str(dtype).removeprefix('torch.')}")
 
     def ours():
-        engine._shared.clear()
+        engine.clear_cache()
         _, records = recorder.run(x)
         jacobians = engine.compute(x, {r.site: r for r in records})
         cache: dict = {}

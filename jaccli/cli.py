@@ -637,26 +637,15 @@ def check(
 
 
 def _spectra_of_file(config, path: Path):
-    """Spectra from a results file: recomputed from stored Jacobians, or read back."""
-    import h5py
-
-    from .spectrum import SpectrumOutcome, spectrum_from_results
-
-    with h5py.File(path, "r") as f:
-        kind = f.attrs.get("kind")
-    if kind != "spectra":
-        return spectrum_from_results(config, path)
+    """Spectra from a results file: read back from a spectra file, or computed from the
+    Jacobians a compute file stores."""
     from .results import Results
-    from .show import _record, summarize_file
-    from .spectra.summary import chain_bounds
+    from .show import read_spectra
+    from .spectrum import spectrum_from_results
 
-    _, summary = summarize_file(path)
     with Results(path) as results:
-        records = [_record(g) for g in results.groups()]
-        index = results.sample_index
-        bounds = ({n: results.file["bounds"][n][:] for n in results.file["bounds"]}
-                  if "bounds" in results.file else chain_bounds(records, False))
-    return SpectrumOutcome(summary, records, index, bounds)
+        kind = results.attrs.get("kind")
+    return read_spectra(path) if kind == "spectra" else spectrum_from_results(config, path)
 
 
 def _render_check(result: dict, out) -> None:

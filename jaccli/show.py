@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import JaccliError, ResultsFormatError
 from .results import Results
-from .spectra.summary import SpectrumRecord, build_summary
+from .spectra.summary import SpectrumOutcome, SpectrumRecord, build_summary
 from .summary import EntrySummary, Summary
 
 SAMPLE_SCHEMA = "jaccli/show-sample"
@@ -23,7 +23,7 @@ def summarize_file(path: Path) -> tuple[str, object]:
         if kind == "jacobians":
             return kind, _jacobians_summary(results)
         if kind == "spectra":
-            return kind, _spectra_summary(results)
+            return kind, _read_spectra(results).summary
         raise ResultsFormatError(f"{path} holds {kind!r} results, which show cannot read; "
                                  "upgrade jaccli")
 
@@ -60,7 +60,15 @@ def _record(group) -> SpectrumRecord:
         np.asarray(group["residual"]) if "residual" in group else None)
 
 
-def _spectra_summary(results: Results) -> dict:
+def read_spectra(path: Path) -> SpectrumOutcome:
+    """A spectra file's summary, per-sample records and chain bounds, read in one pass."""
+    with Results(path) as results:
+        if results.attrs.get("kind") != "spectra":
+            raise ResultsFormatError(f"{path} holds {results.attrs.get('kind')}, not spectra")
+        return _read_spectra(results)
+
+
+def _read_spectra(results: Results) -> SpectrumOutcome:
     a, f = results.attrs, results.file
     profile = []
     if "profile" in f:
@@ -71,14 +79,15 @@ def _spectra_summary(results: Results) -> dict:
                                          f["profile/var_sigma2"][:], strict=True)]
     bounds = ({name: np.asarray(f["bounds"][name]) for name in f["bounds"]}
               if "bounds" in f else None)
+    records = [_record(g) for g in results.groups()]
     summary = build_summary(
-        [_record(g) for g in results.groups()], model=str(a.get("model_path", "")),
+        records, model=str(a.get("model_path", "")),
         data=str(a.get("data_path", "")), model_format=str(a.get("model_format", "")),
         n_samples=results.n_samples, device=str(a.get("device", "")),
         dtype=str(a.get("dtype", "")), chain=bool(a.get("chain", False)), profile=profile,
         profile_note=str(a.get("profile_note", "")), bounds=bounds)
     summary["output"] = str(results.path)
-    return summary
+    return SpectrumOutcome(summary, records, np.asarray(results.sample_index), bounds)
 
 
 def sample_detail(path: Path, layer: str, sample: int) -> dict:

@@ -28,7 +28,7 @@ from .spectra.exact import Spectrum, exact_spectrum
 from .spectra.lanczos import hutchinson_frobenius, top_singular_values
 from .spectra.plan import SpectrumEntry, plan_spectra
 from .spectra.quantities import all_quantities
-from .spectra.summary import SpectrumRecord, build_summary, chain_bounds
+from .spectra.summary import SpectrumOutcome, SpectrumRecord, build_summary, chain_bounds
 from .writer import ResultsWriter
 
 
@@ -112,17 +112,6 @@ def prepare_spectrum(config: SpectrumConfig) -> SpectrumRun:
     entries = plan_spectra(operators, batch_size=batch, itemsize=itemsize, budget=budget,
                            top_k=config.top_k, exact=config.exact)
     return SpectrumRun(config, inputs, entries, engine, operators, plan, batch)
-
-
-@dataclass
-class SpectrumOutcome:
-    """What a spectrum run produced: the summary document, the per-sample records, the
-    samples' rows in the data file, and the chain bounds per sample (or None)."""
-
-    summary: dict
-    records: list[SpectrumRecord]
-    sample_index: np.ndarray
-    bounds: dict[str, np.ndarray] | None
 
 
 def run_spectrum(config: SpectrumConfig, *, on_batch=None, run: SpectrumRun | None = None

@@ -112,6 +112,10 @@ class JacobianEngine:
         self._shared: dict[str, Structured] = {}
         self.last_seconds: dict[str, float] = {}
 
+    def clear_cache(self) -> None:
+        """Forget the shared Jacobians, so the next batch computes them again."""
+        self._shared.clear()
+
     @property
     def needs_records(self) -> bool:
         """Whether `compute` needs the batch's recorded layer inputs."""

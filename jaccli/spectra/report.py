@@ -109,7 +109,11 @@ def write_plots(summary: dict, directory: Path) -> list[Path]:
     except ImportError as exc:
         raise JaccliError("--plot needs matplotlib: pip install 'jaccli[plot]' (or pip "
                           "install matplotlib)") from exc
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JaccliError(f"cannot create the --plot folder {directory}: "
+                          f"{exc.strerror}") from exc
     written = []
     for index, row in enumerate(summary["entries"]):
         edges, counts = row["histogram"]["edges"], row["histogram"]["counts"]

@@ -40,6 +40,17 @@ class SpectrumRecord:
     residuals: np.ndarray | None = None
 
 
+@dataclass
+class SpectrumOutcome:
+    """What a spectrum run (or a spectra file) holds: the summary document, the per-sample
+    records, the samples' rows in the data file, and the chain bounds per sample (or None)."""
+
+    summary: dict
+    records: list[SpectrumRecord]
+    sample_index: np.ndarray
+    bounds: dict[str, np.ndarray] | None
+
+
 def build_summary(records: list[SpectrumRecord], *, model: str, data: str, model_format: str,
                   n_samples: int, device: str, dtype: str, chain: bool,
                   profile: list[dict], profile_note: str,
