@@ -32,7 +32,8 @@ from common import (  # noqa: E402
 
 import jaccli  # noqa: E402
 from jaccli.engine.engine import JacobianEngine  # noqa: E402
-from jaccli.layers import ForwardRecorder, trace_layers  # noqa: E402
+from jaccli.tracing.layers import trace_layers  # noqa: E402
+from jaccli.tracing.recorder import ForwardRecorder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,8 +227,8 @@ def case_end_to_end(title: str, model: nn.Module, x: torch.Tensor, device, dtype
 
 def case_pipeline(device, *, samples: int) -> Case:
     """`jaccli compute` end to end (load, compute, write) vs the engine time alone."""
-    from jaccli.compute import run_compute
-    from jaccli.config import ComputeConfig
+    from jaccli.pipelines.compute import run_compute
+    from jaccli.settings import ComputeSettings
 
     case = Case(f"`jaccli compute` on {samples} samples of the sample MLP (load, compute, write)")
     data = np.load(ROOT / "sample_models" / "digits_test.npy")
@@ -235,9 +236,10 @@ def case_pipeline(device, *, samples: int) -> Case:
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "x.npy", tiled)
         for store in ("compact", "dense"):
-            config = ComputeConfig(model=ROOT / "sample_models" / "digits_mlp.safetensors",
-                                   data=Path(tmp) / "x.npy", output=Path(tmp) / "out.h5",
-                                   device=str(device), store=store)
+            config = ComputeSettings.from_options(
+                model=ROOT / "sample_models" / "digits_mlp.safetensors",
+                data=Path(tmp) / "x.npy", output=Path(tmp) / "out.h5", device=str(device),
+                store=store)
             with PeakMemory(device) as peak:
                 start = time.perf_counter()
                 summary = run_compute(config)

@@ -20,8 +20,8 @@ from bench_jacobians import cifar_cnn, mlp  # noqa: E402
 from common import PARAMS_CASES, Case, Row, header, parse_args, sync, timeit  # noqa: E402
 
 import jaccli  # noqa: E402
-from jaccli.objectives import objective  # noqa: E402
-from jaccli.params import param_jacobians, select_params  # noqa: E402
+from jaccli.params.jacobians import param_jacobians, select_params  # noqa: E402
+from jaccli.params.objectives import objective  # noqa: E402
 
 
 def per_sample_grads_case(title, model, x, y, device, repeat, loop_samples) -> Case:

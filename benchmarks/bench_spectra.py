@@ -17,9 +17,10 @@ from bench_jacobians import mlp, prepared  # noqa: E402
 from common import SPECTRA_CASES, Case, Row, header, parse_args, timeit  # noqa: E402
 
 from jaccli.engine.engine import JacobianEngine  # noqa: E402
-from jaccli.layers import ForwardRecorder, trace_layers  # noqa: E402
 from jaccli.spectra.exact import exact_spectrum  # noqa: E402
 from jaccli.spectra.lanczos import top_singular_values  # noqa: E402
+from jaccli.tracing.layers import trace_layers  # noqa: E402
+from jaccli.tracing.recorder import ForwardRecorder  # noqa: E402
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -13,12 +13,17 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ComputeConfig": "config", "DataSource": "data", "JaccliError": "errors",
-    "LoadedModel": "models", "Results": "results", "build_model": "models",
+    "ComputeSettings": "settings", "SpectrumSettings": "settings",
+    "ProductSettings": "settings", "HessianSettings": "settings", "ModelSource": "settings",
+    "DataSelection": "settings", "LayerSelection": "settings", "RunOptions": "settings",
+    "OutputOptions": "settings", "ParamOptions": "settings",
+    "DataSource": "io.data", "JaccliError": "errors",
+    "LoadedModel": "io.models", "Results": "io.results", "build_model": "io.models",
     "end_to_end_jacobian": "api", "layer_jacobians": "api", "list_layers": "api",
     "jacobian": "api", "param_jacobians": "api", "jvp": "api", "vjp": "api", "hvp": "api",
-    "load_data": "data", "load_model": "models", "open_results": "results",
-    "run_compute": "compute", "save_model": "models",
+    "load_data": "io.data", "load_model": "io.models", "open_results": "io.results",
+    "run_compute": "pipelines.compute", "run_spectrum": "pipelines.spectrum",
+    "save_model": "io.models",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

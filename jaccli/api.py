@@ -15,8 +15,9 @@ from torch import nn
 from .engine.engine import END_TO_END, JacobianEngine
 from .engine.generic import per_sample_jacobian
 from .engine.structures import Structured
-from .layers import ForwardRecorder, Layer, first_tensor, run_model, trace_layers
-from .models import LoadedModel
+from .io.models import LoadedModel
+from .tracing.layers import Layer, trace_layers
+from .tracing.recorder import ForwardRecorder, first_tensor, run_model
 
 
 def _unwrap(model: nn.Module | LoadedModel) -> tuple[nn.Module, bool, object]:
@@ -106,9 +107,9 @@ def param_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
     """Per-sample Jacobians w.r.t. parameters: `{name: (N, C, *shape)}` of the outputs, or
     `(N, *shape)` of one output entry (`output_index`) or a per-sample loss (`loss` with
     `targets`; see `jaccli.objectives.LOSSES`)."""
-    from .objectives import objective
-    from .params import param_jacobians as compute
-    from .params import select_params
+    from .params.jacobians import param_jacobians as compute
+    from .params.jacobians import select_params
+    from .params.objectives import objective
 
     module, _, _ = _unwrap(model)
     return compute(module, x, objective(output_index=output_index, loss=loss), targets,
@@ -140,8 +141,8 @@ def jvp(model: nn.Module | LoadedModel, x: torch.Tensor, v, *, layer: str | None
     """
     module, _, _ = _unwrap(model)
     if wrt == "params":
-        from .objectives import objective
-        from .params import param_jvp
+        from .params.jacobians import param_jvp
+        from .params.objectives import objective
 
         return param_jvp(module, x, objective(), v)
     apply_j, _ = _operators(module, x, layer)
@@ -157,8 +158,8 @@ def vjp(model: nn.Module | LoadedModel, x: torch.Tensor, u: torch.Tensor, *,
     """
     module, _, _ = _unwrap(model)
     if wrt == "params":
-        from .objectives import objective
-        from .params import param_vjp
+        from .params.jacobians import param_vjp
+        from .params.objectives import objective
 
         return param_vjp(module, x, objective(), u)
     _, apply_jt = _operators(module, x, layer)
@@ -173,9 +174,9 @@ def hvp(model: nn.Module | LoadedModel, x: torch.Tensor, v: torch.Tensor, *,
     concatenated in `named_parameters` order); v and the result are `(D,)`.
     wrt="inputs": each sample's H_i w.r.t. its input; v and the result are `(N, D_in)`.
     """
-    from .hessian import inputs_hvp, params_hvp
-    from .objectives import per_sample_loss
-    from .params import select_params
+    from .params.hessian import inputs_hvp, params_hvp
+    from .params.jacobians import select_params
+    from .params.objectives import per_sample_loss
 
     module, _, _ = _unwrap(model)
     fn = per_sample_loss(loss)

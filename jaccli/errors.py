@@ -48,3 +48,12 @@ class OutOfMemoryError(JaccliError):
 
 class ResultsFormatError(JaccliError):
     """A results file is not a jaccli file, is incomplete, or has an unknown major version."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocator failure (CUDA or CPU), without importing torch."""
+    cls = type(exc)
+    if cls.__name__ == "OutOfMemoryError" and cls.__module__.split(".")[0] == "torch":
+        return True
+    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc)
+                                              or "can't allocate memory" in str(exc))

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from jaccli.errors import ModelLoadError
-from jaccli.models import Residual, build_model, load_spec
-from jaccli.models.arch import spec_input_shape
+from jaccli.io.models import Residual, build_model, load_spec
+from jaccli.io.models.arch import spec_input_shape
 
 from .conftest import CNN_SPEC, MLP_SPEC
 

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 import jaccli
-from jaccli.compute import run_compute
-from jaccli.config import ComputeConfig
+from jaccli.pipelines.compute import run_compute
+from jaccli.settings import ComputeSettings
 
 from .conftest import CNN_SPEC, reference_jacobian
+
+compute_settings = ComputeSettings.from_options
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -27,7 +29,7 @@ def test_compute_on_cuda_matches_cpu_and_records_tf32(tmp_path, cnn):
     jaccli.save_model(cnn, CNN_SPEC, tmp_path / "cnn.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 2, 6, 6)))
     for device in ("cpu", "cuda"):
-        run_compute(ComputeConfig(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
+        run_compute(compute_settings(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
                                   output=tmp_path / f"{device}.h5", device=device,
                                   dtype="float64"))
     with jaccli.open_results(tmp_path / "cpu.h5") as a, \
@@ -41,7 +43,7 @@ def test_compute_on_cuda_matches_cpu_and_records_tf32(tmp_path, cnn):
 def test_tf32_is_off_unless_asked(tmp_path, cnn):
     jaccli.save_model(cnn, CNN_SPEC, tmp_path / "cnn.safetensors")
     np.save(tmp_path / "x.npy", np.zeros((2, 2, 6, 6), dtype=np.float32))
-    run_compute(ComputeConfig(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
+    run_compute(compute_settings(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
                               output=tmp_path / "tf32.h5", device="cuda", tf32=True))
     with jaccli.open_results(tmp_path / "tf32.h5") as r:
         assert r.attrs["tf32"] is True

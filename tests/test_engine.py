@@ -4,8 +4,8 @@ from torch import nn
 
 import jaccli
 from jaccli.engine import per_sample_jacobian
-from jaccli.engine.independence import check_sample_independence
 from jaccli.errors import ModelRunError
+from jaccli.tracing.independence import check_sample_independence
 
 from .conftest import TwoBranch, reference_jacobian
 
@@ -129,7 +129,7 @@ class Square(nn.Module):
 def test_module_without_rule_uses_generic_path_and_strict_rules_refuses_it():
     from jaccli.engine.engine import JacobianEngine
     from jaccli.errors import UnsupportedModuleError
-    from jaccli.layers import trace_layers
+    from jaccli.tracing.layers import trace_layers
 
     model = nn.Sequential(nn.Linear(3, 4), Square(), nn.Linear(4, 2)).double().eval()
     x = torch.randn(5, 3, dtype=torch.float64)
@@ -158,9 +158,10 @@ def test_end_to_end_by_chain_equals_direct(cnn):
 def test_shared_jacobians_are_computed_once_per_run(tmp_path, cnn, monkeypatch):
     import numpy as np
 
-    from jaccli.compute import run_compute
-    from jaccli.config import ComputeConfig
     from jaccli.engine.rules.linear import LinearMapRule
+    from jaccli.pipelines.compute import run_compute
+    from jaccli.settings import ComputeSettings
+    compute_settings = ComputeSettings.from_options
 
     from .conftest import CNN_SPEC
 
@@ -170,7 +171,7 @@ def test_shared_jacobians_are_computed_once_per_run(tmp_path, cnn, monkeypatch):
                         lambda self, m, x: calls.append(x.shape[0]) or original(self, m, x))
     jaccli.save_model(cnn, CNN_SPEC, tmp_path / "cnn.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 2, 6, 6)))
-    run_compute(ComputeConfig(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
+    run_compute(compute_settings(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
                               batch_size=2))
     assert calls == [1]  # one conv layer, three batches, one single-sample evaluation
 
@@ -178,29 +179,32 @@ def test_shared_jacobians_are_computed_once_per_run(tmp_path, cnn, monkeypatch):
 def test_out_of_memory_halves_the_batch_and_retries(tmp_path, mlp, monkeypatch):
     import numpy as np
 
-    from jaccli.compute import prepare, run_compute
-    from jaccli.config import ComputeConfig
     from jaccli.engine.engine import JacobianEngine
+    from jaccli.pipelines.compute import prepare, run_compute
+    from jaccli.settings import ComputeSettings
+    compute_settings = ComputeSettings.from_options
 
     from .conftest import MLP_SPEC
 
     jaccli.save_model(mlp, MLP_SPEC, tmp_path / "m.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(7, 6)))
-    config = ComputeConfig(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
+    config = compute_settings(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
                            dtype="float64", batch_size=7, output=tmp_path / "small.h5")
     reference = run_compute(config)
     original = JacobianEngine.compute
 
-    def tight(self, x, records):
+    def tight(self, x, records, **options):
         if x.shape[0] > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
-        return original(self, x, records)
+        return original(self, x, records, **options)
 
     monkeypatch.setattr(JacobianEngine, "compute", tight)
-    config.output = tmp_path / "split.h5"
+    config.output.path = tmp_path / "split.h5"
     prepared = prepare(config)
     summary = run_compute(config, prepared=prepared)
-    assert prepared.plan.batch_size == 1  # 7 -> 3 -> 1 (3 still too big)
+    assert summary.batch_size == 1  # 7 -> 3 -> 1 (3 still too big)
+    with jaccli.open_results(tmp_path / "split.h5") as r:
+        assert r.attrs["batch_size"] == 1  # the size actually used, not the planned 7
     for a, b in zip(summary.entries, reference.entries, strict=True):
         assert a.frobenius_mean == pytest.approx(b.frobenius_mean, rel=1e-12)
     with jaccli.open_results(tmp_path / "split.h5") as r1, \
@@ -219,7 +223,8 @@ def test_out_of_memory_halves_the_batch_and_retries(tmp_path, mlp, monkeypatch):
 ])
 def test_end_to_end_strategies_match_reference(model, shape, method):
     from jaccli.engine.engine import END_TO_END, JacobianEngine
-    from jaccli.layers import ForwardRecorder, trace_layers
+    from jaccli.tracing.layers import trace_layers
+    from jaccli.tracing.recorder import ForwardRecorder
 
     model = model.double().eval()
     x = torch.randn(3, *shape, dtype=torch.float64)
@@ -236,7 +241,8 @@ def test_block_operators_equal_dense_products():
     """J V and Jᵀ U without forming J, for every kind of site (conv, selection, dense rule,
     generic) and for the end-to-end Jacobian."""
     from jaccli.engine.engine import END_TO_END, JacobianEngine
-    from jaccli.layers import ForwardRecorder, trace_layers
+    from jaccli.tracing.layers import trace_layers
+    from jaccli.tracing.recorder import ForwardRecorder
 
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), Square()

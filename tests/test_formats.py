@@ -1,7 +1,7 @@
 import pytest
 
 from jaccli.errors import ModelLoadError
-from jaccli.models import ModelFormat, sniff_model_format
+from jaccli.io.models import ModelFormat, sniff_model_format
 
 EXPECTED = {
     "self-describing safetensors": ModelFormat.SAFETENSORS,

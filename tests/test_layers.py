@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from jaccli.errors import UnsupportedModuleError, UsageError
-from jaccli.layers import ForwardRecorder, trace_layers
+from jaccli.tracing.layers import trace_layers
+from jaccli.tracing.recorder import ForwardRecorder
 
 from .conftest import TwoBranch
 

@@ -3,7 +3,7 @@ import torch
 
 import jaccli
 from jaccli.errors import ModelLoadError, UntrustedPickleError
-from jaccli.models import save_model
+from jaccli.io.models import save_model
 
 from .conftest import MLP_SPEC
 

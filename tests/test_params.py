@@ -7,12 +7,14 @@ import torch
 from torch import nn
 
 import jaccli
-from jaccli.compute import run_compute
-from jaccli.config import ComputeConfig
-from jaccli.objectives import objective
-from jaccli.params import param_jacobians, param_jvp, param_vjp, select_params
+from jaccli.params.jacobians import param_jacobians, param_jvp, param_vjp, select_params
+from jaccli.params.objectives import objective
+from jaccli.pipelines.compute import run_compute
+from jaccli.settings import ComputeSettings
 
 from .conftest import MLP_SPEC, TwoBranch
+
+compute_settings = ComputeSettings.from_options
 
 
 def loop_reference(model, x, fn, targets=None):
@@ -102,7 +104,7 @@ def test_compute_wrt_params_writes_per_parameter_and_flattened(tmp_path, mlp):
     x = np.random.default_rng(0).normal(size=(7, 6))
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", np.array([0, 1, 2, 0, 1, 2, 0]))
-    run_compute(ComputeConfig(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
+    run_compute(compute_settings(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
                               output=tmp_path / "p.h5", dtype="float64", wrt=("params",),
                               loss="cross-entropy", targets=tmp_path / "y.npy", flatten=True,
                               batch_size=3, params=["2.*", "4.weight"]))
@@ -128,12 +130,12 @@ def test_targets_must_match_and_go_with_a_loss(tmp_path, mlp):
     np.save(tmp_path / "y.npy", np.zeros(4))
     base = {"model": tmp_path / "m.safetensors", "data": tmp_path / "x.npy"}
     with pytest.raises(jaccli.JaccliError, match="4 targets for 5 samples"):
-        run_compute(ComputeConfig(**base, wrt=("params",), loss="mse",
+        run_compute(compute_settings(**base, wrt=("params",), loss="mse",
                                   targets=tmp_path / "y.npy"))
     with pytest.raises(jaccli.JaccliError, match="--loss needs --targets"):
-        run_compute(ComputeConfig(**base, wrt=("params",), loss="mse"))
+        run_compute(compute_settings(**base, wrt=("params",), loss="mse"))
     with pytest.raises(jaccli.JaccliError, match="go with --wrt params"):
-        run_compute(ComputeConfig(**base, loss="mse"))
+        run_compute(compute_settings(**base, loss="mse"))
 
 
 def test_cli_wrt_params_json_follows_the_schema(tmp_path, mlp):

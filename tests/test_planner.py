@@ -6,8 +6,10 @@ from torch import nn
 
 from jaccli.engine.engine import JacobianEngine
 from jaccli.errors import OutOfMemoryError
-from jaccli.layers import trace_layers
-from jaccli.planner import make_plan
+from jaccli.pipelines.planner import make_plan
+
+from .conftest import reference_jacobian
+from jaccli.tracing.layers import trace_layers
 
 
 class Odd(nn.Module):
@@ -53,7 +55,17 @@ def test_generic_chunk_size_bounds_the_basis_batch():
     engine, small = plan_for(nn.Sequential(Odd()), (500,), n=64, budget=20 * 2**20,
                              batch_size=64)
     assert small.chunk_size is not None and 1 <= small.chunk_size < 500
-    assert engine.chunk_size == small.chunk_size
+    # The plan is a report: planning leaves the engine as it was, and the pipeline hands the
+    # chunk size to each computation (which must not change the result).
+    assert not hasattr(engine, "chunk_size")
+    from jaccli.tracing.recorder import ForwardRecorder
+
+    x = torch.randn(3, 500, dtype=torch.float64)
+    _, calls = ForwardRecorder(engine.model).run(x)
+    chunked = engine.compute(x, {r.site: r for r in calls}, chunk_size=small.chunk_size)
+    expected = reference_jacobian(engine.model, x)
+    for name in ("0", "(end-to-end)"):
+        torch.testing.assert_close(chunked[name].dense(3), expected)
 
 
 def test_a_jacobian_too_big_for_the_budget_is_refused_before_running():

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import jaccli
 from jaccli.cli import app
-from jaccli.hessian import hessian_spectrum, inputs_hvp, params_hvp
-from jaccli.objectives import per_sample_loss
-from jaccli.params import select_params
+from jaccli.params.hessian import hessian_spectrum, inputs_hvp, params_hvp
+from jaccli.params.jacobians import select_params
+from jaccli.params.objectives import per_sample_loss
 
 from .conftest import CNN_SPEC, ROOT, reference_jacobian
 

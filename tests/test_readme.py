@@ -5,10 +5,12 @@ import re
 
 import pytest
 
-from jaccli.compute import run_compute
-from jaccli.config import ComputeConfig
+from jaccli.pipelines.compute import run_compute
+from jaccli.settings import ComputeSettings
 
 from .conftest import ROOT
+
+compute_settings = ComputeSettings.from_options
 
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
 
@@ -24,7 +26,7 @@ def test_readme_example_runs(index, tmp_path, capsys):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        run_compute(ComputeConfig(model=tmp_path / "sample_models/digits_mlp.safetensors",
+        run_compute(compute_settings(model=tmp_path / "sample_models/digits_mlp.safetensors",
                                   data=tmp_path / "sample_models/digits_test.npy",
                                   granularity="block", output=tmp_path / "out/mlp.h5"))
         exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {})

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import jaccli
-from jaccli.compute import run_compute
-from jaccli.config import ComputeConfig
 from jaccli.errors import ResultsFormatError
-from jaccli.writer import CHUNK_BYTES, FORMAT_VERSION, ResultsWriter, chunk_shape
+from jaccli.io.results.writer import CHUNK_BYTES, FORMAT_VERSION, ResultsWriter, chunk_shape
+from jaccli.pipelines.compute import run_compute
+from jaccli.settings import ComputeSettings
 
 from .conftest import MLP_SPEC, reference_jacobian
+
+compute_settings = ComputeSettings.from_options
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def written(tmp_path, mlp):
     x = np.random.default_rng(0).normal(size=(7, 6)).astype(np.float64)
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "jac.h5"
-    config = ComputeConfig(model=tmp_path / "mlp.safetensors", data=tmp_path / "x.npy",
+    config = compute_settings(model=tmp_path / "mlp.safetensors", data=tmp_path / "x.npy",
                            output=out, dtype="float64", batch_size=3, offset=1,
                            command_line="jaccli compute test")
     summary = run_compute(config)
@@ -118,7 +120,7 @@ def test_compression_is_optional(tmp_path, mlp):
     np.save(tmp_path / "x.npy", np.zeros((4, 6), dtype=np.float32))
     for compression in ("gzip", "lzf"):
         out = tmp_path / f"{compression}.h5"
-        run_compute(ComputeConfig(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
+        run_compute(compute_settings(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
                                   output=out, compression=compression))
         with h5py.File(out) as f:
             assert f["layers/1/diagonal"].compression == compression
@@ -141,7 +143,7 @@ def test_dense_store_matches_compact_store(tmp_path, cnn):
     jaccli.save_model(cnn, CNN_SPEC, tmp_path / "cnn.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(2).normal(size=(5, 2, 6, 6)))
     for store in ("compact", "dense"):
-        run_compute(ComputeConfig(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
+        run_compute(compute_settings(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
                                   output=tmp_path / f"{store}.h5", store=store, dtype="float64",
                                   granularity="block", batch_size=2))
     with jaccli.open_results(tmp_path / "compact.h5") as compact, \

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import jaccli
-from jaccli.models import ModelFormat
+from jaccli.io.models import ModelFormat
 
 from .conftest import ROOT, SAMPLES
 

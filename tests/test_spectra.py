@@ -9,11 +9,11 @@ from torch import nn
 
 from jaccli.engine.rules.linear import linear_map_matrix
 from jaccli.engine.structures import Diagonal, Matrix, RowScaled, Selection
+from jaccli.reports.stats import aggregate, worst_samples
 from jaccli.spectra.conv_fft import conv2d_circular_singular_values, fft_applicable
 from jaccli.spectra.exact import exact_spectrum
 from jaccli.spectra.lanczos import hutchinson_frobenius, top_singular_values
 from jaccli.spectra.quantities import all_quantities
-from jaccli.stats import aggregate, worst_samples
 
 F64 = torch.float64
 

@@ -11,9 +11,12 @@ from typer.testing import CliRunner
 
 import jaccli
 from jaccli.cli import app
-from jaccli.spectrum import SpectrumConfig, run_spectrum
+from jaccli.pipelines.spectrum import run_spectrum
+from jaccli.settings import SpectrumSettings
 
 from .conftest import CNN_SPEC, MLP_SPEC, reference_jacobian
+
+spectrum_settings = SpectrumSettings.from_options
 
 runner = CliRunner()
 
@@ -29,7 +32,7 @@ def mlp_files(tmp_path, mlp):
 def test_spectra_match_svdvals_of_reference_jacobians(mlp_files, mlp):
     d, x = mlp_files
     out = d / "spec.h5"
-    summary = run_spectrum(SpectrumConfig(model=d / "mlp.safetensors", data=d / "x.npy",
+    summary = run_spectrum(spectrum_settings(model=d / "mlp.safetensors", data=d / "x.npy",
                                           output=out, dtype="float64", granularity="block",
                                           batch_size=4)).summary
     model = mlp.double()
@@ -69,7 +72,7 @@ def test_top_k_uses_lanczos_for_dense_jacobians_and_agrees(tmp_path):
     jaccli.save_model(model, spec, tmp_path / "m.safetensors")
     x = torch.randn(5, 40, dtype=torch.float64)
     np.save(tmp_path / "x.npy", x.numpy())
-    summary = run_spectrum(SpectrumConfig(model=tmp_path / "m.safetensors",
+    summary = run_spectrum(spectrum_settings(model=tmp_path / "m.safetensors",
                                           data=tmp_path / "x.npy", dtype="float64", top_k=2,
                                           tol=1e-12, layers=["1"])).summary
     rows = {r["name"]: r for r in summary["entries"]}
@@ -117,7 +120,7 @@ def test_circular_conv_layer_uses_the_fft_method(tmp_path):
     model = jaccli.build_model(spec).eval()
     jaccli.save_model(model, spec, tmp_path / "m.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(5).normal(size=(3, 2, 5, 5)))
-    summary = run_spectrum(SpectrumConfig(model=tmp_path / "m.safetensors",
+    summary = run_spectrum(spectrum_settings(model=tmp_path / "m.safetensors",
                                           data=tmp_path / "x.npy", dtype="float64")).summary
     conv = summary["entries"][0]
     assert conv["method"] == "fft" and conv["complete"]
@@ -170,14 +173,14 @@ def test_non_chain_model_has_no_profile_or_bounds(tmp_path):
 
     model = TwoBranch().eval()
     x = torch.randn(4, 4)
-    from jaccli.spectrum import SpectrumConfig as Config
+    from jaccli.settings import SpectrumSettings as Config
 
     torch.save(model.state_dict(), tmp_path / "m.pt")
     (tmp_path / "arch").mkdir()
     (tmp_path / "arch" / "twobranch.py").write_text(
         "import torch.nn as nn\nfrom tests.conftest import TwoBranch\n")
     np.save(tmp_path / "x.npy", x.numpy())
-    summary = run_spectrum(Config(model=tmp_path / "m.pt", data=tmp_path / "x.npy",
+    summary = run_spectrum(Config.from_options(model=tmp_path / "m.pt", data=tmp_path / "x.npy",
                                   arch="tests.conftest:TwoBranch")).summary
     assert summary["profile"] == [] and summary["bounds"] is None
     assert "not a chain" in summary["profile_note"] or summary["profile_note"] == ""
@@ -186,14 +189,14 @@ def test_non_chain_model_has_no_profile_or_bounds(tmp_path):
 
 def test_planner_sends_a_conv_too_large_to_decompose_to_lanczos():
     from jaccli.engine.engine import JacobianEngine
-    from jaccli.layers import trace_layers
     from jaccli.spectra.plan import plan_spectra
+    from jaccli.tracing.layers import trace_layers
 
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()).eval()
     x = torch.zeros(2, 64, 32, 32)
     trace = trace_layers(model, x)
     engine = JacobianEngine(model, trace, layers=trace.layers, end_to_end=False, n_samples=2)
-    entries = plan_spectra(engine, batch_size=2, itemsize=4, budget=4 * 2**30, top_k=None,
+    entries = plan_spectra(engine, itemsize=4, budget=4 * 2**30, top_k=None,
                            exact=False)
     conv, relu = entries
     assert conv.method == "lanczos" and "too large" in conv.reason and conv.k == 10
@@ -202,6 +205,6 @@ def test_planner_sends_a_conv_too_large_to_decompose_to_lanczos():
     trace = trace_layers(circular, x)
     engine = JacobianEngine(circular, trace, layers=trace.layers, end_to_end=False,
                             n_samples=2)
-    (entry,) = plan_spectra(engine, batch_size=2, itemsize=4, budget=4 * 2**30, top_k=None,
+    (entry,) = plan_spectra(engine, itemsize=4, budget=4 * 2**30, top_k=None,
                             exact=False)
     assert entry.method == "fft" and entry.complete

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import jvp, vjp, vmap
+from torch.func import vmap
 
 from ..errors import ModelRunError, UnsupportedModuleError
-from ..layers import CallRecord, Layer, Trace, batched_extras, first_tensor, site_function
+from ..tracing.layers import Layer, Trace
+from ..tracing.recorder import CallRecord, batched_extras, first_tensor, site_function
 from .chain import ChainPlan, cheapest_order, compose_tag
 from .generic import choose_mode, per_sample_jacobian
+from .operators import Apply, chain_operator, function_operator, pull_through, push_through
 from .rules import Rule, rule_for
 from .structures import Matrix, Structured, chain_product
-
-Apply = Callable[[torch.Tensor], torch.Tensor]  # (B, D, b) -> (B, D', b): blocks of vectors
 
 END_TO_END = "(end-to-end)"
 
@@ -68,14 +67,12 @@ class JacobianEngine:
     """
 
     def __init__(self, model: nn.Module, trace: Trace, *, layers: list[Layer],
-                 end_to_end: bool, n_samples: int, strict: bool = False, mode: str = "auto",
-                 chunk_size: int | None = None):
+                 end_to_end: bool, n_samples: int, strict: bool = False, mode: str = "auto"):
         self.model = model
         self.trace = trace
         self.layers = layers
         self.end_to_end = end_to_end
         self.mode = mode
-        self.chunk_size = chunk_size
         self.e2e_from_chain = end_to_end and trace.chain
         needed = trace.all_layers if self.e2e_from_chain else layers
         self.site_plans = {layer.name: plan_sites(layer)
@@ -132,16 +129,24 @@ class JacobianEngine:
         for layer in self.trace.all_layers:
             yield from zip(self.site_plans[layer.name], layer.modules, strict=True)
 
-    def compute(self, x: torch.Tensor, records: dict[str, CallRecord]) -> dict[str, Structured]:
-        """`{entry name: structured Jacobian}` for the batch `x` `(B, *in_shape)`."""
+    def compute(self, x: torch.Tensor, records: dict[str, CallRecord], *,
+                names: set[str] | None = None, chunk_size: int | None = None
+                ) -> dict[str, Structured]:
+        """`{entry name: structured Jacobian}` for the batch `x` `(B, *in_shape)`.
+
+        names: compute only these entries (layer names, `END_TO_END`); None: all.
+        chunk_size: basis vectors the generic torch.func path handles at once (None: all).
+        """
         clock = _Clock(x.device)
-        needed = self.trace.all_layers if self.chain_plan else self.layers
+        layers = [layer for layer in self.layers if names is None or layer.name in names]
+        end_to_end = self.end_to_end and (names is None or END_TO_END in names)
+        needed = self.trace.all_layers if self.chain_plan and end_to_end else layers
         per_layer = {}
         for layer in needed:
-            per_layer[layer.name] = self._layer(layer, records)
+            per_layer[layer.name] = self._layer(layer, records, chunk_size)
             clock.lap(layer.name)
-        result = {layer.name: per_layer[layer.name] for layer in self.layers}
-        if self.end_to_end:
+        result = {layer.name: per_layer[layer.name] for layer in layers}
+        if end_to_end:
             if self.chain_plan is not None:
                 chain = [per_layer[layer.name] for layer in self.trace.all_layers]
                 result[END_TO_END] = chain_product(chain, self.chain_plan.order)
@@ -150,7 +155,7 @@ class JacobianEngine:
             else:
                 result[END_TO_END] = Matrix(per_sample_jacobian(
                     lambda xb: first_tensor(self.model(xb)), x, mode=self.mode,
-                    chunk_size=self.chunk_size))
+                    chunk_size=chunk_size))
             clock.lap(END_TO_END)
         self.last_seconds = {name: clock.laps.get(name, 0.0) for name in result}
         return result
@@ -167,7 +172,7 @@ class JacobianEngine:
             for plan, module in reversed(list(self._sites())):
                 record = self._record(plan, records)
                 if plan.rule is not None and plan.rule.matrix_free:
-                    block = _pull_through(module, record, block)
+                    block = pull_through(module, record, block)
                 else:
                     block = self._site(plan, module, record).left_apply(block)
         return Matrix(block.expand(x.shape[0], -1, -1) if block.shape[0] == 1 else block)
@@ -180,7 +185,7 @@ class JacobianEngine:
             for plan, module in zip(self.site_plans[layer.name], layer.modules, strict=True):
                 record = self._record(plan, records)
                 if plan.rule is not None and plan.rule.matrix_free:
-                    block = _push_through(module, record, block)
+                    block = push_through(module, record, block)
                 else:
                     block = self._site(plan, module, record).right_apply(block)
             yield layer.name, block
@@ -192,27 +197,27 @@ class JacobianEngine:
         steps = [self._site_operator(plan, module, self._record(plan, records))
                  for plan, module in zip(self.site_plans[layer.name], layer.modules,
                                          strict=True)]
-        return _chain_operator(steps)
+        return chain_operator(steps)
 
     def end_to_end_operator(self, x: torch.Tensor, records: dict[str, CallRecord]
                             ) -> tuple[Apply, Apply]:
         """The end-to-end Jacobian as a block operator: through the layers for a chain model,
         else through the whole model with torch.func."""
         if self.e2e_from_chain:
-            return _chain_operator([self._site_operator(plan, module,
+            return chain_operator([self._site_operator(plan, module,
                                                         self._record(plan, records))
                                     for plan, module in self._sites()])
-        return _function_operator(lambda xb: first_tensor(self.model(xb)), x, ())
+        return function_operator(lambda xb: first_tensor(self.model(xb)), x, ())
 
     def _site_operator(self, plan: SitePlan, module: nn.Module, record: CallRecord
                        ) -> tuple[Apply, Apply]:
         if plan.rule is None:
-            return _function_operator(site_function(record), record.input,
+            return function_operator(site_function(record), record.input,
                                       batched_extras(record))
         rule = plan.rule
         if rule.matrix_free:
-            return (lambda v: _push_through(module, record, v),
-                    lambda u: _pull_through(module, record, u.transpose(1, 2)).transpose(1, 2))
+            return (lambda v: push_through(module, record, v),
+                    lambda u: pull_through(module, record, u.transpose(1, 2)).transpose(1, 2))
         if rule.structure == "dense":
             x = record.input
             n = x.shape[0]
@@ -233,50 +238,23 @@ class JacobianEngine:
                 "control flow depends on its input, so its layers differ between batches")
         return record
 
-    def _layer(self, layer: Layer, records: dict[str, CallRecord]) -> Structured:
-        return chain_product([self._site(plan, module, self._record(plan, records))
+    def _layer(self, layer: Layer, records: dict[str, CallRecord],
+               chunk_size: int | None = None) -> Structured:
+        return chain_product([self._site(plan, module, self._record(plan, records), chunk_size)
                               for plan, module in zip(self.site_plans[layer.name],
                                                       layer.modules, strict=True)])
 
-    def _site(self, plan: SitePlan, module: nn.Module, record: CallRecord) -> Structured:
+    def _site(self, plan: SitePlan, module: nn.Module, record: CallRecord,
+              chunk_size: int | None = None) -> Structured:
         if plan.rule is None:
             return Matrix(per_sample_jacobian(site_function(record), record.input,
                                               batched_extras(record), mode=plan.mode or "auto",
-                                              chunk_size=self.chunk_size))
+                                              chunk_size=chunk_size))
         if plan.rule.shared:
             if plan.site not in self._shared:
                 self._shared[plan.site] = plan.rule.jacobian(module, record.input[:1])
             return self._shared[plan.site]
         return plan.rule.jacobian(module, record.input)
-
-
-def _chain_operator(steps: list[tuple[Apply, Apply]]) -> tuple[Apply, Apply]:
-    def apply_j(v: torch.Tensor) -> torch.Tensor:
-        for forward, _ in steps:
-            v = forward(v)
-        return v
-
-    def apply_jt(u: torch.Tensor) -> torch.Tensor:
-        for _, backward in reversed(steps):
-            u = backward(u)
-        return u
-
-    return apply_j, apply_jt
-
-
-def _function_operator(fn, x: torch.Tensor, extras) -> tuple[Apply, Apply]:
-    """J V and Jᵀ U on blocks of vectors for a batch function at `x`, by torch.func."""
-    n = x.shape[0]
-
-    def f(xx: torch.Tensor) -> torch.Tensor:
-        return fn(xx, *extras)
-
-    out, pullback = vjp(f, x)
-    forward = vmap(lambda v: jvp(f, (x,), (v.reshape(x.shape),))[1].reshape(n, -1),
-                   in_dims=2, out_dims=2)
-    backward = vmap(lambda u: pullback(u.reshape(out.shape))[0].reshape(n, -1),
-                    in_dims=2, out_dims=2)
-    return forward, backward
 
 
 class _Clock:
@@ -293,23 +271,3 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._last
         self._last = now
-
-
-def _pull_through(module: nn.Module, record: CallRecord, block: torch.Tensor) -> torch.Tensor:
-    """`block @ J` for an affine module without forming J: block `(B, k, D_out)`."""
-    b, k, _ = block.shape
-    in_shape = record.input.shape[1:]
-    out_shape = record.output_ref.shape[1:]
-    zeros = torch.zeros((b * k, *in_shape), dtype=block.dtype, device=block.device)
-    _, pullback = vjp(module, zeros)  # affine: the pullback does not depend on the point
-    return pullback(block.reshape(b * k, *out_shape))[0].reshape(b, k, -1)
-
-
-def _push_through(module: nn.Module, record: CallRecord, block: torch.Tensor) -> torch.Tensor:
-    """`J @ block` for an affine module without forming J: block `(B, D_in, k)`."""
-    b, _, k = block.shape
-    in_shape = record.input.shape[1:]
-    tangents = block.transpose(1, 2).reshape(b * k, *in_shape)
-    zeros = torch.zeros_like(tangents)
-    out = jvp(module, (zeros,), (tangents,))[1]
-    return out.reshape(b, k, -1).transpose(1, 2)

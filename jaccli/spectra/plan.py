@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..engine.engine import JacobianEngine
-from ..layers import Layer
+from ..tracing.layers import Layer
 from .conv_fft import fft_applicable
 
 DEFAULT_TOP_K = 10
@@ -40,9 +40,11 @@ class SpectrumEntry:
         return self.method != "lanczos" and self.k == min(self.d_in, self.d_out)
 
 
-def plan_spectra(engine: JacobianEngine, *, batch_size: int, itemsize: int, budget: int,
-                 top_k: int | None, exact: bool) -> list[SpectrumEntry]:
-    """One SpectrumEntry per layer of `engine` (and the end-to-end Jacobian)."""
+def plan_spectra(engine: JacobianEngine, *, itemsize: int, budget: int, top_k: int | None,
+                 exact: bool) -> list[SpectrumEntry]:
+    """One SpectrumEntry per layer of `engine` (and the end-to-end Jacobian): the method
+    that computes its spectrum for one sample within `budget` bytes. The batch size is chosen
+    afterwards so that a batch of the chosen methods fits."""
     entries = []
     targets: list[tuple[Layer | None, str]] = [(layer, engine.structure(layer))
                                                for layer in engine.layers]
@@ -57,8 +59,7 @@ def plan_spectra(engine: JacobianEngine, *, batch_size: int, itemsize: int, budg
             d_in, d_out, name, kind, type_name = (layer.d_in, layer.d_out, layer.name, "layer",
                                                   layer.type_name)
         r = min(d_in, d_out)
-        method, reason = _choose(layer, structure, d_in, d_out, batch_size, itemsize, budget,
-                                 top_k, exact)
+        method, reason = _choose(layer, structure, d_in, d_out, itemsize, budget, top_k, exact)
         k = r if method != "lanczos" else min(top_k or DEFAULT_TOP_K, r)
         if top_k is not None and method != "lanczos":
             k = min(top_k, r)
@@ -67,7 +68,7 @@ def plan_spectra(engine: JacobianEngine, *, batch_size: int, itemsize: int, budg
     return entries
 
 
-def _choose(layer, structure, d_in, d_out, batch, itemsize, budget, top_k, exact):
+def _choose(layer, structure, d_in, d_out, itemsize, budget, top_k, exact):
     r, big = min(d_in, d_out), max(d_in, d_out)
     if layer is not None and len(layer.modules) == 1 and fft_applicable(layer.modules[0],
                                                                         layer.input_shape):
@@ -83,7 +84,7 @@ def _choose(layer, structure, d_in, d_out, batch, itemsize, budget, top_k, exact
     if wants_top_k:
         return "lanczos", f"--top-k {top_k}: matrix-free Lanczos"
     per_sample = (r * r if structure == "row-scaled" and not exact else d_in * d_out)
-    if 3 * per_sample * itemsize * batch <= budget:
+    if 3 * per_sample * itemsize <= budget:
         return "structured", ("row-scaled: Gram matrix of the smaller side"
                               if structure == "row-scaled" and not exact
                               else "batched svdvals")

@@ -1,4 +1,8 @@
-"""The rule registry: one small rule per layer type, looked up by the module's exact class."""
+"""The derivative registry: one small rule per layer type, looked up by the module's exact class.
+
+A rule holds every derivative jaccli takes of that layer type: w.r.t. its input (structured
+Jacobian, JVP, VJP) and, where it has a closed form, w.r.t. its parameters.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +42,19 @@ class Rule:
         """`uᵀ J` per sample, without forming J."""
         _, pullback = vjp(module, x.clone())
         return pullback(u)[0]
+
+    def has_param_jacobian(self, module: nn.Module, attribute: str) -> bool:
+        """Whether `param_jacobian` is exact for the parameter `module.<attribute>`."""
+        return False
+
+    def param_jacobian(self, module: nn.Module, attribute: str, x: torch.Tensor,
+                       g: torch.Tensor) -> torch.Tensor:
+        """Per-sample Jacobians w.r.t. `module.<attribute>` from one backward pass.
+
+        x: the layer input `(N, *in_shape)`; g: cotangents of the layer output for each of C
+        outputs of the objective, `(C, N, *out_shape)`. Returns `(N, C, *param_shape)`.
+        """
+        raise NotImplementedError
 
 
 _RULES: dict[type, Rule] = {}

@@ -1,10 +1,12 @@
-"""Linear maps: the Jacobian is one matrix shared by all samples."""
+"""Linear maps (Linear, convolutions, average pooling, padding): one matrix shared by all
+samples; Linear and Conv2d also have closed-form per-sample parameter Jacobians."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
@@ -34,6 +36,21 @@ class LinearRule(Rule):
     def vjp(self, module, x, u):
         return u @ module.weight.to(u.dtype)
 
+    def has_param_jacobian(self, module, attribute):
+        return attribute in ("weight", "bias")
+
+    def param_jacobian(self, module, attribute, x, g):
+        """∂/∂W = Σ_t G_{c,n,t} ⊗ x_{n,t}; ∂/∂b = Σ_t G_{c,n,t}, over positions t of x
+        `(N, ..., D_in)`."""
+        n = x.shape[0]
+        x3 = x.reshape(n, -1, x.shape[-1]).to(g.dtype)  # (N, T, D_in)
+        g4 = g.reshape(g.shape[0], n, -1, g.shape[-1])  # (C, N, T, D_out)
+        if attribute == "bias":
+            return g4.sum(dim=2).transpose(0, 1)
+        if x3.shape[1] == 1:  # one position: a plain outer product, written once
+            return g4[:, :, 0, :].transpose(0, 1)[:, :, :, None] * x3[:, None, None, 0, :]
+        return torch.einsum("cnto,nti->ncoi", g4, x3)
+
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
           nn.ConvTranspose3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -52,6 +69,22 @@ class LinearMapRule(Rule):
 
     def jvp(self, module, x, v):
         return jvp(module, (x,), (v,))[1]  # exact: the tangent never sees the bias
+
+    def has_param_jacobian(self, module, attribute):
+        return (attribute in ("weight", "bias") and type(module) is nn.Conv2d
+                and module.groups == 1 and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str))
+
+    def param_jacobian(self, module, attribute, x, g):
+        """Conv2d: ∂/∂W from unfolded input patches; ∂/∂b sums G over positions."""
+        c, n = g.shape[:2]
+        g3 = g.reshape(c, n, g.shape[2], -1)  # (C, N, C_out, L)
+        if attribute == "bias":
+            return g3.sum(dim=3).transpose(0, 1)
+        patches = F.unfold(x.to(g.dtype), module.kernel_size, dilation=module.dilation,
+                           padding=module.padding, stride=module.stride)  # (N, C_in*kh*kw, L)
+        jac = torch.einsum("cnol,nkl->ncok", g3, patches)
+        return jac.reshape(n, c, *module.weight.shape)
 
 
 def linear_map_matrix(fn, x0: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""The option groups commands share, declared once, and how a command's parsed options become
+its settings object (`jaccli.settings`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..settings import Compression, Dtype, Granularity, Mode, Store, Wrt
+
+# Options that shape what the CLI prints, not what is computed.
+PRESENTATION = frozenset({"json_output", "quiet", "progress", "dry_run", "plot"})
+
+# Model
+ArchOpt = Annotated[str | None, typer.Option(
+    "--arch", help="Architecture for a bare state_dict: a JSON spec file or "
+                   "package.module:factory.", rich_help_panel="Model")]
+ArchPathOpt = Annotated[Path | None, typer.Option(
+    "--arch-path", help="Directory to put on sys.path for --arch package.module:factory.",
+    rich_help_panel="Model")]
+TrustPickleOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow loading a pickled whole module (torch.save(model)). "
+                           "Unpickling runs code from the file: only for files you trust.",
+    rich_help_panel="Model")]
+# Data
+KeyOpt = Annotated[str | None, typer.Option(
+    "--key", help="Array to use in .npz/.safetensors/.h5/.pt files holding several.",
+    rich_help_panel="Data")]
+OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="First sample to use.",
+                                        rich_help_panel="Data")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use at most N samples.",
+                                              rich_help_panel="Data")]
+# Layers
+GranularityOpt = Annotated[Granularity, typer.Option(
+    "--granularity", help="module: every leaf module is a layer; block: an affine/conv module "
+                          "and the activations right after it form one layer.",
+    rich_help_panel="Layers")]
+LayersOpt = Annotated[list[str] | None, typer.Option(
+    "--layers", help="Glob on qualified layer names (repeatable), e.g. 'features.*'.",
+    rich_help_panel="Layers")]
+NoLayersOpt = Annotated[bool, typer.Option(
+    "--no-layers", help="Skip per-layer Jacobians (end-to-end only).", rich_help_panel="Layers")]
+EndToEndOpt = Annotated[bool, typer.Option(
+    "--end-to-end/--no-end-to-end", help="Also compute the model's input→output Jacobian.",
+    rich_help_panel="Layers")]
+# Compute
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute precision.",
+                                         rich_help_panel="Compute")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:INDEX.",
+                                        rich_help_panel="Compute")]
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    "--batch-size", min=1, help="Samples per batch (default: sized to the memory budget).",
+    rich_help_panel="Compute")]
+MaxMemoryOpt = Annotated[str | None, typer.Option(
+    "--max-memory", help="Memory budget, e.g. 2GiB (default: 25% of free RAM, 50% of free "
+                         "GPU memory).", rich_help_panel="Compute")]
+ModeOpt = Annotated[Mode, typer.Option(
+    "--mode", help="Differentiation mode: auto picks forward when D_in < D_out.",
+    rich_help_panel="Compute")]
+StrictRulesOpt = Annotated[bool, typer.Option(
+    "--strict-rules", help="Fail instead of using the generic torch.func path for a module "
+                           "with no structured rule.", rich_help_panel="Compute")]
+Tf32Opt = Annotated[bool, typer.Option(
+    "--tf32", help="Allow TF32 matmuls/convolutions on CUDA (faster, ~1e-3 relative "
+                   "error). Off by default.", rich_help_panel="Compute")]
+# Output
+OutputOpt = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="HDF5 file to write (docs/FORMAT.md). Without it, only the "
+                           "summary is printed.", rich_help_panel="Output")]
+StoreOpt = Annotated[Store, typer.Option(
+    "--store", help="compact: each Jacobian in its exact compact form (shared matrix, "
+                    "diagonal, ...; see docs/FORMAT.md); dense: (N, D_out, D_in) arrays.",
+    rich_help_panel="Output")]
+CompressionOpt = Annotated[Compression, typer.Option(
+    "--compression", help="HDF5 compression of the result datasets.",
+    rich_help_panel="Output")]
+CompressionLevelOpt = Annotated[int | None, typer.Option(
+    "--compression-level", min=0, max=9, help="gzip level 0-9.", rich_help_panel="Output")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout "
+                                                      "instead of tables.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+ProgressOpt = Annotated[bool | None, typer.Option(
+    "--progress/--no-progress", help="Progress bar on stderr (default: only on a terminal).")]
+# Parameters
+WrtOneOpt = Annotated[Wrt, typer.Option("--wrt", help="inputs or params.")]
+ParamsOpt = Annotated[list[str] | None, typer.Option(
+    "--params", help="Glob on parameter names (repeatable), e.g. 'features.*.weight'.",
+    rich_help_panel="Parameters")]
+
+
+def settings_from(kind: type, ctx: typer.Context, *, exclude: tuple[str, ...] = (),
+                  **overrides: Any):
+    """The settings object of type `kind` for the command `ctx` parsed: every parsed option
+    except the presentation ones and `exclude` (options not given keep the settings'
+    defaults), with `overrides` applied."""
+    from ..units import parse_size
+
+    options = {name: _plain(value) for name, value in ctx.params.items()
+               if name not in PRESENTATION and name not in exclude}
+    options = {name: value for name, value in options.items() if value is not None}
+    if "no_layers" in options:
+        options["include_layers"] = not options.pop("no_layers")
+    if options.get("max_memory") is not None:
+        options["max_memory"] = parse_size(options["max_memory"])
+    options |= overrides
+    return kind.from_options(**options, command_line=command_line())
+
+
+def _plain(value: Any) -> Any:
+    """Enum members as their values; empty repeatable options as None."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value] or None
+    return value
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["jaccli", *sys.argv[1:]])
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """'1,28,28' or '1x28x28' -> (1, 28, 28); a usage error otherwise."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape; use e.g. 1,28,28",
+                                 param_hint="--input-shape")
+    return shape

@@ -1,0 +1,125 @@
+"""`jaccli jvp`, `jaccli vjp` and `jaccli hessian`: products with Jacobians and Hessians for
+every sample, never forming the matrices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..settings import Dtype, Loss, Which, Wrt
+from .errors import guarded
+from .options import (
+    ArchOpt,
+    ArchPathOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    KeyOpt,
+    LimitOpt,
+    OffsetOpt,
+    ParamsOpt,
+    QuietOpt,
+    TrustPickleOpt,
+    WrtOneOpt,
+    settings_from,
+)
+
+VectorsOpt = Annotated[Path, typer.Option(
+    "--vectors", help="Vectors (.npy, ...): one per sample, or one for all samples. jvp: input "
+                      "tangents (or parameter tangents, flattened); vjp: output cotangents.")]
+LayerOpt = Annotated[str | None, typer.Option(
+    "--layer", help="A layer's Jacobian instead of the end-to-end one (--wrt inputs).")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 output.")]
+
+
+def product_command(direction: str, doc: str):
+    """The `jaccli jvp` or `jaccli vjp` command: the same options, one direction each."""
+
+    def command(
+        ctx: typer.Context,
+        model: Annotated[Path, typer.Argument(help="Model file.")],
+        data: Annotated[Path, typer.Argument(help="Samples (- for a .npy stream on stdin).")],
+        vectors: VectorsOpt, layer: LayerOpt = None, wrt: WrtOneOpt = Wrt.inputs,
+        params: ParamsOpt = None,
+        vectors_key: Annotated[str | None, typer.Option("--vectors-key")] = None,
+        output: OutputOpt = None,
+        arch: ArchOpt = None, arch_path: ArchPathOpt = None,
+        trust_pickle: TrustPickleOpt = False, key: KeyOpt = None, offset: OffsetOpt = 0,
+        limit: LimitOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+        json_output: JsonOpt = False, quiet: QuietOpt = False,
+    ) -> None:
+        from .render import stdout_console
+
+        out = stdout_console(quiet)
+
+        def run() -> None:
+            from ..pipelines.products import run_products
+            from ..settings import ProductSettings
+            from .render import emit_json, render_products
+
+            settings = settings_from(ProductSettings, ctx, direction=direction)
+            summary = run_products(settings)
+            if json_output:
+                emit_json(summary, quiet)
+            else:
+                render_products(summary, out)
+
+        guarded(run)
+
+    command.__doc__ = doc
+    command.__name__ = direction
+    return command
+
+
+jvp = product_command("jvp", "J v for every sample (forward mode), without forming J.")
+vjp = product_command("vjp", "uᵀ J for every sample (reverse mode), without forming J; with "
+                             "--wrt params, the per-sample gradients of u · output.")
+
+
+def hessian(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="Model file.")],
+    data: Annotated[Path, typer.Argument(help="Samples.")],
+    targets: Annotated[Path, typer.Option("--targets", help="Targets for --loss.")],
+    loss: Annotated[Loss, typer.Option("--loss", help="Per-sample loss.")],
+    wrt: Annotated[Wrt, typer.Option(
+        "--wrt", help="params: Hessian of the mean loss over DATA w.r.t. the parameters; "
+                      "inputs: each sample's Hessian w.r.t. its input.")] = Wrt.params,
+    params: ParamsOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Eigenvalues to report.")] = 5,
+    which: Annotated[Which, typer.Option(
+        "--which", help="largest (algebraic) or magnitude.")] = Which.largest,
+    probes: Annotated[int, typer.Option("--probes", min=2, help="Hutchinson probes for the "
+                                                                "trace.")] = 32,
+    density: Annotated[bool, typer.Option(
+        "--density", help="Spectral density by stochastic Lanczos quadrature (--wrt params).")
+    ] = False,
+    targets_key: Annotated[str | None, typer.Option("--targets-key")] = None,
+    output: OutputOpt = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    batch_size: BatchSizeOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+    json_output: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Top eigenvalues, trace and spectral density of a loss Hessian, by Hessian-vector
+    products (never formed)."""
+    from .render import stdout_console
+
+    out = stdout_console(quiet)
+
+    def run() -> None:
+        from ..pipelines.hessian import run_hessian
+        from ..settings import HessianSettings
+        from .render import emit_json, render_hessian
+
+        summary = run_hessian(settings_from(HessianSettings, ctx))
+        if json_output:
+            emit_json(summary, quiet)
+        else:
+            render_hessian(summary, out)
+
+    guarded(run)

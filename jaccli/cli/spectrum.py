@@ -1,0 +1,128 @@
+"""`jaccli spectrum`: singular values, norms and condition numbers of every Jacobian."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..settings import Compression, Dtype, Granularity
+from .errors import guarded
+from .options import (
+    ArchOpt,
+    ArchPathOpt,
+    BatchSizeOpt,
+    CompressionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EndToEndOpt,
+    GranularityOpt,
+    JsonOpt,
+    KeyOpt,
+    LayersOpt,
+    LimitOpt,
+    MaxMemoryOpt,
+    NoLayersOpt,
+    OffsetOpt,
+    ProgressOpt,
+    QuietOpt,
+    Tf32Opt,
+    TrustPickleOpt,
+    settings_from,
+)
+
+SourceArg = Annotated[Path, typer.Argument(
+    help="Model file, or a results file written by `jaccli compute` (then DATA is not given).")]
+
+
+def spectrum(
+    ctx: typer.Context,
+    source: SourceArg,
+    data: Annotated[Path | None, typer.Argument(help="Samples (as for compute).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="HDF5 file for the spectra (docs/FORMAT.md).",
+        rich_help_panel="Output")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", min=1, help="Report the K largest singular values; layers whose full "
+                               "spectrum is costly use matrix-free Lanczos.",
+        rich_help_panel="Spectrum")] = None,
+    exact: Annotated[bool, typer.Option(
+        "--exact", help="svdvals of the dense matrices instead of Gram matrices (slower, "
+                        "accurate for small singular values).", rich_help_panel="Spectrum")
+    ] = False,
+    tol: Annotated[float, typer.Option(
+        "--tol", help="Lanczos: stop when every top-k relative residual is below this.",
+        rich_help_panel="Spectrum")] = 1e-8,
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", min=1, help="Lanczos: Krylov steps cap (default max(4k+40, 80)).",
+        rich_help_panel="Spectrum")] = None,
+    probes: Annotated[int, typer.Option(
+        "--probes", min=2, help="Hutchinson probes for matrix-free Frobenius norms.",
+        rich_help_panel="Spectrum")] = 32,
+    profile: Annotated[bool, typer.Option(
+        "--profile/--no-profile", help="Dynamical-isometry profile through depth (chain "
+                                       "models).", rich_help_panel="Spectrum")] = True,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write PNG histograms per layer and the depth profile to this folder "
+                       "(needs matplotlib: pip install 'jaccli[plot]').",
+        rich_help_panel="Output")] = None,
+    arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
+    no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
+    batch_size: BatchSizeOpt = None, max_memory: MaxMemoryOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32, tf32: Tf32Opt = False,
+    compression: CompressionOpt = Compression.none,
+    json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
+) -> None:
+    """Singular values, norms, condition numbers and ranks of every Jacobian, per sample.
+
+    DATA may be - to read a .npy stream from standard input."""
+    from .render import stdout_console
+
+    out = stdout_console(quiet)
+
+    def run() -> None:
+        from ..errors import UsageError
+        from ..settings import SpectrumSettings
+        from .render import emit_json, progress_bar
+        from .render_spectrum import render_spectrum, write_plots
+
+        settings = settings_from(SpectrumSettings, ctx, exclude=("source",), model=source)
+        if is_results_file(source):
+            if data is not None:
+                raise UsageError(f"{source} is a results file and already holds its samples; "
+                                 "drop DATA")
+            from ..pipelines.spectrum_file import spectrum_from_results
+
+            summary = spectrum_from_results(settings, source).summary
+        else:
+            if data is None:
+                raise UsageError("missing DATA: give the samples after the model file (or "
+                                 "pass a results file written by `jaccli compute`)")
+            from ..pipelines.spectrum import prepare_spectrum, run_spectrum
+
+            prepared = prepare_spectrum(settings)
+            with progress_bar(len(prepared.inputs.data),
+                              False if quiet else progress) as on_batch:
+                summary = run_spectrum(settings, on_batch=on_batch, run=prepared).summary
+        if plot is not None:
+            summary["plots"] = [str(p) for p in write_plots(summary, plot)]
+        if json_output:
+            emit_json(summary, quiet)
+        else:
+            render_spectrum(summary, out)
+
+    guarded(run)
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether `path` is an HDF5 file (a results file) rather than a model; a missing file is
+    an input error."""
+    from ..errors import JaccliError
+    from ..io.results.format import is_hdf5
+
+    if not path.exists():
+        raise JaccliError(f"file not found: {path}")
+    return is_hdf5(path)

@@ -1,0 +1,1 @@
+"""Everything that touches files: model and data loaders, hashes, results files."""

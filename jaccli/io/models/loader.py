@@ -1,0 +1,224 @@
+"""Load a trained model from any supported file, without running untrusted code by default."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ...errors import ModelLoadError, UntrustedPickleError
+from .arch import build_model, load_spec, spec_input_shape
+from .formats import ModelFormat, sniff_model_format
+from .state_dict import extract_state_dict, load_strict
+
+ARCH_METADATA_KEY = "jaccli.arch"
+_IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis.
+
+    module: the network, in eval mode, on the CPU.
+    input_shape: the per-sample input shape when the file declares it, else None.
+    hookable: whether forward hooks fire on its submodules (False for TorchScript).
+    module_types: qualified name -> layer type name, where the module object does not say
+        (TorchScript and torch.export modules); other modules use their class name.
+    """
+
+    module: nn.Module
+    format: ModelFormat
+    source: str
+    path: Path
+    input_shape: tuple[int, ...] | None = None
+    hookable: bool = True
+    module_types: dict[str, str] = field(default_factory=dict)
+
+    def type_name(self, qualified_name: str, module: nn.Module) -> str:
+        if qualified_name in self.module_types:
+            return self.module_types[qualified_name]
+        return getattr(module, "original_name", None) or type(module).__name__
+
+
+def load_model(path: str | Path, *, arch: str | None = None, arch_path: str | Path | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
+    """Load the model at `path`, detecting its format from its content.
+
+    arch: a JSON architecture spec file or an import string ``package.module:factory``;
+        needed for a bare state_dict (``.pt``/``.pth``/``.bin`` or plain ``.safetensors``).
+    arch_path: a directory put on ``sys.path`` before importing `arch`.
+    trust_pickle: allow unpickling a whole module (`torch.save(model)`), which runs code.
+    """
+    path = Path(path)
+    fmt = sniff_model_format(path)
+    if fmt is ModelFormat.TORCHSCRIPT:
+        loaded = _load_torchscript(path)
+    elif fmt is ModelFormat.EXPORT:
+        loaded = _load_export(path)
+    elif fmt is ModelFormat.SAFETENSORS:
+        loaded = _load_safetensors(path, arch, arch_path)
+    else:
+        loaded = _load_torch_pickle(path, arch, arch_path, trust_pickle)
+    loaded.module.eval()
+    return loaded
+
+
+def save_model(model: nn.Module, spec: dict | str | Path, path: str | Path) -> None:
+    """Write `model` as a self-describing safetensors file: its weights plus `spec` as metadata.
+
+    The spec must build a module whose state_dict keys and shapes match `model`'s.
+    """
+    spec = load_spec(spec)
+    load_strict(build_model(spec), model.state_dict(), "the model")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={ARCH_METADATA_KEY: json.dumps(spec)})
+
+
+def _load_torchscript(path: Path) -> LoadedModel:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # supported input, on purpose
+            module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load TorchScript archive {path}: "
+                             f"{_first_line(exc)}") from exc
+    return LoadedModel(module, ModelFormat.TORCHSCRIPT, "TorchScript archive", path,
+                       hookable=False)
+
+
+def _load_export(path: Path) -> LoadedModel:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+            module = torch.export.unflatten(program)
+    except Exception as exc:  # torch.export raises many types on corrupt archives
+        raise ModelLoadError(f"cannot load torch.export archive {path}: "
+                             f"{_first_line(exc)}") from exc
+    user_inputs = set(program.graph_signature.user_inputs)
+    shapes = [node.meta["val"].shape for node in program.graph.nodes
+              if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta]
+    input_shape = None
+    if len(shapes) == 1 and len(shapes[0]) >= 1:
+        batch = shapes[0][0]
+        if isinstance(batch, int) and batch != 1:
+            raise ModelLoadError(
+                f"{path} was exported with a fixed batch size of {batch}; re-export with a "
+                "dynamic batch dimension: torch.export.export(model, (x,), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+        input_shape = tuple(int(d) for d in shapes[0][1:])
+    types = {}
+    for node in program.graph.nodes:
+        for qualified_name, type_path in node.meta.get("nn_module_stack", {}).values():
+            types[qualified_name] = str(type_path).rsplit(".", 1)[-1]
+    return LoadedModel(module, ModelFormat.EXPORT, "torch.export archive", path,
+                       input_shape=input_shape, module_types=types)
+
+
+def _load_safetensors(path: Path, arch: str | None, arch_path: str | Path | None) -> LoadedModel:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read safetensors file {path}: {_first_line(exc)}") from exc
+    if arch is None and ARCH_METADATA_KEY in metadata:
+        spec = load_spec(metadata[ARCH_METADATA_KEY])
+        model = build_model(spec)
+        load_strict(model, state, str(path))
+        return LoadedModel(model, ModelFormat.SAFETENSORS, "self-describing safetensors", path,
+                           input_shape=spec_input_shape(spec))
+    return _with_arch(state, arch, arch_path, path, ModelFormat.SAFETENSORS,
+                      "safetensors state_dict + --arch")
+
+
+def _load_torch_pickle(path: Path, arch: str | None, arch_path: str | Path | None,
+                       trust_pickle: bool) -> LoadedModel:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise UntrustedPickleError(
+                f"{path} is a pickled Python object (not just tensors) and unpickling it runs "
+                "code from the file; save a state_dict and pass --arch, or use safetensors, "
+                "TorchScript or torch.export, or pass --trust-pickle if you trust the file"
+            ) from exc
+        obj = _unpickle_trusted(path)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ModelLoadError(f"cannot read {path} with torch.load: {_first_line(exc)}") from exc
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, ModelFormat.TORCH_PICKLE, "pickled module (--trust-pickle)", path)
+    return _with_arch(extract_state_dict(obj, str(path)), arch, arch_path, path,
+                      ModelFormat.TORCH_PICKLE, "state_dict + --arch")
+
+
+def _with_arch(state: dict, arch: str | None, arch_path: str | Path | None, path: Path,
+               fmt: ModelFormat, source: str) -> LoadedModel:
+    """Weights from a file that holds no architecture, into the one --arch names."""
+    if arch is None:
+        raise ModelLoadError(f"{path} holds weights but no architecture; pass --arch SPEC.json "
+                             "or --arch package.module:factory")
+    model, input_shape = _build_arch(arch, arch_path)
+    load_strict(model, state, str(path))
+    return LoadedModel(model, fmt, source, path, input_shape=input_shape)
+
+
+def _unpickle_trusted(path: Path) -> object:
+    print(f"warning: unpickling {path} runs code stored in the file (--trust-pickle)",
+          file=sys.stderr)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # arbitrary code ran; any failure is the file's
+        raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)} (is the module's "
+                             "class importable? see --arch-path)") from exc
+
+
+def _build_arch(arch: str, arch_path: str | Path | None) -> tuple[nn.Module, tuple | None]:
+    """Build the architecture named by --arch: a JSON spec file or `package.module:factory`."""
+    if Path(arch).is_file() or not _IMPORT_STRING.match(arch):
+        spec = load_spec(Path(arch))
+        return build_model(spec), spec_input_shape(spec)
+    return _import_factory(arch, arch_path)(), None
+
+
+def _import_factory(target: str, arch_path: str | Path | None):
+    if arch_path is not None:
+        directory = Path(arch_path)
+        if not directory.is_dir():
+            raise ModelLoadError(f"--arch-path {directory} is not a directory")
+        if str(directory.resolve()) not in sys.path:
+            sys.path.insert(0, str(directory.resolve()))
+    module_name, attr_path = target.split(":", 1)
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import {module_name!r} for --arch {target}: {exc} "
+                             "(add its directory with --arch-path)") from exc
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise ModelLoadError(f"--arch {target}: {module_name} has no attribute {attr_path!r}")
+        obj = getattr(obj, attr)
+
+    def factory() -> nn.Module:
+        model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+        if not isinstance(model, nn.Module):
+            raise ModelLoadError(f"--arch {target} returned a {type(model).__name__}, "
+                                 "not a torch.nn.Module")
+        return model
+
+    return factory
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

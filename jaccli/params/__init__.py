@@ -1,0 +1,1 @@
+"""Derivatives w.r.t. the parameters: per-sample Jacobians, products, objectives, Hessians."""

@@ -1,0 +1,126 @@
+"""Hessians of a loss through Hessian-vector products, never formed: top eigenvalues (block
+Lanczos), the trace (Hutchinson, with its standard error) and the spectral density
+(stochastic Lanczos quadrature).
+
+w.r.t. the parameters: the Hessian of the mean per-sample loss over the whole dataset (one
+`D x D` operator; every product is one pass over the data). w.r.t. the inputs: one
+`D_in x D_in` Hessian per sample (all samples at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from ..spectra.lanczos import ritz_nodes, top_eigenvalues
+from .jacobians import ParamInfo
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class HessianSpectrum:
+    """eigenvalues / residuals: `(B, k)` (B = 1 for parameters, N for inputs);
+    trace, trace_se: `(B,)`; density: SLQ nodes and weights (parameters only), or None."""
+
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    steps: int
+    trace: torch.Tensor
+    trace_se: torch.Tensor
+    dim: int
+    density: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def params_hvp(model: nn.Module, loss: Callable, batches: Batches, params: list[ParamInfo],
+               n_samples: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`V (1, D, b) -> H V` for the mean loss over all batches; D = the selected parameters,
+    flattened and concatenated in order."""
+    names = [p.name for p in params]
+    all_params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    theta = {k: all_params[k].detach() for k in names}
+    fixed = {k: v.detach() for k, v in all_params.items() if k not in theta}
+    sizes = [theta[k].numel() for k in names]
+
+    def unflatten(v: torch.Tensor) -> dict:
+        return {k: part.reshape(theta[k].shape)
+                for k, part in zip(names, torch.split(v, sizes), strict=True)}
+
+    def apply(block: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(block)
+        for x, t in batches():
+            def batch_loss(p, x=x, t=t):
+                outputs = functional_call(model, ({**fixed, **p}, buffers), (x,))
+                return loss(outputs, t).sum() / n_samples
+
+            gradient = grad(batch_loss)
+            for col in range(block.shape[2]):
+                tangent = unflatten(block[0, :, col])
+                hv = jvp(gradient, (theta,), (tangent,))[1]
+                out[0, :, col] += torch.cat([hv[k].reshape(-1) for k in names])
+        return out
+
+    return apply
+
+
+def inputs_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, targets: torch.Tensor
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`V (N, D_in, b) -> H_i v_i` per sample, H_i the Hessian of sample i's loss w.r.t. x_i."""
+    n = x.shape[0]
+
+    def sample_loss(xi, ti):
+        return loss(model(xi.unsqueeze(0)), ti.unsqueeze(0))[0]
+
+    def hvp_one(xi, ti, v):
+        return jvp(lambda z: grad(sample_loss)(z, ti), (xi,), (v.reshape(xi.shape),))[1]
+
+    per_sample = vmap(hvp_one, in_dims=(0, 0, 0))
+
+    def apply(block: torch.Tensor) -> torch.Tensor:
+        columns = [per_sample(x, targets, block[:, :, c]).reshape(n, -1)
+                   for c in range(block.shape[2])]
+        return torch.stack(columns, dim=2)
+
+    return apply
+
+
+def hessian_spectrum(operator: Callable[[torch.Tensor], torch.Tensor], *, batch: int, dim: int,
+                     k: int, probes: int, dtype: torch.dtype, device: torch.device,
+                     tol: float = 1e-8, which: str = "largest", density_probes: int = 0,
+                     density_steps: int = 60, seed: int = 0) -> HessianSpectrum:
+    """Top-k eigenvalues, Hutchinson trace and (optionally) SLQ density of `operator`."""
+    top = top_eigenvalues(operator, n=batch, dim=dim, k=k, dtype=dtype, device=device,
+                          which=which, tol=tol, seed=seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    signs = torch.randint(0, 2, (batch, dim, probes), generator=generator)
+    v = (2 * signs - 1).to(device=device, dtype=dtype)
+    quadratic = (v * operator(v)).sum(dim=1)  # (B, probes): vᵀ H v
+    trace = quadratic.mean(dim=1)
+    trace_se = quadratic.std(dim=1) / probes**0.5
+    density = None
+    if density_probes and batch == 1:
+        nodes, weights = [], []
+        for probe in range(density_probes):
+            theta, w = ritz_nodes(operator, dim=dim, steps=density_steps, dtype=dtype,
+                                  device=device, seed=seed + 100 + probe)
+            nodes.append(theta)
+            weights.append(w / density_probes)
+        density = (torch.cat(nodes), torch.cat(weights))
+    return HessianSpectrum(top.values, top.residuals, top.steps, trace, trace_se, dim, density)
+
+
+def smoothed_density(nodes: torch.Tensor, weights: torch.Tensor, points: int = 200,
+                     width: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SLQ density on a grid: Gaussians of `width` (default 1% of the range) at the nodes."""
+    low, high = float(nodes.min()), float(nodes.max())
+    span = max(high - low, 1e-12)
+    width = width or 0.01 * span
+    grid = torch.linspace(low - 0.05 * span, high + 0.05 * span, points, dtype=nodes.dtype)
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes[None]) / width) ** 2)
+    density = (kernel * weights[None]).sum(1) / (width * (2 * torch.pi) ** 0.5)
+    return grid, density

@@ -1,0 +1,141 @@
+"""What every pipeline does first — load and check the model and data on the chosen device,
+trace the layers — and what every results file records about its run (provenance)."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..engine.engine import JacobianEngine
+from ..errors import ShapeMismatchError, UnsupportedModuleError
+from ..io.data import DataSource, load_data
+from ..io.hashing import sha256_file
+from ..io.models import LoadedModel, load_model
+from ..settings import DataSelection, LayerSelection, ModelSource, RunOptions
+from ..tracing.independence import check_sample_independence
+from ..tracing.layers import Trace, trace_end_to_end, trace_layers
+from .resources import memory_budget, resolve_device, resolve_dtype
+
+INDEPENDENCE_SAMPLES = 4
+
+
+@dataclass
+class Inputs:
+    """A loaded model and data source, checked against each other, with the traced layers.
+
+    model: the module on `device` in `dtype`, parameters frozen (no gradients).
+    """
+
+    source: ModelSource
+    loaded: LoadedModel
+    data: DataSource
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    trace: Trace
+
+
+def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions,
+                layers: LayerSelection | None = None) -> Inputs:
+    """Load model and data, check them against each other, trace the layers `layers` selects
+    (all of them when None), and check that the model treats samples independently."""
+    device, dtype = resolve_device(run.device), resolve_dtype(run.dtype)
+    loaded = load(source)
+    data = load_data(selection.path, key=selection.key, offset=selection.offset,
+                     limit=selection.limit)
+    data.match_input_shape(loaded.input_shape)
+    data.check_finite()
+    model = frozen(loaded.module.to(device=device, dtype=dtype))
+    example = to_tensor(data.read(0, min(len(data), INDEPENDENCE_SAMPLES)), device, dtype)
+    trace = trace_model(layers or LayerSelection(), loaded, model, example)
+    check_sample_independence(model, example)
+    return Inputs(source, loaded, data, model, device, dtype, trace)
+
+
+def load(source: ModelSource) -> LoadedModel:
+    return load_model(source.path, arch=source.arch, arch_path=source.arch_path,
+                      trust_pickle=source.trust_pickle)
+
+
+def trace_model(layers: LayerSelection, loaded: LoadedModel, model: nn.Module,
+                example: torch.Tensor) -> Trace:
+    """The model's layers (as `layers` selects them), from one forward pass on `example`."""
+    if layers.include_layers:
+        return trace_layers(model, example, type_name=loaded.type_name,
+                            hookable=loaded.hookable, granularity=layers.granularity,
+                            patterns=layers.patterns)
+    try:  # layers are still traced, to form the end-to-end Jacobian by chain products
+        trace = trace_layers(model, example, type_name=loaded.type_name,
+                             hookable=loaded.hookable, granularity=layers.granularity)
+    except UnsupportedModuleError:
+        return trace_end_to_end(model, example)
+    trace.layers = []
+    return trace
+
+
+def load_targets(path, key: str | None, selection: DataSelection, n_samples: int
+                 ) -> DataSource:
+    """Targets (or vectors) for the same samples as the data: sliced by the same
+    --offset/--limit, and as many as there are samples."""
+    targets = load_data(path, key=key, offset=selection.offset, limit=selection.limit)
+    if len(targets) != n_samples:
+        raise ShapeMismatchError(f"{path} has {len(targets)} targets for {n_samples} samples; "
+                                 "they must match")
+    return targets
+
+
+def provenance(command_line: str, inputs: Inputs, **facts) -> dict:
+    """Root attributes of a results file: versions, command, inputs and their hashes, plus
+    the pipeline's own `facts` (store, granularity, chain, ...)."""
+    data = inputs.data
+    return {
+        "jaccli_version": __version__, "torch_version": torch.__version__,
+        "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line, "device": str(inputs.device),
+        "dtype": str(inputs.dtype).removeprefix("torch."),
+        "model_path": str(inputs.source.path), "model_format": inputs.loaded.source,
+        "model_sha256": sha256_file(inputs.source.path),
+        "data_path": str(data.path), "data_key": data.key or "", "data_offset": data.offset,
+        "data_sha256": data.sha256 or sha256_file(data.path), "n_samples": len(data),
+        **facts,
+    }
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """No parameter gradients: the pipelines differentiate w.r.t. inputs unless asked."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def to_tensor(rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch read from disk (possibly a read-only memory map) as a tensor of `dtype`."""
+    host = np.array(rows, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    return torch.from_numpy(host).to(device=device)
+
+
+def make_engine(layers: LayerSelection, run: RunOptions, model: nn.Module, trace: Trace,
+                n_samples: int, *, inputs_wrt: bool = True) -> JacobianEngine:
+    """The engine for the layers (and end-to-end Jacobian) `layers` selects."""
+    return JacobianEngine(model, trace, layers=trace.layers if inputs_wrt else [],
+                          end_to_end=layers.end_to_end and inputs_wrt, n_samples=n_samples,
+                          strict=run.strict_rules, mode=run.mode)
+
+
+def product_batch_size(run: RunOptions, inputs: Inputs) -> int:
+    """Samples per batch for product pipelines: as asked, else what the budget allows for
+    ~64 vectors of the larger side per sample."""
+    if run.batch_size:
+        return run.batch_size
+    budget, _ = memory_budget(inputs.device, run.max_memory)
+    per_sample = 64 * max(math.prod(inputs.trace.input_shape),
+                          math.prod(inputs.trace.output_shape)) * 8
+    return max(1, min(4096, budget // per_sample))

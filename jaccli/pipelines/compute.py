@@ -1,0 +1,280 @@
+"""The `compute` pipeline: load -> plan -> engine (and parameter Jacobians) -> writer / summary."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..engine.engine import JacobianEngine
+from ..engine.structures import Matrix, Structured
+from ..errors import OutOfMemoryError, UsageError, is_out_of_memory
+from ..io.data import DataSource
+from ..io.results.writer import ResultsWriter
+from ..params.jacobians import ParamInfo, param_jacobians, select_params
+from ..params.objectives import objective
+from ..reports.summary import EntrySummary, Summary
+from ..settings import ComputeSettings
+from ..tracing.recorder import ForwardRecorder, run_model
+from .common import (
+    Inputs,
+    load,
+    load_inputs,
+    load_targets,
+    make_engine,
+    provenance,
+    to_tensor,
+    trace_model,
+)
+from .planner import Plan, PlanEntry, make_plan
+from .resources import memory_budget, resolve_device, resolve_dtype, tf32_mode
+from .sink import ResultSink
+
+FLATTENED = "(flattened)"
+
+
+@dataclass
+class ParamSetup:
+    """What `--wrt params` differentiates: the parameters, the objective, the targets."""
+
+    params: list[ParamInfo]
+    objective: Callable
+    targets: DataSource | None
+    outputs: int  # C: per-sample outputs of the objective (1 for a scalar)
+
+
+@dataclass
+class Prepared:
+    """Checked inputs, the engine and the plan for running over them."""
+
+    settings: ComputeSettings
+    inputs: Inputs
+    engine: JacobianEngine
+    plan: Plan
+    param_setup: ParamSetup | None = None
+
+
+def prepare(settings: ComputeSettings) -> Prepared:
+    """Load and check the inputs, build the engine, and plan the run."""
+    s = settings
+    if "params" not in s.wrt and (s.params.loss or s.params.targets or s.params.patterns
+                                  or s.params.output_index is not None or s.params.flatten):
+        raise UsageError("--params, --loss, --targets, --output-index and --flatten go with "
+                         "--wrt params")
+    if "inputs" in s.wrt and not s.layers.include_layers and not s.layers.end_to_end:
+        raise UsageError("nothing to compute: --no-layers and --no-end-to-end together")
+    inputs = load_inputs(s.model, s.data, s.run, s.layers)
+    engine = make_engine(s.layers, s.run, inputs.model, inputs.trace, len(inputs.data),
+                         inputs_wrt="inputs" in s.wrt)
+    setup = _param_setup(s, inputs) if "params" in s.wrt else None
+    budget, source = memory_budget(inputs.device, s.run.max_memory)
+    plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
+                     device=inputs.device, budget=budget, budget_source=source, store=s.store,
+                     batch_size=s.run.batch_size, extra=_param_entries(s, setup, inputs.dtype))
+    return Prepared(s, inputs, engine, plan, setup)
+
+
+def _param_setup(settings: ComputeSettings, inputs: Inputs) -> ParamSetup:
+    options = settings.params
+    if options.loss is not None and options.targets is None:
+        raise UsageError("--loss needs --targets FILE")
+    targets = None
+    if options.targets is not None:
+        if options.loss is None:
+            raise UsageError("--targets needs --loss (cross-entropy, nll, mse, bce-logits)")
+        targets = load_targets(options.targets, options.targets_key, settings.data,
+                               len(inputs.data))
+    fn = objective(output_index=options.output_index, loss=options.loss)
+    example = to_tensor(inputs.data.read(0, 1), inputs.device, inputs.dtype)
+    example_targets = (None if targets is None
+                       else torch.from_numpy(np.array(targets.read(0, 1))).to(inputs.device))
+    with torch.no_grad():
+        value = fn(inputs.model(example), example_targets)
+    outputs = 1 if value.ndim == 1 else value.shape[1]
+    return ParamSetup(select_params(inputs.model, options.patterns), fn, targets, outputs)
+
+
+def _param_entries(settings: ComputeSettings, setup: ParamSetup | None,
+                   dtype: torch.dtype) -> list[PlanEntry]:
+    if setup is None:
+        return []
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    entries = [PlanEntry(p.name, f"param of {type(p.module).__name__}", p.shape,
+                         (setup.outputs,), "outer product" if p.structured else "generic",
+                         "dense", "-" if p.structured else "rev",
+                         setup.outputs * math.prod(p.shape) * itemsize, param_shape=p.shape)
+               for p in setup.params]
+    if settings.params.flatten:
+        total = sum(math.prod(p.shape) for p in setup.params)
+        entries.append(PlanEntry(FLATTENED, "all selected parameters", (total,),
+                                 (setup.outputs,), "concatenated", "dense", "-",
+                                 setup.outputs * total * itemsize, param_shape=(total,)))
+    return entries
+
+
+def inspect_model(settings: ComputeSettings, input_shape: tuple[int, ...] | None) -> Plan:
+    """Plan for `settings` without computing: the layers, their rules, shapes and sizes.
+
+    The input shape comes from `input_shape`, else from the data file (may be absent), else
+    from the model file; the model runs once on zeros of that shape.
+    """
+    from ..io.data import load_data
+
+    device, dtype = resolve_device(settings.run.device), resolve_dtype(settings.run.dtype)
+    loaded = load(settings.model)
+    n_samples = 1
+    selection = settings.data
+    if input_shape is None and selection.path is not None:
+        data = load_data(selection.path, key=selection.key, offset=selection.offset,
+                         limit=selection.limit)
+        data.match_input_shape(loaded.input_shape)
+        input_shape, n_samples = data.sample_shape, len(data)
+    input_shape = input_shape or loaded.input_shape
+    if input_shape is None:
+        raise UsageError("the model file does not declare its input shape; pass --input-shape "
+                         "(e.g. 1,28,28) or --data FILE")
+    model = loaded.module.to(device=device, dtype=dtype).requires_grad_(False)
+    example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
+    trace = trace_model(settings.layers, loaded, model, example)
+    engine = make_engine(settings.layers, settings.run, model, trace, n_samples)
+    return make_plan(engine, n_samples=n_samples, dtype=dtype, device=device, budget=2**62,
+                     budget_source="not applied by inspect", store=settings.store,
+                     batch_size=settings.run.batch_size or 1)
+
+
+class _Batching:
+    """The batch size in use: the plan's, halved for the rest of the run after running out
+    of memory; the file records the size actually used."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | None = None,
+                prepared: Prepared | None = None) -> Summary:
+    """Compute every planned Jacobian for every sample; write them if an output is set.
+
+    on_batch: called with the number of samples after each batch (for progress bars).
+    """
+    started = time.perf_counter()
+    p = prepared or prepare(settings)
+    plan, inputs, output = p.plan, p.inputs, settings.output
+    data = inputs.data
+    recorder = (ForwardRecorder(inputs.model, inputs.loaded.hookable)
+                if p.engine.needs_records else None)
+    norms = {e.name: np.full(len(data), np.nan) for e in plan.entries}
+    seconds = dict.fromkeys(norms, 0.0)
+    layers = settings.layers
+    writer = (ResultsWriter(
+        output.path, kind="jacobians", sample_index=data.indices,
+        attrs=provenance(settings.command_line, inputs, tf32=bool(
+            settings.run.tf32 and inputs.device.type == "cuda"), store=settings.store,
+            granularity=layers.granularity if layers.include_layers else "",
+            chain=plan.chain),
+        compression=output.compression, compression_level=output.compression_level)
+        if output.path is not None else nullcontext())
+    batching = _Batching(plan.batch_size)
+    with writer, tf32_mode(settings.run.tf32):
+        sink = ResultSink(writer if output.path else None, plan, norms, settings.store,
+                          np.float64 if inputs.dtype == torch.float64 else np.float32)
+        try:
+            for start, x in _batches(data, batching, inputs):
+                for part in _compute_batch(p, recorder, start, x, batching):
+                    part_start, count, results, spent = part
+                    for name, value in spent.items():
+                        seconds[name] += value
+                    sink.submit(part_start, count, results)
+                    if on_batch is not None:
+                        on_batch(count)
+        finally:
+            sink.close()
+        if output.path is not None:
+            sink.set_seconds(seconds)
+            writer.finish({"seconds": time.perf_counter() - started,
+                           "batch_size": batching.size})
+    entries = [EntrySummary.from_norms(name=e.name, kind=e.kind, type_name=e.type_name,
+                                       d_in=e.d_in, d_out=e.d_out, frobenius=norms[e.name],
+                                       seconds=seconds[e.name], structure=e.structure,
+                                       rule=e.rule) for e in plan.entries]
+    return Summary(
+        model=str(settings.model.path), model_format=inputs.loaded.source,
+        data=str(settings.data.path), n_samples=len(data), device=plan.device,
+        dtype=plan.dtype, granularity=layers.granularity, batch_size=batching.size,
+        chain=plan.chain, entries=entries,
+        skipped=[{"name": s.name, "type": s.type_name, "reason": s.skip_reason or ""}
+                 for s in plan.skipped],
+        output=str(output.path) if output.path else None,
+        output_bytes=output.path.stat().st_size if output.path else 0,
+        seconds=time.perf_counter() - started)
+
+
+def _batches(data: DataSource, batching: _Batching, inputs: Inputs
+             ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Batches of the current size (which shrinks for good after an out-of-memory retry)."""
+    start = 0
+    while start < len(data):
+        stop = min(start + batching.size, len(data))
+        yield start, to_tensor(data.read(start, stop), inputs.device, inputs.dtype)
+        start = stop
+
+
+def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x: torch.Tensor,
+                   batching: _Batching
+                   ) -> Iterator[tuple[int, int, dict[str, Structured], dict[str, float]]]:
+    """Yield `(start, count, Jacobians, seconds)` for the batch `x` (B, *in_shape).
+
+    When memory runs out, the batch is halved (for the rest of the run too) and retried.
+    """
+    try:
+        begin = time.perf_counter()
+        records = {}
+        if recorder is not None:
+            _, calls = run_model(recorder, x)
+            records = {r.site: r for r in calls}
+        forward = time.perf_counter() - begin
+        results = p.engine.compute(x, records, chunk_size=p.plan.chunk_size)
+        spent = dict(p.engine.last_seconds)
+        if p.param_setup is not None:
+            begin = time.perf_counter()
+            params = _param_batch(p, start, x)
+            each = (time.perf_counter() - begin) / len(params)
+            results |= params
+            spent |= dict.fromkeys(params, each)
+        # The one forward pass is shared by all entries: charge it to them equally.
+        spent = {name: seconds + forward / len(results) for name, seconds in spent.items()}
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if x.shape[0] == 1:
+            raise OutOfMemoryError("out of memory on a single sample; select fewer layers "
+                                   "with --layers or use --store compact") from exc
+        results = None
+    if results is not None:
+        yield start, x.shape[0], results, spent
+        return
+    if x.is_cuda:
+        torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    batching.size = min(batching.size, half)
+    yield from _compute_batch(p, recorder, start, x[:half], batching)
+    yield from _compute_batch(p, recorder, start + half, x[half:], batching)
+
+
+def _param_batch(p: Prepared, start: int, x: torch.Tensor) -> dict[str, Structured]:
+    """Per-sample parameter Jacobians of one batch, as `(B, C, D)` matrices."""
+    setup = p.param_setup
+    targets = None
+    if setup.targets is not None:
+        targets = torch.from_numpy(np.array(setup.targets.read(start, start + x.shape[0])))
+        targets = targets.to(x.device)
+    jacobians = param_jacobians(p.inputs.model, x, setup.objective, targets, setup.params)
+    result = {name: Matrix(jac.reshape(x.shape[0], setup.outputs, -1))
+              for name, jac in jacobians.items()}
+    if p.settings.params.flatten:  # one (B, C, D) matrix over all selected parameters
+        result[FLATTENED] = Matrix(torch.cat([m.matrix for m in result.values()], dim=2))
+    return result

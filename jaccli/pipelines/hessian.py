@@ -1,0 +1,111 @@
+"""The `hessian` pipeline: top eigenvalues, trace and spectral density of a loss Hessian by
+Hessian-vector products (never formed)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..io.results.writer import ResultsWriter
+from ..params.hessian import (
+    HessianSpectrum,
+    hessian_spectrum,
+    inputs_hvp,
+    params_hvp,
+    smoothed_density,
+)
+from ..params.jacobians import select_params
+from ..params.objectives import per_sample_loss
+from ..reports.stats import aggregate
+from ..settings import HessianSettings
+from .common import load_inputs, load_targets, product_batch_size, provenance, to_tensor
+
+
+def run_hessian(settings: HessianSettings) -> dict:
+    """Top eigenvalues, trace and (optionally) spectral density of the loss Hessian."""
+    if settings.loss is None or settings.targets is None:
+        raise UsageError("hessian needs --targets FILE and --loss NAME")
+    inputs = load_inputs(settings.model, settings.data, settings.run)
+    n = len(inputs.data)
+    targets_source = load_targets(settings.targets, settings.targets_key, settings.data, n)
+    loss = per_sample_loss(settings.loss)
+    batch = product_batch_size(settings.run, inputs)
+    x_all = to_tensor(inputs.data.read(0, n), inputs.device, inputs.dtype) \
+        if settings.wrt == "inputs" else None  # the samples themselves are small
+    t_all = torch.from_numpy(np.array(targets_source.read(0, n))).to(inputs.device)
+    started = time.perf_counter()
+    if settings.wrt == "params":
+        params = select_params(inputs.model, settings.params)
+        dim = sum(math.prod(p.shape) for p in params)
+
+        def batches():
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                yield (to_tensor(inputs.data.read(start, stop), inputs.device, inputs.dtype),
+                       t_all[start:stop])
+
+        operator = params_hvp(inputs.model, loss, batches, params, n)
+        spectrum = hessian_spectrum(operator, batch=1, dim=dim, k=settings.top_k,
+                                    probes=settings.probes, dtype=inputs.dtype,
+                                    device=inputs.device, which=settings.which,
+                                    density_probes=8 if settings.density else 0)
+    else:  # one Hessian per sample: batch by batch, to bound memory
+        dim = math.prod(inputs.trace.input_shape)
+        parts = []
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            parts.append(hessian_spectrum(
+                inputs_hvp(inputs.model, loss, x_all[start:stop], t_all[start:stop]),
+                batch=stop - start, dim=dim, k=settings.top_k, probes=settings.probes,
+                dtype=inputs.dtype, device=inputs.device, which=settings.which))
+        spectrum = HessianSpectrum(
+            torch.cat([p.eigenvalues for p in parts]), torch.cat([p.residuals for p in parts]),
+            max(p.steps for p in parts), torch.cat([p.trace for p in parts]),
+            torch.cat([p.trace_se for p in parts]), dim)
+    eigen = spectrum.eigenvalues.detach().double().cpu().numpy()
+    residuals = spectrum.residuals.detach().double().cpu().numpy()
+    trace = spectrum.trace.detach().double().cpu().numpy()
+    trace_se = spectrum.trace_se.detach().double().cpu().numpy()
+    summary = {"schema": "jaccli/hessian-summary", "schema_version": 1, "command": "hessian",
+               "wrt": settings.wrt, "loss": settings.loss, "model": str(settings.model.path),
+               "data": str(settings.data.path), "n_samples": n, "dim": dim, "which": settings.which,
+               "krylov_vectors": spectrum.steps, "output": None,
+               "seconds": time.perf_counter() - started}
+    if settings.wrt == "params":
+        summary |= {"eigenvalues": eigen[0].tolist(), "residuals": residuals[0].tolist(),
+                    "trace": float(trace[0]), "trace_se": float(trace_se[0])}
+    else:
+        summary |= {"top_eigenvalue": aggregate(eigen[:, 0]), "trace": aggregate(trace),
+                    "max_residual": float(residuals.max())}
+    density = None
+    if spectrum.density is not None:
+        grid, values = smoothed_density(*spectrum.density)
+        density = (grid.double().cpu().numpy(), values.double().cpu().numpy())
+        summary["density"] = {"grid": density[0].tolist(), "density": density[1].tolist()}
+    if settings.output.path is not None:
+        _write(settings, inputs, spectrum, density, eigen, residuals, trace, trace_se, dim, batch)
+        summary["output"] = str(settings.output.path)
+    return summary
+
+
+def _write(settings: HessianSettings, inputs, spectrum: HessianSpectrum, density, eigen,
+           residuals, trace, trace_se, dim: int, batch: int) -> None:
+    with ResultsWriter(settings.output.path, kind="hessian", sample_index=inputs.data.indices,
+                       attrs=provenance(settings.command_line, inputs)) as writer:
+        group = writer.create_group("hessian", parent="hessian_results", attrs={
+            "wrt": settings.wrt, "loss": settings.loss, "dim": dim, "which": settings.which})
+        group.create_dataset("eigenvalues", data=eigen)
+        group.create_dataset("residual", data=residuals)
+        group.create_dataset("trace", data=trace)
+        group.create_dataset("trace_se", data=trace_se)
+        if density is not None:
+            nodes, weights = spectrum.density
+            group.create_dataset("slq_nodes", data=nodes.double().cpu().numpy())
+            group.create_dataset("slq_weights", data=weights.double().cpu().numpy())
+            group.create_dataset("density_grid", data=density[0])
+            group.create_dataset("density", data=density[1])
+        writer.finish({"batch_size": batch})

@@ -1,0 +1,188 @@
+"""Decide, before anything runs, how each Jacobian is computed, what it costs in memory and
+on disk, how many samples fit in a batch, and the generic path's chunk size. The plan is a
+report: the pipelines act on it; planning changes nothing."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.engine import END_TO_END, JacobianEngine
+from ..errors import OutOfMemoryError
+from ..io.results.encodings import stored_bytes
+from ..tracing.layers import Layer
+from ..units import format_bytes
+
+# A batch holds each per-sample Jacobian about three times over: as computed, as an
+# intermediate of a product or a copy, and as the host array being written.
+WORKING_COPIES = 3
+MAX_AUTO_BATCH = 4096
+# Values per sample a generic-path basis vector keeps alive, in units of (D_in + D_out).
+GENERIC_ACTIVATIONS = 4
+
+
+@dataclass
+class PlanEntry:
+    """One Jacobian to compute: a layer's, or the model's end-to-end one (`layer` None).
+
+    input_shape / output_shape: per-sample; the dense Jacobian is `(N, D_out, D_in)`.
+    structure: its exact compact form (docs/FORMAT.md); rule: how each module is handled.
+    bytes_per_sample: stored bytes per sample; shared_bytes: stored once for all samples.
+    """
+
+    name: str
+    type_name: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    rule: str
+    structure: str
+    mode: str
+    bytes_per_sample: int
+    shared_bytes: int = 0
+    layer: Layer | None = None
+    param_shape: tuple[int, ...] | None = None  # set for a parameter Jacobian
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def d_out(self) -> int:
+        return math.prod(self.output_shape)
+
+    @property
+    def kind(self) -> str:
+        if self.param_shape is not None:
+            return "param"
+        return "end_to_end" if self.layer is None else "layer"
+
+
+@dataclass
+class Plan:
+    """Everything a run will do, known before its first batch."""
+
+    entries: list[PlanEntry]
+    n_samples: int
+    batch_size: int
+    budget: int
+    budget_source: str
+    device: str
+    dtype: str
+    chain: bool
+    store: str
+    skipped: list[Layer] = field(default_factory=list)
+    chain_costs: dict[str, float] | None = None
+    chunk_size: int | None = None
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return sum(e.bytes_per_sample for e in self.entries)
+
+    @property
+    def output_bytes(self) -> int:
+        return self.bytes_per_sample * self.n_samples + sum(e.shared_bytes for e in self.entries)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": "jaccli/plan", "schema_version": 1,
+            "n_samples": self.n_samples, "batch_size": self.batch_size,
+            "n_batches": -(-self.n_samples // self.batch_size),
+            "memory_budget_bytes": self.budget, "memory_budget_source": self.budget_source,
+            "device": self.device, "dtype": self.dtype, "chain": self.chain, "store": self.store,
+            "generic_chunk_size": self.chunk_size,
+            "bytes_per_sample": self.bytes_per_sample, "output_bytes": self.output_bytes,
+            "end_to_end_chain_cost": self.chain_costs,
+            "entries": [{"name": e.name, "kind": e.kind, "type": e.type_name, "rule": e.rule,
+                         "structure": e.structure, "mode": e.mode,
+                         "input_shape": list(e.input_shape), "output_shape": list(e.output_shape),
+                         "d_in": e.d_in, "d_out": e.d_out,
+                         "bytes_per_sample": e.bytes_per_sample, "shared_bytes": e.shared_bytes}
+                        for e in self.entries],
+            "skipped": [{"name": s.name, "type": s.type_name, "reason": s.skip_reason}
+                        for s in self.skipped],
+        }
+
+
+def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
+              device: torch.device, budget: int, budget_source: str, store: str = "compact",
+              batch_size: int | None = None, extra: list[PlanEntry] | None = None,
+              names: set[str] | None = None) -> Plan:
+    """Plan a run of `engine` (plus `extra` entries, e.g. parameter Jacobians) over
+    `n_samples` samples within `budget` bytes; `names` restricts it to those entries."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    trace = engine.trace
+    entries = []
+    for layer in engine.layers:
+        plans = engine.site_plans[layer.name]
+        structure = engine.structure(layer)
+        modes = {p.mode for p in plans if p.mode}
+        entries.append(PlanEntry(
+            layer.name, layer.type_name, layer.input_shape, layer.output_shape,
+            "+".join(p.rule_name for p in plans), structure, "/".join(sorted(modes)) or "-",
+            *stored_bytes(structure, layer.d_out, layer.d_in, itemsize, store), layer=layer))
+    chain_costs = None
+    if engine.end_to_end:
+        d_in, d_out = math.prod(trace.input_shape), math.prod(trace.output_shape)
+        structure = engine.end_to_end_structure
+        if engine.chain_plan is not None:
+            rule, mode = "chain product", "-"
+            chain_costs = {"chosen": engine.chain_plan.cost,
+                           "forward": engine.chain_plan.forward_cost,
+                           "reverse": engine.chain_plan.reverse_cost}
+        elif engine.e2e_from_chain:
+            rule = engine.end_to_end_method
+            mode = "rev" if rule.startswith("reverse") else "fwd"
+        else:
+            rule, mode = "generic", engine.mode if engine.mode != "auto" else (
+                "fwd" if d_in < d_out else "rev")
+        entries.append(PlanEntry(END_TO_END, "model", trace.input_shape, trace.output_shape,
+                                 rule, structure, mode,
+                                 *stored_bytes(structure, d_out, d_in, itemsize, store)))
+    entries += extra or []
+    if names is not None:
+        entries = [e for e in entries if e.name in names]
+    working = [(e, _working_bytes(e, itemsize, store)) for e in entries]
+    per_sample = max(1, sum(w for _, w in working))
+    largest, largest_bytes = max(working, key=lambda item: item[1], default=(None, 0))
+    shared = sum(e.shared_bytes for e in entries)
+    if largest is not None and WORKING_COPIES * largest_bytes + shared > budget:
+        raise OutOfMemoryError(
+            f"the Jacobian of {largest.name} ({largest.d_out} x {largest.d_in}) needs "
+            f"{format_bytes(largest_bytes)} per sample, more than the memory budget "
+            f"({format_bytes(budget)}, {budget_source}) allows; select other layers with "
+            "--layers, use --store compact, or raise --max-memory")
+    if batch_size is None:
+        room = max(budget - shared, 0) // (WORKING_COPIES * per_sample)
+        batch_size = max(1, min(room, MAX_AUTO_BATCH))
+    batch_size = max(1, min(batch_size, n_samples))
+    chunk_size = _generic_chunk_size(entries, batch_size, itemsize, budget)
+    return Plan(entries, n_samples, batch_size, budget, budget_source, str(device),
+                str(dtype).removeprefix("torch."), trace.chain, store,
+                list(trace.skipped), chain_costs, chunk_size)
+
+
+def _generic_chunk_size(entries: list[PlanEntry], batch_size: int, itemsize: int,
+                        budget: int) -> int | None:
+    """Basis vectors the generic path differentiates at once (torch.func's `chunk_size`).
+
+    Each one carries a cotangent (or tangent) through the layer for the whole batch: about
+    `GENERIC_ACTIVATIONS * (D_in + D_out)` values per sample. None: all at once fits.
+    """
+    generic = [e for e in entries if "generic" in e.rule]
+    if not generic:
+        return None
+    widest = max(e.d_in + e.d_out for e in generic)
+    basis = max(min(e.d_in, e.d_out) if e.mode != "auto" else max(e.d_in, e.d_out)
+                for e in generic)
+    per_vector = GENERIC_ACTIVATIONS * widest * batch_size * itemsize
+    chunk = max(1, budget // (WORKING_COPIES * per_vector))
+    return None if chunk >= basis else int(chunk)
+
+
+def _working_bytes(entry: PlanEntry, itemsize: int, store: str) -> int:
+    """Bytes per sample held while computing: dense results are formed whole."""
+    if store == "dense" or entry.structure == "dense":
+        return entry.d_out * entry.d_in * itemsize
+    return max(entry.bytes_per_sample, entry.d_out * itemsize)

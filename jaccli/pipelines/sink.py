@@ -1,0 +1,80 @@
+"""Where each batch's Jacobians go: per-sample Frobenius norms for the summary, and (on a
+writer thread) their host copies in the results file, encoded by the results codec."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+
+from ..engine.structures import Structured
+from ..io.results.background import BackgroundWriter
+from ..io.results.writer import ResultsWriter
+from .planner import Plan, PlanEntry
+
+# The results-file group each kind of plan entry goes under.
+PARENTS = {"layer": "layers", "end_to_end": "end_to_end", "param": "params"}
+
+
+class ResultSink:
+    """Hands each batch's Jacobians to the writer thread: norms, host copies, HDF5 writes.
+
+    writer: the open results file, or None to keep only the norms.
+    norms: `{entry name: (N,) float64}`, filled in place.
+    """
+
+    def __init__(self, writer: ResultsWriter | None, plan: Plan, norms: dict[str, np.ndarray],
+                 store: str, np_dtype):
+        self.writer, self.plan, self.norms, self.store = writer, plan, norms, store
+        self.np_dtype = np_dtype
+        self.entries = {e.name: e for e in plan.entries}
+        self.groups: dict[str, h5py.Group] = {}
+        self.background = BackgroundWriter()
+
+    def submit(self, start: int, count: int, results: dict[str, Structured]) -> None:
+        """Queue the Jacobians of samples `start:start + count`."""
+        for name, jac in results.items():
+            self.background.submit(lambda n=name, j=jac: self._write(n, start, count, j))
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first error one of them hit."""
+        self.background.close()
+
+    def set_seconds(self, seconds: dict[str, float]) -> None:
+        for name, group in self.groups.items():
+            group.attrs["seconds"] = seconds[name]
+
+    def _write(self, name: str, start: int, count: int, jac: Structured) -> None:
+        frob = jac.frobenius(count).detach().to("cpu", torch.float64).numpy()
+        self.norms[name][start:start + count] = frob
+        if self.writer is None:
+            return
+        encoding = "dense" if self.store == "dense" else jac.tag
+        tensors = {"jacobian": jac.dense(count)} if encoding == "dense" else jac.compact()
+        arrays = {key: _host(value, self.np_dtype) for key, value in tensors.items()}
+        group = self.groups.get(name)
+        if group is None:
+            group = self._create(self.entries[name], encoding, arrays)
+        elif group.attrs["encoding"] != encoding:
+            raise RuntimeError(f"{name}: structure changed from {group.attrs['encoding']} "
+                               f"to {encoding} between batches")
+        self.writer.write_encoded(group, encoding, start, arrays)
+        group["frobenius"][start:start + count] = frob
+
+    def _create(self, entry: PlanEntry, encoding: str, arrays: dict) -> h5py.Group:
+        writer = self.writer
+        group = writer.create_group(entry.name, parent=PARENTS[entry.kind], attrs={
+            "type": entry.type_name, "param_shape": list(entry.param_shape or ()),
+            "modules": list(entry.layer.module_names) if entry.layer else [],
+            "input_shape": list(entry.input_shape), "output_shape": list(entry.output_shape),
+            "d_in": entry.d_in, "d_out": entry.d_out, "mode": entry.mode, "rule": entry.rule,
+            "encoding": encoding})
+        writer.create_encoded(group, encoding, arrays, self.plan.n_samples)
+        writer.create_dataset(group, "frobenius", (self.plan.n_samples,), np.float64)
+        self.groups[entry.name] = group
+        return group
+
+
+def _host(value: torch.Tensor, np_dtype) -> np.ndarray:
+    host = value.detach().cpu().numpy()
+    return host if host.dtype.kind in "iu" else host.astype(np_dtype, copy=False)

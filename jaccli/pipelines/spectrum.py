@@ -1,0 +1,197 @@
+"""The `spectrum` pipeline from a model: load -> plan (a method per Jacobian, then the batch
+size) -> engine -> spectra -> writer / summary."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..engine.engine import JacobianEngine
+from ..errors import UsageError
+from ..reports.spectrum_summary import SpectrumOutcome
+from ..settings import SpectrumSettings
+from ..spectra.conv_fft import conv2d_circular_singular_values
+from ..spectra.exact import Spectrum, exact_spectrum
+from ..spectra.lanczos import hutchinson_frobenius, top_singular_values
+from ..spectra.plan import SpectrumEntry, plan_spectra
+from ..spectra.quantities import all_quantities
+from ..tracing.recorder import ForwardRecorder, run_model
+from .common import Inputs, load_inputs, make_engine, provenance, to_tensor
+from .planner import Plan, make_plan
+from .resources import memory_budget, tf32_mode
+from .spectrum_output import EntryResult, summarize, write_spectra
+
+# A Lanczos basis holds up to ~100 vectors per sample and Jacobian, three times over.
+KRYLOV_VECTORS = 100
+
+
+@dataclass
+class SpectrumRun:
+    """A planned spectrum run: inputs, the method per Jacobian, the engine, the batch size.
+
+    plan: the memory plan of the Jacobians whose spectra come from their structure.
+    """
+
+    settings: SpectrumSettings
+    inputs: Inputs
+    entries: list[SpectrumEntry]
+    engine: JacobianEngine
+    plan: Plan
+    batch_size: int
+
+
+def prepare_spectrum(settings: SpectrumSettings) -> SpectrumRun:
+    """Load, trace and plan a spectrum run, once: first the method for each Jacobian (what
+    one sample needs), then the batch size that fits a batch of those methods."""
+    if settings.top_k is not None and settings.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    inputs = load_inputs(settings.model, settings.data, settings.run, settings.layers)
+    n = len(inputs.data)
+    budget, source = memory_budget(inputs.device, settings.run.max_memory)
+    itemsize = torch.empty((), dtype=inputs.dtype).element_size()
+    engine = make_engine(settings.layers, settings.run, inputs.model, inputs.trace, n)
+    entries = plan_spectra(engine, itemsize=itemsize, budget=budget, top_k=settings.top_k,
+                           exact=settings.exact)
+    structured = {e.name for e in entries if e.method == "structured"}
+    plan = make_plan(engine, n_samples=n, dtype=inputs.dtype, device=inputs.device,
+                     budget=budget, budget_source=source, store="compact",
+                     batch_size=settings.run.batch_size, names=structured)
+    krylov = sum(3 * min(e.d_in, e.d_out) * KRYLOV_VECTORS * itemsize
+                 for e in entries if e.method == "lanczos")
+    batch = plan.batch_size if not krylov else max(1, min(plan.batch_size, budget // krylov))
+    return SpectrumRun(settings, inputs, entries, engine, plan,
+                       settings.run.batch_size or batch)
+
+
+def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun | None = None
+                 ) -> SpectrumOutcome:
+    """Compute the spectra; write them if an output is set."""
+    started = time.perf_counter()
+    run = run or prepare_spectrum(settings)
+    inputs = run.inputs
+    data, trace = inputs.data, inputs.trace
+    results = {e.name: EntryResult(e) for e in run.entries}
+    structured = {e.name for e in run.entries if e.method == "structured"}
+    recorder = ForwardRecorder(inputs.model, inputs.loaded.hookable)
+    cache: dict = {}
+    profile = (_Profile(run.engine) if settings.profile and trace.chain and trace.all_layers
+               else None)
+    with tf32_mode(settings.run.tf32):
+        for start in range(0, len(data), run.batch_size):
+            stop = min(start + run.batch_size, len(data))
+            x = to_tensor(data.read(start, stop), inputs.device, inputs.dtype)
+            _, calls = run_model(recorder, x)
+            records = {r.site: r for r in calls}
+            jacobians = run.engine.compute(x, records, names=structured,
+                                           chunk_size=run.plan.chunk_size)
+            for entry in run.entries:
+                begin = time.perf_counter()
+                spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, records,
+                                                       cache)
+                results[entry.name].add(spectrum, quantities)
+                results[entry.name].seconds += time.perf_counter() - begin
+            if profile is not None:
+                profile.add(x, records, budget=run.plan.budget)
+            if on_batch is not None:
+                on_batch(stop - start)
+    profile_rows = profile.rows() if profile is not None else []
+    summary, records, bounds = summarize(
+        run.entries, results, profile_rows=profile_rows,
+        profile_note=(profile.skipped if profile is not None
+                      else "" if trace.chain else "not a chain model: no cumulative Jacobians"),
+        chain=trace.chain, all_layers=len(trace.layers) == len(trace.all_layers),
+        model=str(settings.model.path), data=str(settings.data.path),
+        model_format=inputs.loaded.source, n_samples=len(data), device=run.plan.device,
+        dtype=run.plan.dtype)
+    if settings.output.path is not None:
+        write_spectra(settings, summary, results, profile_rows, bounds, data.indices,
+                      provenance(settings.command_line, inputs, chain=trace.chain,
+                                 batch_size=run.batch_size))
+        summary["output"] = str(settings.output.path)
+    summary["seconds"] = time.perf_counter() - started
+    return SpectrumOutcome(summary, records, data.indices, bounds)
+
+
+def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x, records,
+                    cache) -> tuple[Spectrum, dict[str, torch.Tensor]]:
+    n = x.shape[0]
+    settings = run.settings
+    if entry.method == "fft":
+        module = entry.layer.modules[0]
+        if entry.name not in cache:
+            _, height, width = entry.layer.input_shape
+            cache[entry.name] = conv2d_circular_singular_values(module.weight.to(x.dtype),
+                                                                height, width)[None]
+        spectrum = Spectrum(cache[entry.name].expand(n, -1), True, "fft")
+        return _complete(spectrum, entry)
+    if entry.method == "structured":
+        jac = structured[entry.name]
+        spectrum = exact_spectrum(jac, n, exact=settings.exact, cache=cache, key=entry.name)
+        if entry.k < spectrum.values.shape[1]:
+            values = spectrum.values
+            quantities = all_quantities(values, entry.d_out, entry.d_in)
+            return Spectrum(values[:, :entry.k], False, spectrum.method, spectrum.note), \
+                quantities
+        return _complete(spectrum, entry)
+    if entry.layer is not None:
+        apply_j, apply_jt = run.engine.layer_operator(entry.layer, records)
+    else:
+        apply_j, apply_jt = run.engine.end_to_end_operator(x, records)
+    result = top_singular_values(apply_j, apply_jt, n=n, d_in=entry.d_in, d_out=entry.d_out,
+                                 k=entry.k, dtype=x.dtype, device=x.device, tol=settings.tol,
+                                 max_steps=settings.max_steps)
+    frob, frob_se = hutchinson_frobenius(apply_j, n=n, d_in=entry.d_in, dtype=x.dtype,
+                                         device=x.device, probes=settings.probes)
+    spectrum = Spectrum(result.values, False, "lanczos",
+                        f"top-{entry.k} by matrix-free Lanczos ({result.steps} steps); Frobenius "
+                        f"norm estimated from {settings.probes} Hutchinson probes "
+                        "(frobenius_se)", result.residuals)
+    quantities = {"spectral_norm": result.values[:, 0], "frobenius": frob,
+                  "frobenius_se": frob_se,
+                  "stable_rank": frob.square() / result.values[:, 0].square().clamp_min(1e-300)}
+    return spectrum, quantities
+
+
+def _complete(spectrum: Spectrum, entry: SpectrumEntry):
+    return spectrum, all_quantities(spectrum.values, entry.d_out, entry.d_in)
+
+
+class _Profile:
+    """Dynamical-isometry profile: moments of σ² of the cumulative Jacobians J_{1:l}."""
+
+    def __init__(self, engine: JacobianEngine):
+        self.engine = engine
+        self.names = [layer.name for layer in engine.trace.all_layers]
+        self.sum_s2 = np.zeros(len(self.names))
+        self.sum_s4 = np.zeros(len(self.names))
+        self.count = np.zeros(len(self.names))
+        self.skipped = ""
+
+    def add(self, x, records, budget: int) -> None:
+        if self.skipped:
+            return
+        d0 = self.engine.trace.all_layers[0].d_in
+        widest = max(layer.d_out for layer in self.engine.trace.all_layers)
+        need = 3 * x.shape[0] * widest * d0 * x.element_size()
+        if need > budget:
+            self.skipped = (f"cumulative Jacobians need {need / 2**30:.1f} GiB per batch, over "
+                            "the memory budget")
+            return
+        for i, (_, block) in enumerate(self.engine.cumulative(x, records)):
+            j = block.expand(x.shape[0], -1, -1)
+            gram = j @ j.transpose(1, 2) if j.shape[1] <= j.shape[2] else \
+                j.transpose(1, 2) @ j
+            self.sum_s2[i] += gram.diagonal(dim1=1, dim2=2).sum().item()
+            self.sum_s4[i] += gram.square().sum().item()
+            self.count[i] += x.shape[0] * min(j.shape[1], j.shape[2])
+
+    def rows(self) -> list[dict]:
+        if self.skipped:
+            return []
+        mean = self.sum_s2 / np.maximum(self.count, 1)
+        var = self.sum_s4 / np.maximum(self.count, 1) - mean**2
+        return [{"layer": name, "mean_sigma2": float(m), "var_sigma2": float(v)}
+                for name, m, v in zip(self.names, mean, var, strict=True)]

@@ -1,0 +1,1 @@
+"""Summaries, statistics, gates and comparisons of results, built from plain arrays (no torch)."""

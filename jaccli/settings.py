@@ -1,0 +1,301 @@
+"""The settings of a run, composed from small groups that every command shares (no torch).
+
+The CLI builds these once from its option groups; Python callers build them directly::
+
+    ComputeSettings(model=ModelSource("m.safetensors"), data=DataSelection("x.npy", limit=8),
+                    output=OutputOptions("jac.h5"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+
+from .errors import UsageError
+
+
+class Granularity(str, Enum):
+    module = "module"
+    block = "block"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    fwd = "fwd"
+    rev = "rev"
+
+
+class Wrt(str, Enum):
+    inputs = "inputs"
+    params = "params"
+
+
+class Loss(str, Enum):
+    cross_entropy = "cross-entropy"
+    nll = "nll"
+    mse = "mse"
+    bce_logits = "bce-logits"
+
+
+class Store(str, Enum):
+    compact = "compact"
+    dense = "dense"
+
+
+class Compression(str, Enum):
+    none = "none"
+    gzip = "gzip"
+    lzf = "lzf"
+
+
+class Stat(str, Enum):
+    max = "max"
+    mean = "mean"
+    p95 = "p95"
+    p99 = "p99"
+
+
+class Which(str, Enum):
+    largest = "largest"
+    magnitude = "magnitude"
+
+
+class Direction(str, Enum):
+    jvp = "jvp"
+    vjp = "vjp"
+
+
+def choice(kind: type[Enum], value: str | Enum | None, option: str) -> str | None:
+    """`value` as the plain string of one of `kind`'s members (None stays None)."""
+    if value is None:
+        return None
+    try:
+        return kind(value).value
+    except ValueError:
+        names = ", ".join(member.value for member in kind)
+        raise UsageError(f"{option} must be one of {names}, not {value!r}") from None
+
+
+@dataclass
+class ModelSource:
+    """Where the model comes from: the file, and what is needed to read it."""
+
+    path: Path
+    arch: str | None = None
+    arch_path: Path | None = None
+    trust_pickle: bool = False
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+
+
+@dataclass
+class DataSelection:
+    """Which samples: a file (`-` for a .npy stream on stdin), an array in it, a range."""
+
+    path: Path | None = None
+    key: str | None = None
+    offset: int = 0
+    limit: int | None = None
+
+    def __post_init__(self):
+        self.path = None if self.path is None else Path(self.path)
+
+
+@dataclass
+class LayerSelection:
+    """Which Jacobians: the layers (by granularity and name globs) and the end-to-end one."""
+
+    granularity: str = Granularity.module.value
+    patterns: list[str] | None = None
+    include_layers: bool = True
+    end_to_end: bool = True
+
+    def __post_init__(self):
+        self.granularity = choice(Granularity, self.granularity, "--granularity")
+
+
+@dataclass
+class RunOptions:
+    """How to compute: device, precision, batch size, memory budget (bytes), AD mode."""
+
+    device: str = "auto"
+    dtype: str = Dtype.float32.value
+    batch_size: int | None = None
+    max_memory: int | None = None
+    mode: str = Mode.auto.value
+    strict_rules: bool = False
+    tf32: bool = False
+
+    def __post_init__(self):
+        self.dtype = choice(Dtype, self.dtype, "--dtype")
+        self.mode = choice(Mode, self.mode, "--mode")
+
+
+@dataclass
+class OutputOptions:
+    """The HDF5 file to write (None: only the summary) and its compression."""
+
+    path: Path | None = None
+    compression: str = Compression.none.value
+    compression_level: int | None = None
+
+    def __post_init__(self):
+        self.path = None if self.path is None else Path(self.path)
+        self.compression = choice(Compression, self.compression, "--compression")
+
+
+@dataclass
+class ParamOptions:
+    """`--wrt params`: which parameters, and what is differentiated (outputs, one output
+    entry, or a per-sample loss against targets)."""
+
+    patterns: list[str] | None = None
+    output_index: int | None = None
+    targets: Path | None = None
+    targets_key: str | None = None
+    loss: str | None = None
+    flatten: bool = False
+
+    def __post_init__(self):
+        self.loss = choice(Loss, self.loss, "--loss")
+        self.targets = None if self.targets is None else Path(self.targets)
+
+
+
+# Option name -> field of its group, for each group a command's settings may hold.
+_GROUP_OPTIONS: dict[str, tuple[type, dict[str, str]]] = {
+    "model": (ModelSource, {"model": "path", "arch": "arch", "arch_path": "arch_path",
+                            "trust_pickle": "trust_pickle"}),
+    "data": (DataSelection, {"data": "path", "key": "key", "offset": "offset",
+                             "limit": "limit"}),
+    "layers": (LayerSelection, {"granularity": "granularity", "layers": "patterns",
+                                "include_layers": "include_layers",
+                                "end_to_end": "end_to_end"}),
+    "run": (RunOptions, {"device": "device", "dtype": "dtype", "batch_size": "batch_size",
+                         "max_memory": "max_memory", "mode": "mode",
+                         "strict_rules": "strict_rules", "tf32": "tf32"}),
+    "output": (OutputOptions, {"output": "path", "compression": "compression",
+                               "compression_level": "compression_level"}),
+    "params": (ParamOptions, {"params": "patterns", "output_index": "output_index",
+                              "targets": "targets", "targets_key": "targets_key",
+                              "loss": "loss", "flatten": "flatten"}),
+}
+
+
+class _Composed:
+    """Settings made of option groups, buildable from flat option names (as the CLI has them)."""
+
+    @classmethod
+    def from_options(cls, **options):
+        """`ComputeSettings.from_options(model=..., data=..., limit=8, dtype="float64")`:
+        each option goes to the group that holds it; unknown names are a TypeError."""
+        types = {f.name: f.type for f in fields(cls)}
+        names = set(types)
+        groups = {name: spec for name, spec in _GROUP_OPTIONS.items()
+                  if types.get(name) in (spec[0], spec[0].__name__)}
+        kwargs, used = {}, set()
+        for option in names - set(groups):
+            if option in options:
+                kwargs[option] = options[option]
+                used.add(option)
+        for group, (group_class, mapping) in groups.items():
+            part = {target: options[option] for option, target in mapping.items()
+                    if option in options and option not in used}
+            used |= {option for option in mapping if option in options}
+            kwargs[group] = group_class(**part)
+        unknown = set(options) - used
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no option {', '.join(sorted(unknown))}")
+        return cls(**kwargs)
+
+
+@dataclass
+class ComputeSettings(_Composed):
+    """`jaccli compute`: Jacobians w.r.t. the inputs and/or the parameters."""
+
+    model: ModelSource
+    data: DataSelection
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    run: RunOptions = field(default_factory=RunOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    store: str = Store.compact.value
+    wrt: tuple[str, ...] = (Wrt.inputs.value,)
+    params: ParamOptions = field(default_factory=ParamOptions)
+    command_line: str = ""
+
+    def __post_init__(self):
+        self.store = choice(Store, self.store, "--store")
+        self.wrt = tuple(dict.fromkeys(choice(Wrt, w, "--wrt") for w in self.wrt))
+        if not self.wrt:
+            raise UsageError("--wrt takes inputs and/or params")
+
+
+@dataclass
+class SpectrumSettings(_Composed):
+    """`jaccli spectrum`: singular values and derived quantities of every Jacobian."""
+
+    model: ModelSource
+    data: DataSelection
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    run: RunOptions = field(default_factory=RunOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    top_k: int | None = None
+    exact: bool = False
+    tol: float = 1e-8
+    max_steps: int | None = None
+    probes: int = 32
+    profile: bool = True
+    command_line: str = ""
+
+
+@dataclass
+class ProductSettings(_Composed):
+    """`jaccli jvp` / `jaccli vjp`: J v or uᵀ J per sample, without forming J."""
+
+    model: ModelSource
+    data: DataSelection
+    direction: str = Direction.jvp.value
+    vectors: Path | None = None
+    vectors_key: str | None = None
+    layer: str | None = None
+    wrt: str = Wrt.inputs.value
+    params: list[str] | None = None
+    run: RunOptions = field(default_factory=RunOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    command_line: str = ""
+
+    def __post_init__(self):
+        self.direction = choice(Direction, self.direction, "direction")
+        self.wrt = choice(Wrt, self.wrt, "--wrt")
+
+
+@dataclass
+class HessianSettings(_Composed):
+    """`jaccli hessian`: top eigenvalues, trace and density of a loss Hessian."""
+
+    model: ModelSource
+    data: DataSelection
+    targets: Path | None = None
+    loss: str | None = None
+    targets_key: str | None = None
+    wrt: str = Wrt.params.value
+    params: list[str] | None = None
+    top_k: int = 5
+    which: str = Which.largest.value
+    probes: int = 32
+    density: bool = False
+    run: RunOptions = field(default_factory=RunOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    command_line: str = ""
+
+    def __post_init__(self):
+        self.loss = choice(Loss, self.loss, "--loss")
+        self.wrt = choice(Wrt, self.wrt, "--wrt")
+        self.which = choice(Which, self.which, "--which")
