@@ -24,7 +24,6 @@ from .options import (
     TrustPickleOpt,
     settings_from,
 )
-from .spectrum import is_results_file
 
 BOUNDS = ("max_spectral_norm", "max_cond", "max_frobenius", "max_lipschitz_bound", "min_sigma",
           "stat", "check_layers", "config_file")
@@ -132,11 +131,13 @@ def check(
             "layers": check_layers or []})
         settings = settings_from(SpectrumSettings, ctx, exclude=("source", *BOUNDS),
                                  model=source, profile=False)
+        from ..pipelines.spectrum_file import is_results_file, spectra_of_file
+
         if is_results_file(source):
             if data is not None:
                 raise UsageError(f"{source} is a results file and already holds its samples; "
                                  "drop DATA")
-            outcome = _spectra_of_file(settings, source)
+            outcome = spectra_of_file(settings, source)
         else:
             if data is None:
                 raise UsageError("missing DATA: give the samples after the model file")
@@ -153,18 +154,6 @@ def check(
             raise typer.Exit(1)
 
     guarded(run, input_error_code=EXIT_GATE_ERROR)
-
-
-def _spectra_of_file(settings, path: Path):
-    """Spectra from a results file: read back from a spectra file, or computed from the
-    Jacobians a compute file stores."""
-    from ..io.results import Results
-    from ..pipelines.spectrum_file import spectrum_from_results
-    from ..reports.show import read_spectra
-
-    with Results(path) as results:
-        kind = results.attrs.get("kind")
-    return read_spectra(path) if kind == "spectra" else spectrum_from_results(settings, path)
 
 
 def diff(

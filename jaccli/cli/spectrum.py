@@ -90,12 +90,12 @@ def spectrum(
         from .render_spectrum import render_spectrum, write_plots
 
         settings = settings_from(SpectrumSettings, ctx, exclude=("source",), model=source)
+        from ..pipelines.spectrum_file import is_results_file, spectrum_from_results
+
         if is_results_file(source):
             if data is not None:
                 raise UsageError(f"{source} is a results file and already holds its samples; "
                                  "drop DATA")
-            from ..pipelines.spectrum_file import spectrum_from_results
-
             summary = spectrum_from_results(settings, source).summary
         else:
             if data is None:
@@ -116,13 +116,3 @@ def spectrum(
 
     guarded(run)
 
-
-def is_results_file(path: Path) -> bool:
-    """Whether `path` is an HDF5 file (a results file) rather than a model; a missing file is
-    an input error."""
-    from ..errors import JaccliError
-    from ..io.results.format import is_hdf5
-
-    if not path.exists():
-        raise JaccliError(f"file not found: {path}")
-    return is_hdf5(path)

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from ..engine.structures import from_compact
-from ..errors import UsageError
+from ..errors import JaccliError, UsageError
 from ..io.results import Results
+from ..io.results.format import is_hdf5
+from ..reports.show import read_spectra
 from ..reports.spectrum_summary import SpectrumOutcome
 from ..settings import SpectrumSettings
 from ..spectra.exact import Spectrum, exact_spectrum
@@ -76,3 +78,19 @@ def spectrum_from_results(settings: SpectrumSettings, path: Path, *,
     if on_batch is not None:
         on_batch(n)
     return SpectrumOutcome(summary, records, indices, bounds)
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether `path` is an HDF5 file (a results file) rather than a model; a missing file is
+    an input error."""
+    if not path.exists():
+        raise JaccliError(f"file not found: {path}")
+    return is_hdf5(path)
+
+
+def spectra_of_file(settings: SpectrumSettings, path: Path) -> SpectrumOutcome:
+    """Spectra from a results file: read back from a spectra file, or computed from the
+    Jacobians a compute file stores."""
+    with Results(path) as results:
+        kind = results.attrs.get("kind")
+    return read_spectra(path) if kind == "spectra" else spectrum_from_results(settings, path)
