@@ -89,7 +89,8 @@ def end_to_end_jacobian(model: nn.Module | LoadedModel, x: torch.Tensor, *,
     """
     module, _, _ = _unwrap(model)
     with nullcontext() if create_graph else torch.no_grad():
-        return per_sample_jacobian(lambda xb: first_tensor(module(xb)), x, mode=mode)
+        return per_sample_jacobian(lambda xb: first_tensor(module(xb)), x, mode=mode,
+                                   name=type(module).__name__)
 
 
 def jacobian(model: nn.Module | LoadedModel, x: torch.Tensor, *,

@@ -7,9 +7,9 @@ from torch import nn
 from jaccli.engine.engine import JacobianEngine
 from jaccli.errors import OutOfMemoryError
 from jaccli.pipelines.planner import make_plan
+from jaccli.tracing.layers import trace_layers
 
 from .conftest import reference_jacobian
-from jaccli.tracing.layers import trace_layers
 
 
 class Odd(nn.Module):

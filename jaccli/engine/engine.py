@@ -155,7 +155,7 @@ class JacobianEngine:
             else:
                 result[END_TO_END] = Matrix(per_sample_jacobian(
                     lambda xb: first_tensor(self.model(xb)), x, mode=self.mode,
-                    chunk_size=chunk_size))
+                    chunk_size=chunk_size, name="the end-to-end Jacobian"))
             clock.lap(END_TO_END)
         self.last_seconds = {name: clock.laps.get(name, 0.0) for name in result}
         return result
@@ -249,7 +249,7 @@ class JacobianEngine:
         if plan.rule is None:
             return Matrix(per_sample_jacobian(site_function(record), record.input,
                                               batched_extras(record), mode=plan.mode or "auto",
-                                              chunk_size=chunk_size))
+                                              chunk_size=chunk_size, name=plan.site))
         if plan.rule.shared:
             if plan.site not in self._shared:
                 self._shared[plan.site] = plan.rule.jacobian(module, record.input[:1])
