@@ -110,9 +110,11 @@ def param_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
     `targets`; see `jaccli.objectives.LOSSES`)."""
     from .params.jacobians import param_jacobians as compute
     from .params.jacobians import select_params
-    from .params.objectives import objective
+    from .params.objectives import check_targets, objective
 
     module, _, _ = _unwrap(model)
+    if loss is not None and targets is not None:
+        check_targets(loss, targets, _output_shape(module, x))
     return compute(module, x, objective(output_index=output_index, loss=loss), targets,
                    select_params(module, params))
 
@@ -177,15 +179,21 @@ def hvp(model: nn.Module | LoadedModel, x: torch.Tensor, v: torch.Tensor, *,
     """
     from .params.hessian import inputs_hvp, params_hvp
     from .params.jacobians import select_params
-    from .params.objectives import per_sample_loss
+    from .params.objectives import check_targets, per_sample_loss
 
     module, _, _ = _unwrap(model)
+    check_targets(loss, targets, _output_shape(module, x))
     fn = per_sample_loss(loss)
     if wrt == "params":
         operator = params_hvp(module, fn, lambda: [(x, targets)], select_params(module),
                               x.shape[0])
         return operator(v.reshape(1, -1, 1).to(x.dtype))[0, :, 0]
     return inputs_hvp(module, fn, x, targets)(v.reshape(x.shape[0], -1, 1).to(x.dtype))[:, :, 0]
+
+
+def _output_shape(module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    with torch.no_grad():
+        return tuple(first_tensor(module(x[:1])).shape[1:])
 
 
 __all__ = ["END_TO_END", "end_to_end_jacobian", "hvp", "jacobian", "jvp", "layer_jacobians",

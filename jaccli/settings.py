@@ -8,6 +8,7 @@ The CLI builds these once from its option groups; Python callers build them dire
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -119,6 +120,8 @@ class LayerSelection:
 
     def __post_init__(self):
         self.granularity = choice(Granularity, self.granularity, "--granularity")
+        if self.patterns and not self.include_layers:
+            raise UsageError("--layers and --no-layers exclude each other")
 
 
 @dataclass
@@ -147,8 +150,13 @@ class OutputOptions:
     compression_level: int | None = None
 
     def __post_init__(self):
+        if self.path is not None and str(self.path) == "-":
+            raise UsageError("-o - is not supported: results are HDF5 files and need a file "
+                             "name (use --json to print the summary on stdout)")
         self.path = None if self.path is None else Path(self.path)
         self.compression = choice(Compression, self.compression, "--compression")
+        if self.compression_level is not None and self.compression != Compression.gzip.value:
+            raise UsageError("--compression-level goes with --compression gzip")
 
 
 @dataclass
@@ -253,6 +261,10 @@ class SpectrumSettings(_Composed):
     probes: int = 32
     profile: bool = True
     command_line: str = ""
+
+    def __post_init__(self):
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise UsageError(f"--tol must be a finite number above 0, not {self.tol}")
 
 
 @dataclass

@@ -5,15 +5,43 @@ Exit codes are documented in `jaccli.cli.errors`.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer.core import TyperGroup
 
 from .. import __version__
 from . import compute, products, reports, spectrum
 
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors as one stderr line, `jaccli: error: ...`, exit 2 (like every other error),
+    instead of Click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            code = exc.exit_code
+        except ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "jaccli"
+            typer.echo(f"jaccli: error: {exc.format_message()} (see '{command} --help')",
+                       err=True)
+            code = exc.exit_code
+        except typer.Abort:
+            typer.echo("jaccli: error: aborted", err=True)
+            code = 1
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
-    name="jaccli", no_args_is_help=True, add_completion=False,
+    name="jaccli", cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
     help="Per-layer, per-sample Jacobians of trained neural networks, their norms and spectra.",
     context_settings={"help_option_names": ["-h", "--help"]})
 

@@ -39,8 +39,8 @@ def guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
         return action()
     try:
         return action()
-    except (typer.Exit, typer.Abort, TyperException):
-        raise  # deliberate exits, and the command-line parser's own usage errors
+    except (typer.Exit, typer.Abort, TyperException, BrokenPipeError):
+        raise  # deliberate exits, usage errors, a closed stdout: the app handles them
     except JaccliError as exc:
         code = exc.exit_code if exc.exit_code != 1 else input_error_code
         raise fail(str(exc), code) from None

@@ -111,6 +111,32 @@ def settings_from(kind: type, ctx: typer.Context, *, exclude: tuple[str, ...] = 
     return kind.from_options(**options, command_line=command_line())
 
 
+# Options that only mean something when a model is run, not for a results file.
+MODEL_ONLY = ("arch", "arch_path", "trust_pickle", "key", "granularity", "max_memory", "tf32",
+              "profile", "tol", "max_steps", "probes")
+
+
+def given(ctx: typer.Context) -> set[str]:
+    """The options the user gave (on the command line or through the environment)."""
+    from typer._click.core import ParameterSource
+
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                                  ParameterSource.ENVIRONMENT)}
+
+
+def for_results_file(ctx: typer.Context, path: Path) -> dict[str, Any]:
+    """Refuse the model-only options given with a results file (usage error); the overrides
+    for its settings: the file's own precision unless --dtype was given."""
+    from ..errors import UsageError
+
+    wrong = sorted(given(ctx) & set(MODEL_ONLY))
+    if wrong:
+        names = ", ".join("--" + name.replace("_", "-") for name in wrong)
+        raise UsageError(f"{names} only apply when running a model; {path} is a results file")
+    return {} if "dtype" in given(ctx) else {"dtype": None}
+
+
 def _plain(value: Any) -> Any:
     """Enum members as their values; empty repeatable options as None."""
     if isinstance(value, Enum):

@@ -22,6 +22,7 @@ from .options import (
     OffsetOpt,
     QuietOpt,
     TrustPickleOpt,
+    for_results_file,
     settings_from,
 )
 
@@ -129,11 +130,13 @@ def check(
             "max_frobenius": max_frobenius, "max_lipschitz_bound": max_lipschitz_bound,
             "min_sigma": min_sigma, "stat": stat.value if stat else None,
             "layers": check_layers or []})
-        settings = settings_from(SpectrumSettings, ctx, exclude=("source", *BOUNDS),
-                                 model=source, profile=False)
         from ..pipelines.spectrum_file import is_results_file, spectra_of_file
 
-        if is_results_file(source):
+        from_file = is_results_file(source)
+        settings = settings_from(SpectrumSettings, ctx, exclude=("source", *BOUNDS),
+                                 model=source, profile=False,
+                                 **(for_results_file(ctx, source) if from_file else {}))
+        if from_file:
             if data is not None:
                 raise UsageError(f"{source} is a results file and already holds its samples; "
                                  "drop DATA")

@@ -29,6 +29,7 @@ from .options import (
     QuietOpt,
     Tf32Opt,
     TrustPickleOpt,
+    for_results_file,
     settings_from,
 )
 
@@ -85,14 +86,15 @@ def spectrum(
 
     def run() -> None:
         from ..errors import UsageError
+        from ..pipelines.spectrum_file import is_results_file, spectrum_from_results
         from ..settings import SpectrumSettings
         from .render import emit_json, progress_bar
         from .render_spectrum import render_spectrum, write_plots
 
-        settings = settings_from(SpectrumSettings, ctx, exclude=("source",), model=source)
-        from ..pipelines.spectrum_file import is_results_file, spectrum_from_results
-
-        if is_results_file(source):
+        from_file = is_results_file(source)
+        settings = settings_from(SpectrumSettings, ctx, exclude=("source",), model=source,
+                                 **(for_results_file(ctx, source) if from_file else {}))
+        if from_file:
             if data is not None:
                 raise UsageError(f"{source} is a results file and already holds its samples; "
                                  "drop DATA")

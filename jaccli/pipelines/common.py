@@ -80,14 +80,14 @@ def trace_model(layers: LayerSelection, loaded: LoadedModel, model: nn.Module,
     return trace
 
 
-def load_targets(path, key: str | None, selection: DataSelection, n_samples: int
-                 ) -> DataSource:
-    """Targets (or vectors) for the same samples as the data: sliced by the same
-    --offset/--limit, and as many as there are samples."""
+def load_targets(path, key: str | None, selection: DataSelection, n_samples: int, *,
+                 what: str = "targets") -> DataSource:
+    """Targets (or vectors) for the same samples as the data: one per data-file row, sliced
+    by the same --offset/--limit, as many as there are samples."""
     targets = load_data(path, key=key, offset=selection.offset, limit=selection.limit)
     if len(targets) != n_samples:
-        raise ShapeMismatchError(f"{path} has {len(targets)} targets for {n_samples} samples; "
-                                 "they must match")
+        raise ShapeMismatchError(f"{path} has {len(targets)} {what} for {n_samples} samples; "
+                                 f"they must match (one per row of the data file)")
     return targets
 
 

@@ -17,7 +17,7 @@ from ..errors import OutOfMemoryError, UsageError, is_out_of_memory
 from ..io.data import DataSource
 from ..io.results.writer import ResultsWriter
 from ..params.jacobians import ParamInfo, param_jacobians, select_params
-from ..params.objectives import objective
+from ..params.objectives import check_targets, objective
 from ..reports.summary import EntrySummary, Summary
 from ..settings import ComputeSettings
 from ..tracing.recorder import ForwardRecorder, run_model
@@ -91,10 +91,14 @@ def _param_setup(settings: ComputeSettings, inputs: Inputs) -> ParamSetup:
                                len(inputs.data))
     fn = objective(output_index=options.output_index, loss=options.loss)
     example = to_tensor(inputs.data.read(0, 1), inputs.device, inputs.dtype)
-    example_targets = (None if targets is None
-                       else torch.from_numpy(np.array(targets.read(0, 1))).to(inputs.device))
     with torch.no_grad():
-        value = fn(inputs.model(example), example_targets)
+        output = inputs.model(example)
+    example_targets = None
+    if targets is not None:
+        check_targets(options.loss, targets.read(0, len(targets)), tuple(output.shape[1:]))
+        example_targets = torch.from_numpy(np.array(targets.read(0, 1))).to(inputs.device)
+    with torch.no_grad():
+        value = fn(output, example_targets)
     outputs = 1 if value.ndim == 1 else value.shape[1]
     return ParamSetup(select_params(inputs.model, options.patterns), fn, targets, outputs)
 

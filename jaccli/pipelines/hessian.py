@@ -19,7 +19,7 @@ from ..params.hessian import (
     smoothed_density,
 )
 from ..params.jacobians import select_params
-from ..params.objectives import per_sample_loss
+from ..params.objectives import check_targets, per_sample_loss
 from ..reports.stats import aggregate
 from ..settings import HessianSettings
 from .common import load_inputs, load_targets, product_batch_size, provenance, to_tensor
@@ -32,6 +32,7 @@ def run_hessian(settings: HessianSettings) -> dict:
     inputs = load_inputs(settings.model, settings.data, settings.run)
     n = len(inputs.data)
     targets_source = load_targets(settings.targets, settings.targets_key, settings.data, n)
+    check_targets(settings.loss, targets_source.read(0, n), inputs.trace.output_shape)
     loss = per_sample_loss(settings.loss)
     batch = product_batch_size(settings.run, inputs)
     x_all = to_tensor(inputs.data.read(0, n), inputs.device, inputs.dtype) \

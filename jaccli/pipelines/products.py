@@ -17,7 +17,14 @@ from ..params.objectives import objective
 from ..reports.stats import aggregate
 from ..settings import ProductSettings
 from ..tracing.recorder import ForwardRecorder, run_model
-from .common import Inputs, load_inputs, product_batch_size, provenance, to_tensor
+from .common import (
+    Inputs,
+    load_inputs,
+    load_targets,
+    product_batch_size,
+    provenance,
+    to_tensor,
+)
 
 
 def run_products(settings: ProductSettings) -> dict:
@@ -77,16 +84,21 @@ def _operator_engine(settings: ProductSettings, inputs: Inputs):
 
 
 def _vectors(settings: ProductSettings, n: int) -> torch.Tensor:
+    """One vector for all samples (a 1-D array or a single row), or one per data-file row,
+    selected by the same --offset/--limit as the data: `(1 | n, D)`."""
     if settings.vectors is None:
         raise UsageError("--vectors FILE is required")
-    source = load_data(settings.vectors, key=settings.vectors_key)
-    array = np.array(source.read(0, len(source)))
-    if array.ndim == 1:  # one vector for every sample
-        return torch.from_numpy(array)[None]
-    if array.shape[0] not in (1, n):
-        raise ShapeMismatchError(f"--vectors holds {array.shape[0]} vectors for {n} samples; "
-                                 "give one per sample, or one for all")
-    return torch.from_numpy(array.reshape(array.shape[0], -1))
+    whole = load_data(settings.vectors, key=settings.vectors_key)
+    if len(whole.array.shape) == 1 or whole.array.shape[0] == 1:
+        whole.check_finite()
+        return torch.from_numpy(np.array(whole.read(0, len(whole)))).reshape(1, -1)
+    source = load_targets(settings.vectors, settings.vectors_key, settings.data, n,
+                          what="vectors")
+    source.check_finite()
+    array = np.array(source.read(0, n))
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ShapeMismatchError(f"--vectors holds {array.dtype} values; give real numbers")
+    return torch.from_numpy(array.reshape(n, -1))
 
 
 def _product(settings: ProductSettings, inputs, engine, layer, params, x, v) -> torch.Tensor:

@@ -1,23 +1,32 @@
 """The `spectrum` pipeline from a results file written by `compute`: each stored Jacobian is
-read in its compact form (through the results codec) and decomposed by its structure."""
+read in its compact form (through the results codec) and decomposed by its structure.
+
+The selection options apply to the file: `--layers` / `--no-layers` / `--no-end-to-end` pick
+its groups, `--offset` / `--limit` its samples (positions in the file), `--dtype` / `--device`
+where the decompositions run (default: the file's precision).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..engine.structures import from_compact
 from ..errors import JaccliError, UsageError
-from ..io.results import Results
+from ..io.results import ResultGroup, Results
 from ..io.results.format import is_hdf5
 from ..reports.show import read_spectra
 from ..reports.spectrum_summary import SpectrumOutcome
-from ..settings import SpectrumSettings
+from ..settings import LayerSelection, SpectrumSettings
 from ..spectra.exact import Spectrum, exact_spectrum
 from ..spectra.plan import SpectrumEntry
 from ..spectra.quantities import all_quantities
+from .resources import resolve_device, resolve_dtype
 from .spectrum_output import EntryResult, summarize, write_spectra
 
 BATCH = 256
@@ -31,53 +40,91 @@ def spectrum_from_results(settings: SpectrumSettings, path: Path, *,
         if source.attrs.get("kind") != "jacobians":
             raise UsageError(f"{path} holds {source.attrs.get('kind')}, not Jacobians; "
                              "`jaccli spectrum` reads files written by `jaccli compute`")
-        dtype = torch.float64 if source.attrs.get("dtype") == "float64" else torch.float32
-        n = source.n_samples
-        batch = settings.run.batch_size or BATCH
+        rows = sample_rows(settings, source.n_samples, path)
+        dtype = resolve_dtype(settings.run.dtype or str(source.attrs.get("dtype", "float32")))
+        device = resolve_device(settings.run.device)
+        groups = selected_groups(source, settings.layers, path)
+        everything = len(groups) == len(source.groups())
         entries, results, cache = [], {}, {}
-        for group in source.groups():
-            d_in, d_out = int(group.attrs["d_in"]), int(group.attrs["d_out"])
-            r = min(d_in, d_out)
-            k = min(settings.top_k, r) if settings.top_k else r
-            entry = SpectrumEntry(group.name, group.kind, group.type_name, d_in, d_out,
-                                  group.encoding, "structured", k, "from the stored Jacobian")
+        for group in groups:
+            entry, result = _decompose(group, rows, settings, dtype, device, cache)
             entries.append(entry)
-            results[entry.name] = EntryResult(entry)
-            begin = time.perf_counter()
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
-                arrays = {name: torch.from_numpy(value).to(dtype if value.dtype.kind == "f"
-                                                           else torch.int64)
-                          for name, value in group.compact(slice(start, stop)).items()}
-                jac = from_compact(group.encoding, arrays, d_in, dtype)
-                spectrum = exact_spectrum(jac, stop - start, exact=settings.exact,
-                                          cache=cache, key=entry.name)
-                quantities = all_quantities(spectrum.values, d_out, d_in)
-                if k < r:
-                    spectrum = Spectrum(spectrum.values[:, :k], False, spectrum.method,
-                                        spectrum.note)
-                results[entry.name].add(spectrum, quantities)
-            results[entry.name].seconds = time.perf_counter() - begin
+            results[entry.name] = result
         attrs = dict(source.attrs)
-        indices = source.sample_index
+        indices = source.sample_index[rows]
     chain = bool(attrs.get("chain"))
     summary, records, bounds = summarize(
         entries, results, profile_rows=[],
         profile_note="" if chain else "not a chain model: no cumulative Jacobians", chain=chain,
-        all_layers=True, model=str(attrs.get("model_path", "")),
-        data=str(attrs.get("data_path", "")), model_format=str(attrs.get("model_format", "")),
-        n_samples=n, device=str(attrs.get("device", "")), dtype=str(attrs.get("dtype", "")))
+        all_layers=everything,
+        model=str(attrs.get("model_path", "")), data=str(attrs.get("data_path", "")),
+        model_format=str(attrs.get("model_format", "")), n_samples=len(indices),
+        device=str(device), dtype=str(dtype).removeprefix("torch."))
     summary["source"] = str(path)
     if settings.output.path is not None:
         provenance = {k: v for k, v in attrs.items()
                       if k not in ("format", "format_version", "kind", "complete")}
-        provenance |= {"command": settings.command_line, "source_results": str(path)}
+        provenance |= {"command": settings.command_line, "source_results": str(path),
+                       "n_samples": len(indices), "dtype": summary["dtype"]}
         write_spectra(settings, summary, results, [], bounds, indices, provenance)
         summary["output"] = str(settings.output.path)
     summary["seconds"] = time.perf_counter() - started
     if on_batch is not None:
-        on_batch(n)
+        on_batch(len(indices))
     return SpectrumOutcome(summary, records, indices, bounds)
+
+
+def _decompose(group: ResultGroup, rows: slice, settings: SpectrumSettings, dtype, device,
+               cache: dict) -> tuple[SpectrumEntry, EntryResult]:
+    """All singular values of one stored Jacobian for samples `rows`, batch by batch."""
+    d_in, d_out = int(group.attrs["d_in"]), int(group.attrs["d_out"])
+    r = min(d_in, d_out)
+    k = min(settings.top_k, r) if settings.top_k else r
+    entry = SpectrumEntry(group.name, group.kind, group.type_name, d_in, d_out,
+                          group.encoding, "structured", k, "from the stored Jacobian")
+    result = EntryResult(entry)
+    begin = time.perf_counter()
+    batch = settings.run.batch_size or BATCH
+    for start in range(rows.start, rows.stop, batch):
+        stop = min(start + batch, rows.stop)
+        arrays = {name: torch.from_numpy(value).to(
+                      device=device, dtype=dtype if value.dtype.kind == "f" else torch.int64)
+                  for name, value in group.compact(slice(start, stop)).items()}
+        jac = from_compact(group.encoding, arrays, d_in, dtype)
+        spectrum = exact_spectrum(jac, stop - start, exact=settings.exact, cache=cache,
+                                  key=entry.name)
+        quantities = all_quantities(spectrum.values, d_out, d_in)
+        if k < r:
+            spectrum = Spectrum(spectrum.values[:, :k], False, spectrum.method, spectrum.note)
+        result.add(spectrum, quantities)
+    result.seconds = time.perf_counter() - begin
+    return entry, result
+
+
+def selected_groups(source: Results, layers: LayerSelection, path: Path) -> list[ResultGroup]:
+    """The groups `--layers` / `--no-layers` / `--no-end-to-end` select (parameters stay)."""
+    chosen = []
+    for group in source.groups():
+        if group.kind == "layer" and not layers.include_layers:
+            continue
+        if group.kind == "end_to_end" and not layers.end_to_end:
+            continue
+        if (layers.patterns and group.kind == "layer"
+                and not any(fnmatch.fnmatchcase(group.name, p) for p in layers.patterns)):
+            continue
+        chosen.append(group)
+    if not chosen:
+        names = ", ".join(g.name for g in source.groups()) or "(none)"
+        raise UsageError(f"the layer selection matches nothing in {path}; it holds: {names}")
+    return chosen
+
+
+def sample_rows(settings: SpectrumSettings, n: int, path: Path) -> slice:
+    """Positions `--offset` / `--limit` select among the file's n samples."""
+    offset, limit = settings.data.offset, settings.data.limit
+    if offset >= n:
+        raise UsageError(f"--offset {offset} is past the end of {path} ({n} samples)")
+    return slice(offset, n if limit is None else min(n, offset + limit))
 
 
 def is_results_file(path: Path) -> bool:
@@ -89,8 +136,18 @@ def is_results_file(path: Path) -> bool:
 
 
 def spectra_of_file(settings: SpectrumSettings, path: Path) -> SpectrumOutcome:
-    """Spectra from a results file: read back from a spectra file, or computed from the
-    Jacobians a compute file stores."""
+    """Spectra from a results file: read back from a spectra file (its samples selected by
+    `--offset` / `--limit`), or computed from the Jacobians a compute file stores."""
     with Results(path) as results:
         kind = results.attrs.get("kind")
-    return read_spectra(path) if kind == "spectra" else spectrum_from_results(settings, path)
+    if kind != "spectra":
+        return spectrum_from_results(settings, path)
+    outcome = read_spectra(path)
+    rows = sample_rows(settings, len(outcome.sample_index), path)
+    records = [replace(r, values=r.values[rows], residuals=None if r.residuals is None
+                       else r.residuals[rows],
+                       quantities={q: v[rows] for q, v in r.quantities.items()})
+               for r in outcome.records]
+    bounds = None if outcome.bounds is None else {k: np.asarray(v)[rows]
+                                                  for k, v in outcome.bounds.items()}
+    return SpectrumOutcome(outcome.summary, records, outcome.sample_index[rows], bounds)

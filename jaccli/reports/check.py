@@ -140,9 +140,14 @@ def _check(name: str, quantity: str, values: np.ndarray, bound: float, upper: bo
            stat: str, sample_index: np.ndarray) -> dict:
     used = stat if upper else _LOWER_TAIL[stat]
     stats = aggregate(values)
-    # An infinite (rank-deficient) or NaN value never satisfies an upper bound.
-    value = float("inf") if upper and stats["n_nonfinite"] else stats[used]
-    passed = bool(value <= bound) if upper else bool(value >= bound)
+    # An infinite (rank-deficient) or NaN value never satisfies a bound, not even an
+    # infinite one: `--max-cond inf` still fails a rank-deficient Jacobian.
+    if stats["n_nonfinite"]:
+        value = float("inf") if upper else float("nan")
+        passed = False
+    else:
+        value = stats[used]
+        passed = bool(value <= bound) if upper else bool(value >= bound)
     return {"layer": name, "quantity": quantity, "stat": used, "value": value,
             "bound": bound, "kind": "max" if upper else "min", "passed": passed,
             "worst_samples": worst_samples(values, sample_index, largest=upper)}

@@ -58,7 +58,9 @@ def _check_same_data(a: Results, b: Results, allowed: bool) -> None:
 
 
 def _change(a: float, b: float) -> dict:
-    if a == b:
+    if np.isnan(a) or np.isnan(b):
+        rel = None  # NaN on either side is a change, never "the same"
+    elif a == b:
         rel = 0.0
     elif a == 0 or not np.isfinite(a) or not np.isfinite(b):
         rel = None  # undefined: always reported as a change
@@ -84,9 +86,9 @@ def _spectra_metrics(a: ResultGroup, b: ResultGroup) -> dict:
                                                      np.median(b["condition_number"]))
     scale = float(np.mean(sa)) if sa.size else 0.0
     distance = _wasserstein(sa.reshape(-1), sb.reshape(-1))
+    relative = distance / scale if scale > 0 else float("inf")
     metrics["singular_value_distribution"] = {
-        "a": 0.0, "b": distance / scale if scale > 0 else float("inf"),
-        "rel_change": distance / scale if scale > 0 else None}
+        "a": 0.0, "b": relative, "rel_change": relative if np.isfinite(relative) else None}
     return metrics
 
 
@@ -109,7 +111,9 @@ def _jacobian_metrics(a: ResultGroup, b: ResultGroup) -> dict:
         num = np.linalg.norm((jb - ja).reshape(len(ja), -1), axis=1)
         den = np.linalg.norm(ja.reshape(len(ja), -1), axis=1)
         ratio = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(num > 0, np.inf, 0))
-        worst = max(worst, float(ratio.max()))
+        # NaN (in either run) makes the difference undefined: never "the same".
+        worst = float("nan") if np.isnan(ratio).any() or np.isnan(worst) else \
+            max(worst, float(ratio.max()))
     return {
         "frobenius_mean": _change(np.mean(a["frobenius"]), np.mean(b["frobenius"])),
         "jacobian_max_rel_difference": {"a": 0.0, "b": worst,
