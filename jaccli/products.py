@@ -198,10 +198,7 @@ def run_hessian(config: ProductConfig) -> dict:
                 inputs_hvp(inputs.model, loss, x_all[start:stop], t_all[start:stop]),
                 batch=stop - start, dim=dim, k=config.top_k, probes=config.probes,
                 dtype=inputs.dtype, device=inputs.device, which=config.which))
-        spectrum = HessianSpectrum(
-            torch.cat([p.eigenvalues for p in parts]), torch.cat([p.residuals for p in parts]),
-            max(p.steps for p in parts), torch.cat([p.trace for p in parts]),
-            torch.cat([p.trace_se for p in parts]), dim)
+        spectrum = HessianSpectrum.concatenate(parts)
     eigen = spectrum.eigenvalues.detach().double().cpu().numpy()
     residuals = spectrum.residuals.detach().double().cpu().numpy()
     trace = spectrum.trace.detach().double().cpu().numpy()
