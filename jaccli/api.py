@@ -107,7 +107,7 @@ def param_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
                     ) -> dict[str, torch.Tensor]:
     """Per-sample Jacobians w.r.t. parameters: `{name: (N, C, *shape)}` of the outputs, or
     `(N, *shape)` of one output entry (`output_index`) or a per-sample loss (`loss` with
-    `targets`; see `jaccli.objectives.LOSSES`)."""
+    `targets`; see `jaccli.params.objectives.LOSSES`)."""
     from .params.jacobians import param_jacobians as compute
     from .params.jacobians import select_params
     from .params.objectives import check_targets, objective

@@ -1,5 +1,5 @@
-"""Spectral quantities, structured spectra, Lanczos, Hutchinson and the FFT method against
-torch.linalg in float64."""
+"""Spectral quantities, structured spectra and the FFT method against torch.linalg in float64
+(Lanczos and Hutchinson: test_lanczos.py)."""
 
 import math
 
@@ -12,7 +12,6 @@ from jaccli.engine.structures import Diagonal, Matrix, RowScaled, Selection
 from jaccli.reports.stats import aggregate, worst_samples
 from jaccli.spectra.conv_fft import conv2d_circular_singular_values, fft_applicable
 from jaccli.spectra.exact import exact_spectrum
-from jaccli.spectra.lanczos import hutchinson_frobenius, top_singular_values
 from jaccli.spectra.quantities import all_quantities
 
 F64 = torch.float64
@@ -106,55 +105,3 @@ def test_fft_spectrum_of_circular_conv_equals_svdvals_of_its_matrix(c_in, c_out,
     got = conv2d_circular_singular_values(conv.weight.detach(), *size)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     assert not fft_applicable(nn.Conv2d(c_in, c_out, 3, padding=1), (c_in, *size))
-
-
-def test_lanczos_top_k_agrees_with_exact_values_and_reports_residuals():
-    torch.manual_seed(4)
-    jac = torch.randn(3, 40, 30, dtype=F64)
-    result = top_singular_values(lambda v: jac @ v, lambda u: jac.transpose(1, 2) @ u,
-                                 n=3, d_in=30,
-                                 d_out=40, k=5, dtype=F64, device=torch.device("cpu"),
-                                 tol=1e-10)
-    expected = torch.linalg.svdvals(jac)[:, :5]
-    torch.testing.assert_close(result.values, expected, rtol=1e-8, atol=0)
-    assert result.residuals.shape == (3, 5) and float(result.residuals.max()) <= 1e-10
-
-
-def test_lanczos_converges_on_a_conv_layer_too_large_to_materialize():
-    torch.manual_seed(5)
-    conv = nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular", bias=False).double()
-    conv.requires_grad_(False)
-    x = torch.zeros(1, 64, 32, 32, dtype=F64)  # J is 65536 x 65536: 32 GiB dense
-    from jaccli.engine.rules import rule_for
-
-    rule = rule_for(conv)
-    result = top_singular_values(
-        lambda v: rule.jvp(conv, x, v[:, :, 0].reshape(x.shape)).reshape(1, -1, 1),
-        lambda u: rule.vjp(conv, x, u[:, :, 0].reshape(x.shape)).reshape(1, -1, 1),
-        n=1, d_in=65536, d_out=65536, k=1, block=1, dtype=F64, device=torch.device("cpu"),
-        tol=1e-10, max_steps=200)
-    exact = conv2d_circular_singular_values(conv.weight.detach(), 32, 32)[:1]
-    torch.testing.assert_close(result.values[0], exact, rtol=1e-8, atol=0)
-    assert float(result.residuals.max()) <= 1e-6
-
-
-def test_block_lanczos_resolves_repeated_singular_values():
-    torch.manual_seed(7)
-    u = torch.linalg.qr(torch.randn(2, 50, 50, dtype=F64)).Q
-    v = torch.linalg.qr(torch.randn(2, 40, 40, dtype=F64)).Q
-    sigma = torch.cat([torch.tensor([5.0, 5.0, 3.0], dtype=F64), torch.linspace(1, 0.1, 37)])
-    jac = u[:, :, :40] * sigma @ v.transpose(1, 2)  # (2, 50, 40)
-    result = top_singular_values(lambda x: jac @ x, lambda y: jac.transpose(1, 2) @ y,
-                                 n=2, d_in=40,
-                                 d_out=50, k=3, dtype=F64, device=torch.device("cpu"))
-    torch.testing.assert_close(result.values, sigma[:3].expand(2, -1), rtol=1e-9, atol=0)
-
-
-def test_hutchinson_is_within_its_reported_error():
-    torch.manual_seed(6)
-    jac = torch.randn(8, 30, 20, dtype=F64)
-    estimate, se = hutchinson_frobenius(lambda v: jac @ v, n=8, d_in=20,
-                                        dtype=F64, device=torch.device("cpu"), probes=64)
-    exact = torch.linalg.matrix_norm(jac)
-    assert ((estimate - exact).abs() <= 4 * se).all()
-    assert (se > 0).all() and (se < 0.1 * exact).all()

@@ -1,6 +1,6 @@
 """Hessians of a loss through Hessian-vector products, never formed: top eigenvalues (block
-Lanczos), the trace (Hutchinson, with its standard error) and the spectral density
-(stochastic Lanczos quadrature).
+Lanczos, each with its residual and a converged flag), the trace (Hutch++ or Hutchinson, with
+its standard error) and the spectral density (stochastic Lanczos quadrature).
 
 w.r.t. the parameters: the Hessian of the mean per-sample loss over the whole dataset (one
 `D x D` operator; every product is one pass over the data). w.r.t. the inputs: one
@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ..spectra.lanczos import ritz_nodes, top_eigenvalues
+from ..spectra.trace import hutchinson_trace
 from .jacobians import ParamInfo
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -24,8 +25,11 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 @dataclass
 class HessianSpectrum:
-    """eigenvalues / residuals: `(B, k)` (B = 1 for parameters, N for inputs);
-    trace, trace_se: `(B,)`; density: SLQ nodes and weights (parameters only), or None."""
+    """eigenvalues / residuals: `(B, k)` (B = 1 for parameters, N for inputs), residuals
+    `‖H y − θ y‖ / ‖H‖` (see `jaccli.spectra.lanczos`); trace, trace_se: `(B,)`; density: SLQ
+    nodes and weights (parameters only), or None; converged: `(B, k)` bool, False where a value
+    may be wrong (residual above `tolerance`, the effective tolerance, or an unresolved
+    multiplicity); None only when built by hand without it."""
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
@@ -34,6 +38,20 @@ class HessianSpectrum:
     trace_se: torch.Tensor
     dim: int
     density: tuple[torch.Tensor, torch.Tensor] | None = None
+    converged: torch.Tensor | None = None
+    tolerance: float | None = None
+
+    @classmethod
+    def concatenate(cls, parts: list[HessianSpectrum]) -> HessianSpectrum:
+        """One spectrum for the samples of several batches (per-input Hessians), in order."""
+        def cat(name):
+            return torch.cat([getattr(p, name) for p in parts])
+
+        converged = cat("converged") if all(p.converged is not None for p in parts) else None
+        tolerances = [p.tolerance for p in parts if p.tolerance is not None]
+        return cls(cat("eigenvalues"), cat("residuals"), max(p.steps for p in parts),
+                   cat("trace"), cat("trace_se"), parts[0].dim, None, converged,
+                   max(tolerances) if tolerances else None)
 
 
 def params_hvp(model: nn.Module, loss: Callable, batches: Batches, params: list[ParamInfo],
@@ -92,16 +110,14 @@ def inputs_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, targets: torch
 def hessian_spectrum(operator: Callable[[torch.Tensor], torch.Tensor], *, batch: int, dim: int,
                      k: int, probes: int, dtype: torch.dtype, device: torch.device,
                      tol: float = 1e-8, which: str = "largest", density_probes: int = 0,
-                     density_steps: int = 60, seed: int = 0) -> HessianSpectrum:
-    """Top-k eigenvalues, Hutchinson trace and (optionally) SLQ density of `operator`."""
+                     density_steps: int = 60, seed: int = 0,
+                     trace_method: str = "hutch++") -> HessianSpectrum:
+    """Top-k eigenvalues, trace (`trace_method`: "hutch++" or "hutchinson", `probes`
+    products) and (optionally) SLQ density of `operator` `(B, dim, b) -> (B, dim, b)`."""
     top = top_eigenvalues(operator, n=batch, dim=dim, k=k, dtype=dtype, device=device,
                           which=which, tol=tol, seed=seed)
-    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
-    signs = torch.randint(0, 2, (batch, dim, probes), generator=generator)
-    v = (2 * signs - 1).to(device=device, dtype=dtype)
-    quadratic = (v * operator(v)).sum(dim=1)  # (B, probes): vᵀ H v
-    trace = quadratic.mean(dim=1)
-    trace_se = quadratic.std(dim=1) / probes**0.5
+    trace, trace_se = hutchinson_trace(operator, n=batch, dim=dim, dtype=dtype, device=device,
+                                       probes=probes, seed=seed + 1, method=trace_method)
     density = None
     if density_probes and batch == 1:
         nodes, weights = [], []
@@ -111,7 +127,8 @@ def hessian_spectrum(operator: Callable[[torch.Tensor], torch.Tensor], *, batch:
             nodes.append(theta)
             weights.append(w / density_probes)
         density = (torch.cat(nodes), torch.cat(weights))
-    return HessianSpectrum(top.values, top.residuals, top.steps, trace, trace_se, dim, density)
+    return HessianSpectrum(top.values, top.residuals, top.steps, trace, trace_se, dim, density,
+                           top.converged, top.tolerance)
 
 
 def smoothed_density(nodes: torch.Tensor, weights: torch.Tensor, points: int = 200,

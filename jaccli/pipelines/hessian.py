@@ -63,10 +63,7 @@ def run_hessian(settings: HessianSettings) -> dict:
                 inputs_hvp(inputs.model, loss, x_all[start:stop], t_all[start:stop]),
                 batch=stop - start, dim=dim, k=settings.top_k, probes=settings.probes,
                 dtype=inputs.dtype, device=inputs.device, which=settings.which))
-        spectrum = HessianSpectrum(
-            torch.cat([p.eigenvalues for p in parts]), torch.cat([p.residuals for p in parts]),
-            max(p.steps for p in parts), torch.cat([p.trace for p in parts]),
-            torch.cat([p.trace_se for p in parts]), dim)
+        spectrum = HessianSpectrum.concatenate(parts)
     eigen = spectrum.eigenvalues.detach().double().cpu().numpy()
     residuals = spectrum.residuals.detach().double().cpu().numpy()
     trace = spectrum.trace.detach().double().cpu().numpy()
