@@ -3,7 +3,8 @@
 Exit codes: 0 success, 1 a problem with the input or the run (one line on stderr),
 2 a usage error, 3 an internal error (a bug: please report it), 130 interrupted.
 `check` and `diff` use 1 for "a bound is violated" / "the runs differ", so their input and
-run errors exit with 4 instead.
+run errors exit with 4 instead; `check` exits 5 when a value it would judge could not be
+verified (an iterative method missed its residual tolerance).
 """
 
 from __future__ import annotations

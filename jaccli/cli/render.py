@@ -129,6 +129,10 @@ def render_check(result: dict, out) -> None:
                       f"{op} {c['bound']:.6g}", mark,
                       ", ".join(map(str, c["worst_samples"])))
     out.print(table)
+    for u in result.get("unverified", []):
+        out.print(f"[bold red]UNVERIFIED[/bold red]: {u['layer']}: {u['unconverged']} value(s) "
+                  f"missed the residual tolerance {u['tolerance']:.1e} (largest residual "
+                  f"{u['max_residual']:.1e}); raise --max-steps", highlight=False)
     n_bad = len(result["violations"])
     if n_bad:
         out.print(f"[bold red]FAILED[/bold red]: {n_bad} of {len(result['checks'])} checks "
@@ -211,6 +215,10 @@ def render_hessian(summary: dict, out) -> None:
         out.print(f"per-sample top eigenvalue: mean {top['mean']:.6g}, max "
                   f"{top['max']:.6g}; per-sample trace mean {trace['mean']:.6g}",
                   highlight=False)
+    if summary.get("unconverged"):
+        out.print(f"[bold red]{summary['unconverged']} eigenvalue(s) missed the residual "
+                  f"tolerance {summary['tolerance']:.1e}: not trustworthy (float64 or more "
+                  "Krylov vectors help)[/bold red]", highlight=False)
     if summary.get("density"):
         counts = summary["density"]["density"]
         scale = max(counts) or 1

@@ -84,6 +84,12 @@ def render_spectrum(summary: dict, console: Console) -> None:
     for row in summary["entries"]:
         if row["note"]:
             console.print(f"{row['name']}: {row['note']}", highlight=False)
+        if row.get("unconverged"):
+            console.print(
+                f"[bold red]{row['name']}: {row['unconverged']} value(s) missed the residual "
+                f"tolerance {row['tolerance']:.1e} (largest residual "
+                f"{row['max_residual']:.1e}): they are not trustworthy; raise --max-steps"
+                "[/bold red]", highlight=False)
     where = f"written to {summary['output']}" if summary.get("output") else \
         "not saved (pass -o FILE.h5 to keep the spectra)"
     console.print(f"{len(summary['entries'])} spectra in {summary.get('seconds', 0):.2f} s; "
@@ -96,6 +102,8 @@ def _method(row: dict) -> str:
         residual = row.get("max_residual")
         method += f", top {row['k']}" + (f" (residual ≤ {residual:.1e})"
                                          if residual is not None else "")
+    if row.get("unconverged"):
+        method += f" [bold red]{row['unconverged']} UNCONVERGED[/bold red]"
     return method
 
 

@@ -114,7 +114,8 @@ def check(
     """Fail (exit 1) when a Jacobian's spectrum breaks a bound: a regression gate for CI.
 
     Exit codes: 0 every bound holds, 1 a bound is violated (each violation listed),
-    2 usage error, 4 input or run error."""
+    2 usage error, 4 input or run error, 5 a value could not be verified (an iterative
+    method missed its residual tolerance)."""
     from .render import stdout_console
 
     out = stdout_console(quiet)
@@ -153,8 +154,8 @@ def check(
             emit_json(result, quiet)
         else:
             render_check(result, out)
-        if not result["passed"]:
-            raise typer.Exit(1)
+        if result["exit_code"]:
+            raise typer.Exit(result["exit_code"])
 
     guarded(run, input_error_code=EXIT_GATE_ERROR)
 

@@ -56,7 +56,8 @@ def spectrum(
         "--tol", help="Lanczos: stop when every top-k relative residual is below this.",
         rich_help_panel="Spectrum")] = 1e-8,
     max_steps: Annotated[int | None, typer.Option(
-        "--max-steps", min=1, help="Lanczos: Krylov steps cap (default max(4k+40, 80)).",
+        "--max-steps", min=1,
+        help="Lanczos: cap on Krylov vectors (default min(D, max(20k + 100, 300))).",
         rich_help_panel="Spectrum")] = None,
     probes: Annotated[int, typer.Option(
         "--probes", min=2, help="Hutchinson probes for matrix-free Frobenius norms.",

@@ -68,13 +68,16 @@ def run_hessian(settings: HessianSettings) -> dict:
     residuals = spectrum.residuals.detach().double().cpu().numpy()
     trace = spectrum.trace.detach().double().cpu().numpy()
     trace_se = spectrum.trace_se.detach().double().cpu().numpy()
+    converged = spectrum.converged.detach().cpu().numpy()
     summary = {"schema": "jaccli/hessian-summary", "schema_version": 1, "command": "hessian",
                "wrt": settings.wrt, "loss": settings.loss, "model": str(settings.model.path),
                "data": str(settings.data.path), "n_samples": n, "dim": dim, "which": settings.which,
-               "krylov_vectors": spectrum.steps, "output": None,
+               "krylov_vectors": spectrum.steps, "tolerance": spectrum.tolerance,
+               "unconverged": int((~converged).sum()), "output": None,
                "seconds": time.perf_counter() - started}
     if settings.wrt == "params":
         summary |= {"eigenvalues": eigen[0].tolist(), "residuals": residuals[0].tolist(),
+                    "converged": converged[0].tolist(),
                     "trace": float(trace[0]), "trace_se": float(trace_se[0])}
     else:
         summary |= {"top_eigenvalue": aggregate(eigen[:, 0]), "trace": aggregate(trace),
@@ -98,6 +101,8 @@ def _write(settings: HessianSettings, inputs, spectrum: HessianSpectrum, density
             "wrt": settings.wrt, "loss": settings.loss, "dim": dim, "which": settings.which})
         group.create_dataset("eigenvalues", data=eigen)
         group.create_dataset("residual", data=residuals)
+        group.create_dataset("converged", data=spectrum.converged.detach().cpu().numpy())
+        group.attrs["tolerance"] = spectrum.tolerance
         group.create_dataset("trace", data=trace)
         group.create_dataset("trace_se", data=trace_se)
         if density is not None:

@@ -144,11 +144,13 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
                                  k=entry.k, dtype=x.dtype, device=x.device, tol=settings.tol,
                                  max_steps=settings.max_steps)
     frob, frob_se = hutchinson_frobenius(apply_j, n=n, d_in=entry.d_in, dtype=x.dtype,
-                                         device=x.device, probes=settings.probes)
+                                         device=x.device, probes=settings.probes,
+                                         apply_jt=apply_jt)
     spectrum = Spectrum(result.values, False, "lanczos",
-                        f"top-{entry.k} by matrix-free Lanczos ({result.steps} steps); Frobenius "
-                        f"norm estimated from {settings.probes} Hutchinson probes "
-                        "(frobenius_se)", result.residuals)
+                        f"top-{entry.k} by matrix-free Lanczos ({result.steps} Krylov vectors, "
+                        f"residual tolerance {result.tolerance:.1e}); Frobenius norm estimated "
+                        f"by Hutch++ from {settings.probes} probes (frobenius_se)",
+                        result.residuals, result.converged, result.tolerance)
     quantities = {"spectral_norm": result.values[:, 0], "frobenius": frob,
                   "frobenius_se": frob_se,
                   "stable_rank": frob.square() / result.values[:, 0].square().clamp_min(1e-300)}

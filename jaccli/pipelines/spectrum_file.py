@@ -145,7 +145,8 @@ def spectra_of_file(settings: SpectrumSettings, path: Path) -> SpectrumOutcome:
     outcome = read_spectra(path)
     rows = sample_rows(settings, len(outcome.sample_index), path)
     records = [replace(r, values=r.values[rows], residuals=None if r.residuals is None
-                       else r.residuals[rows],
+                       else r.residuals[rows], converged=None if r.converged is None
+                       else r.converged[rows],
                        quantities={q: v[rows] for q, v in r.quantities.items()})
                for r in outcome.records]
     bounds = None if outcome.bounds is None else {k: np.asarray(v)[rows]

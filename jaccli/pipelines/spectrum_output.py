@@ -23,6 +23,8 @@ class EntryResult:
     quantities: dict[str, list[np.ndarray]] = field(default_factory=dict)
     values: list[np.ndarray] = field(default_factory=list)
     residuals: list[np.ndarray] = field(default_factory=list)
+    converged: list[np.ndarray] = field(default_factory=list)
+    tolerance: float | None = None
     method: str = ""
     note: str = ""
     seconds: float = 0.0
@@ -31,6 +33,9 @@ class EntryResult:
         self.values.append(spectrum.values.detach().double().cpu().numpy())
         if spectrum.residuals is not None:
             self.residuals.append(spectrum.residuals.detach().double().cpu().numpy())
+        if spectrum.converged is not None:
+            self.converged.append(spectrum.converged.detach().cpu().numpy())
+            self.tolerance = spectrum.tolerance
         for name, value in quantities.items():
             self.quantities.setdefault(name, []).append(value.detach().double().cpu().numpy())
         self.method, self.note = spectrum.method, spectrum.note
@@ -50,7 +55,9 @@ def to_records(entries: list[SpectrumEntry], results: dict[str, EntryResult]
             result.seconds,
             np.concatenate(result.values) if result.values else np.zeros((0, 0)),
             {name: result.array(name) for name in result.quantities},
-            np.concatenate(result.residuals) if result.residuals else None))
+            np.concatenate(result.residuals) if result.residuals else None,
+            np.concatenate(result.converged) if result.converged else None,
+            result.tolerance))
     return records
 
 
@@ -89,6 +96,9 @@ def write_spectra(settings: SpectrumSettings, summary: dict, results: dict[str, 
             group.create_dataset(name, data=values)
             if result.residuals:
                 group.create_dataset("residual", data=np.concatenate(result.residuals))
+            if result.converged:
+                group.create_dataset("converged", data=np.concatenate(result.converged))
+                group.attrs["tolerance"] = result.tolerance
             for quantity in result.quantities:
                 group.create_dataset(quantity, data=result.array(quantity))
         writer.file.attrs["profile_note"] = summary["profile_note"]

@@ -19,6 +19,8 @@ from .spectrum_summary import SpectrumRecord
 from .stats import aggregate, worst_samples
 
 SCHEMA = "jaccli/check-result"
+EXIT_VIOLATED = 1
+EXIT_UNVERIFIED = 5
 STATS = ("max", "mean", "p95", "p99")
 # For lower bounds the worst case is the other tail.
 _LOWER_TAIL = {"max": "min", "mean": "mean", "p95": "p5", "p99": "p1"}
@@ -117,9 +119,23 @@ def evaluate(bounds: Bounds, records: list[SpectrumRecord], sample_index: np.nda
         checks.append(_check("(chain)", "lipschitz_bound", chain_bounds["layer_product"],
                              bounds.max_lipschitz_bound, True, bounds.stat, sample_index))
     violations = [c for c in checks if not c["passed"]]
-    return {"schema": SCHEMA, "schema_version": 1, "passed": not violations,
+    unverified = [{"layer": r.name, "unconverged": r.unconverged, "tolerance": r.tolerance,
+                   "max_residual": float(np.max(r.residuals))}
+                  for r in selected if r.unconverged]
+    return {"schema": SCHEMA, "schema_version": 1, "passed": not violations and not unverified,
             "model": model, "data": data, "n_samples": int(len(sample_index)),
-            "stat": bounds.stat, "checks": checks, "violations": violations}
+            "stat": bounds.stat, "checks": checks, "violations": violations,
+            "unverified": unverified, "exit_code": exit_code(violations, unverified)}
+
+
+def exit_code(violations: list[dict], unverified: list[dict]) -> int:
+    """0 every bound holds; 1 a bound is violated by values that are exact or converged;
+    5 some values could not be verified (an iterative method missed its tolerance), so the
+    gate cannot pass."""
+    doubtful = {u["layer"] for u in unverified}
+    if any(v["layer"] not in doubtful for v in violations):
+        return EXIT_VIOLATED
+    return EXIT_UNVERIFIED if unverified else (EXIT_VIOLATED if violations else 0)
 
 
 def _per_sample(record: SpectrumRecord, quantity: str) -> np.ndarray:

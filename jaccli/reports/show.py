@@ -49,7 +49,7 @@ def _record(group) -> SpectrumRecord:
     a = group.attrs
     values_name = next((n for n in _SPECTRUM_VALUES if n in group), None)
     values = np.asarray(group[values_name]) if values_name else np.zeros((0, 0))
-    skip = set(_SPECTRUM_VALUES) | {"residual"}
+    skip = set(_SPECTRUM_VALUES) | {"residual", "converged"}
     quantities = {name: np.asarray(group.group[name]) for name in group.group
                   if name not in skip}
     return SpectrumRecord(
@@ -57,7 +57,9 @@ def _record(group) -> SpectrumRecord:
         str(a.get("structure", "")), str(a.get("method", "")), str(a.get("reason", "")),
         str(a.get("note", "")), bool(a.get("complete", False)), int(a.get("k", 0)),
         float(a.get("seconds", 0.0)), values, quantities,
-        np.asarray(group["residual"]) if "residual" in group else None)
+        np.asarray(group["residual"]) if "residual" in group else None,
+        np.asarray(group["converged"]) if "converged" in group else None,
+        a.get("tolerance"))
 
 
 def read_spectra(path: Path) -> SpectrumOutcome:
@@ -119,5 +121,6 @@ def sample_detail(path: Path, layer: str, sample: int) -> dict:
                        "complete": bool(group.attrs.get("complete")),
                        "singular_values": np.asarray(group[name][i]).tolist(),
                        "quantities": {q: float(group.group[q][i]) for q in group.group
-                                      if q not in (*_SPECTRUM_VALUES, "residual")}}
+                                      if q not in (*_SPECTRUM_VALUES, "residual",
+                                                   "converged")}}
         return detail

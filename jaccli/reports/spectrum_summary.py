@@ -20,7 +20,8 @@ class SpectrumRecord:
 
     values: `(N, r)` all singular values (complete) or `(N, k)` the top k, descending.
     quantities: name -> `(N,)` (spectral_norm, frobenius, condition_number, ...).
-    residuals: `(N, k)` for Lanczos entries, else None.
+    residuals: `(N, k)` for Lanczos entries, else None; converged: `(N, k)` bool, whether
+    each of those values met `tolerance` (a value that did not is flagged, never trusted).
     """
 
     name: str
@@ -38,6 +39,13 @@ class SpectrumRecord:
     values: np.ndarray
     quantities: dict[str, np.ndarray] = field(default_factory=dict)
     residuals: np.ndarray | None = None
+    converged: np.ndarray | None = None
+    tolerance: float | None = None
+
+    @property
+    def unconverged(self) -> int:
+        """How many of the reported values missed their tolerance."""
+        return 0 if self.converged is None else int((~self.converged.astype(bool)).sum())
 
 
 @dataclass
@@ -71,6 +79,7 @@ def build_summary(records: list[SpectrumRecord], *, model: str, data: str, model
                          if sigma2 is not None else None),
             "max_residual": float(r.residuals.max()) if r.residuals is not None
             and r.residuals.size else None,
+            "tolerance": r.tolerance, "unconverged": r.unconverged,
             "histogram": histogram(values),
         })
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "command": "spectrum",

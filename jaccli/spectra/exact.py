@@ -26,7 +26,8 @@ class Spectrum:
     """Singular values per sample, sorted descending: `values (N, r)`.
 
     complete: all `min(D_out, D_in)` values (else the top `r` only).
-    residuals: `(N, r)` relative eigen-residuals of iterative methods, else None.
+    residuals: `(N, r)` relative eigen-residuals of iterative methods, else None;
+    converged: `(N, r)` bool, whether each of those met `tolerance` (else None).
     """
 
     values: torch.Tensor
@@ -34,6 +35,8 @@ class Spectrum:
     method: str
     note: str = ""
     residuals: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+    tolerance: float | None = None
 
 
 def _desc(values: torch.Tensor) -> torch.Tensor:
