@@ -154,8 +154,8 @@ def read_rows(group, name: str, rows: Sequence[int] | slice) -> dict[str, np.nda
     arrays = {}
     for f in encoding(name).fields:
         if f.name not in group:
-            raise ResultsFormatError(f"{group.name}: {name} Jacobian is missing dataset "
-                                     f"{f.name!r}")
+            raise ResultsFormatError(f"{group.file.filename}: {group.name}: {name} Jacobian is "
+                                     f"missing dataset {f.name!r}")
         dataset = group[f.name]
         arrays[f.name] = dataset[()] if f.shared else _take(dataset, rows)
     return arrays

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,18 +126,41 @@ class Results:
             raise ResultsFormatError(f"{self.path} is not a readable HDF5 file ({exc})") from exc
         try:
             check_format(self.file.attrs, self.path)
-        except ResultsFormatError:
+            self.attrs = {k: decode_attr(v) for k, v in self.file.attrs.items()}
+            self.sample_index = np.asarray(self.file["samples/index"], dtype=np.int64)
+            groups = [self._group(g) for g in self.file["layers"].values()]
+            self.layers = sorted(groups, key=lambda g: g.attrs.get("order", 0))
+            self.end_to_end = (self._group(self.file["end_to_end"])
+                               if "end_to_end" in self.file else None)
+            self.params = sorted((self._group(g) for g in self.file["params"].values()),
+                                 key=lambda g: g.attrs.get("order", 0)) \
+                if "params" in self.file else []
+            self._check_lengths()
+        except BaseException as exc:
             self.file.close()
-            raise
-        self.attrs = {k: decode_attr(v) for k, v in self.file.attrs.items()}
-        self.sample_index = np.asarray(self.file["samples/index"])
-        groups = [self._group(g) for g in self.file["layers"].values()]
-        self.layers = sorted(groups, key=lambda g: g.attrs.get("order", 0))
-        self.end_to_end = self._group(self.file["end_to_end"]) if "end_to_end" in self.file \
-            else None
-        self.params = sorted((self._group(g) for g in self.file["params"].values()),
-                             key=lambda g: g.attrs.get("order", 0)) if "params" in self.file \
-            else []
+            if isinstance(exc, ResultsFormatError) or not _from_h5py(exc):
+                raise
+            raise damaged(self.path, exc) from exc
+
+    def _check_lengths(self) -> None:
+        """Every per-sample dataset holds one row per sample of /samples/index."""
+        if self.attrs.get("kind") not in ("jacobians", "spectra"):
+            return
+        n = len(self.sample_index)
+        for group in self.groups():
+            shared = (set(encoding(group.encoding).shared)
+                      if self.attrs.get("kind") == "jacobians" else set())
+            if self.attrs.get("kind") == "jacobians":
+                missing = [f for f in encoding(group.encoding).per_sample + tuple(shared)
+                           if f not in group.group]
+                if missing:
+                    raise ResultsFormatError(f"{self.path} is damaged: {group.name} has no "
+                                             f"dataset {missing[0]!r}")
+            for name, dataset in group.group.items():
+                if name not in shared and (dataset.ndim == 0 or dataset.shape[0] != n):
+                    raise ResultsFormatError(
+                        f"{self.path} is damaged: {group.name}/{name} has shape "
+                        f"{dataset.shape} for {n} samples")
 
     def _group(self, group: h5py.Group) -> ResultGroup:
         attrs = {k: decode_attr(v) for k, v in group.attrs.items()}
@@ -170,8 +194,37 @@ class Results:
     def __enter__(self) -> Results:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; a read of this file that h5py failed (corrupt bytes, a missing dataset)
+        becomes one ResultsFormatError naming the file."""
+        ours = (exc is not None and not isinstance(exc, ResultsFormatError)
+                and _from_h5py(exc, self.file.filename))
         self.close()
+        if ours:
+            raise damaged(self.path, exc) from exc
+
+
+def damaged(path: Path, exc: BaseException) -> ResultsFormatError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ResultsFormatError(f"{path} is damaged or was not written by jaccli ({text}); "
+                              "compute it again")
+
+
+def _from_h5py(exc: BaseException, filename: str | None = None) -> bool:
+    """Whether `exc` was raised while h5py read a file (not by jaccli's own code) — the file
+    called `filename`, when given and h5py's frames say which file they were reading."""
+    if not isinstance(exc, (OSError, KeyError, ValueError, IndexError, TypeError)):
+        return False
+    inside, files = False, set()
+    tb = exc.__traceback__
+    while tb is not None:
+        if "h5py" in tb.tb_frame.f_code.co_filename:
+            inside = True
+            owner = tb.tb_frame.f_locals.get("self")
+            with suppress(Exception):  # not an h5py object, or one no longer open
+                files.add(owner.file.filename)
+        tb = tb.tb_next
+    return inside and (filename is None or not files or filename in files)
 
 
 def open_results(path: str | Path) -> Results:
