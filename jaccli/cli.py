@@ -1,7 +1,8 @@
 """The `jaccli` command line: options in, a config to the library, exit codes out.
 
 Exit codes: 0 success, 1 a problem with the input or the run (one line on stderr),
-2 a usage error, 3 an internal error (a bug: please report it), 130 interrupted.
+2 a usage error, 3 an internal error (a bug: please report it), 130 interrupted (SIGINT),
+143 and 129 terminated by SIGTERM and SIGHUP while writing an output file.
 `check` and `diff` use 1 for "a bound is violated" / "the runs differ", so their input and
 run errors exit with 4 instead.
 """
@@ -138,6 +139,7 @@ def _guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
     JACCLI_DEBUG=1 lets every exception through with its traceback.
     """
     from .errors import JaccliError
+    from .termination import Terminated
 
     if os.environ.get("JACCLI_DEBUG") == "1":
         return action()
@@ -150,6 +152,8 @@ def _guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
         raise _fail(str(exc), code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted", EXIT_INTERRUPTED) from None
+    except Terminated as exc:  # SIGTERM/SIGHUP while writing: the partial file is gone
+        raise _fail(str(exc), 128 + exc.signum) from None
     except RuntimeError as exc:
         from .layers import is_out_of_memory
 
@@ -364,6 +368,8 @@ def inspect(
     granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
     no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
     dtype: DtypeOpt = Dtype.float32, device: DeviceOpt = "cpu",
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget for the one traced sample, e.g. 2GiB.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """List the model's layers, their shapes and each Jacobian's size, computing nothing."""
@@ -381,6 +387,7 @@ def inspect(
         from .compute import inspect_model
         from .summary import render_plan
 
+        config.max_memory = _parse_size(max_memory)
         plan = inspect_model(config, shape).to_dict()
         if json_output:
             _emit_json(plan)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -35,6 +36,7 @@ from .layers import (
 )
 from .memory import memory_budget
 from .models import LoadedModel, load_model
+from .output_guard import check_output
 from .planner import STORES, Plan, PlanEntry, make_plan
 from .summary import EntrySummary, Summary
 from .writer import SHARED_DATASETS, ResultsWriter
@@ -79,6 +81,8 @@ class Prepared(Inputs):
 def load_inputs(config: ComputeConfig) -> Inputs:
     """Load model and data, check them against each other, and trace the layers."""
     device, dtype = _check_options(config)
+    if config.output is not None:  # before any heavy work
+        check_output(config.output, run_inputs(config))
     loaded = load_model(config.model, arch=config.arch, arch_path=config.arch_path,
                         trust_pickle=config.trust_pickle)
     data = load_data(config.data, key=config.key, offset=config.offset, limit=config.limit)
@@ -89,6 +93,12 @@ def load_inputs(config: ComputeConfig) -> Inputs:
     trace = trace_model(config, loaded, model, example)
     check_sample_independence(model, example)
     return Inputs(config, loaded, data, model, device, dtype, trace)
+
+
+def run_inputs(config: ComputeConfig) -> list:
+    """Every file the run reads; the output may be none of them."""
+    arch = config.arch if config.arch and Path(config.arch).is_file() else None
+    return [config.model, config.data, config.targets, getattr(config, "vectors", None), arch]
 
 
 def prepare(config: ComputeConfig) -> Prepared:
@@ -129,7 +139,7 @@ def _param_setup(config: ComputeConfig, inputs: Inputs) -> ParamSetup:
         if config.loss is None:
             raise UsageError("--targets needs --loss (cross-entropy, nll, mse, bce-logits)")
         targets = load_data(config.targets, key=config.targets_key, offset=config.offset,
-                            limit=config.limit)
+                            limit=config.limit, key_option="--targets-key")
         if len(targets) != len(inputs.data):
             raise ShapeMismatchError(f"{config.targets} has {len(targets)} targets for "
                                      f"{len(inputs.data)} samples; they must match")
@@ -161,6 +171,7 @@ def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) ->
     if input_shape is None:
         raise UsageError("the model file does not declare its input shape; pass --input-shape "
                          "(e.g. 1,28,28) or --data FILE")
+    _check_trace_fits(tuple(input_shape), device, dtype, config.max_memory)
     model = frozen(loaded.module.to(device=device, dtype=dtype))
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     engine = make_engine(config, model, trace_model(config, loaded, model, example),
@@ -168,6 +179,26 @@ def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) ->
     return make_plan(engine, n_samples=n_samples, dtype=dtype, device=device, budget=2**62,
                      budget_source="not applied by inspect", store=config.store,
                      batch_size=config.batch_size or 1)
+
+
+# inspect's one forward pass holds the input, and each layer's recorded input and output:
+# a few times the input for the networks jaccli sees (measured: ~3.7x for a wide Tanh).
+TRACE_COPIES = 4
+
+
+def _check_trace_fits(input_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                      max_memory: int | None) -> None:
+    """Refuse an input shape whose one-sample trace would not fit the memory budget."""
+    from .memory import format_bytes
+
+    budget, source = memory_budget(device, max_memory)
+    sample = math.prod(input_shape) * torch.empty((), dtype=dtype).element_size()
+    if TRACE_COPIES * sample > budget:
+        raise OutOfMemoryError(
+            f"one sample of shape {input_shape} is {format_bytes(sample)}; tracing the model "
+            f"on it needs about {format_bytes(TRACE_COPIES * sample)}, over the memory budget "
+            f"of {format_bytes(budget)} ({source}); pass a smaller --input-shape or raise "
+            "--max-memory")
 
 
 def run_compute(config: ComputeConfig, *, on_batch: Callable[[int], None] | None = None,
@@ -185,7 +216,8 @@ def run_compute(config: ComputeConfig, *, on_batch: Callable[[int], None] | None
     writer = (ResultsWriter(config.output, kind="jacobians", sample_index=data.indices,
                             attrs=provenance(config, p.loaded, data, plan, p.device),
                             compression=config.compression,
-                            compression_level=config.compression_level)
+                            compression_level=config.compression_level,
+                            expected_bytes=plan.output_bytes)
               if config.output is not None else nullcontext())
     with writer, tf32_mode(config.tf32):
         sink = _ResultSink(writer if config.output else None, plan, norms, config.store,
@@ -327,6 +359,7 @@ class _ResultSink:
                 continue
             group[key][start:start + count] = _host(value, self.np_dtype)
         group["frobenius"][start:start + count] = frob
+        self.writer.check()  # a full disk stops the run now, not after the last batch
 
     def _create(self, entry, encoding: str, arrays: dict) -> h5py.Group:
         writer, n = self.writer, self.plan.n_samples

@@ -46,5 +46,10 @@ class OutOfMemoryError(JaccliError):
     """A Jacobian does not fit in the memory budget, even for one sample."""
 
 
+class OutputError(JaccliError):
+    """The output file cannot be written (folder, permissions, space) or would replace an
+    input."""
+
+
 class ResultsFormatError(JaccliError):
     """A results file is not a jaccli file, is incomplete, or has an unknown major version."""

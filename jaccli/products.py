@@ -114,7 +114,7 @@ def _operator_engine(config: ProductConfig, inputs: Inputs):
 def _vectors(config: ProductConfig, n: int) -> torch.Tensor:
     if config.vectors is None:
         raise UsageError("--vectors FILE is required")
-    source = load_data(config.vectors, key=config.vectors_key)
+    source = load_data(config.vectors, key=config.vectors_key, key_option="--vectors-key")
     array = np.array(source.read(0, len(source)))
     if array.ndim == 1:  # one vector for every sample
         return torch.from_numpy(array)[None]
@@ -164,7 +164,7 @@ def run_hessian(config: ProductConfig) -> dict:
     inputs = load_inputs(config)
     n = len(inputs.data)
     targets_source = load_data(config.targets, key=config.targets_key, offset=config.offset,
-                               limit=config.limit)
+                               limit=config.limit, key_option="--targets-key")
     if len(targets_source) != n:
         raise ShapeMismatchError(f"{config.targets} has {len(targets_source)} targets for {n} "
                                  "samples; they must match")

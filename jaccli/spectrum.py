@@ -21,6 +21,7 @@ from .engine.structures import Diagonal, Matrix, RowScaled, Selection, Structure
 from .errors import UsageError
 from .layers import ForwardRecorder, run_model
 from .memory import memory_budget
+from .output_guard import check_output
 from .planner import Plan, make_plan
 from .results import Results
 from .spectra.conv_fft import conv2d_circular_singular_values
@@ -269,6 +270,8 @@ def spectrum_from_results(config: SpectrumConfig, path: Path, *,
                           on_batch=None) -> SpectrumOutcome:
     """Spectra of the Jacobians stored in a `compute` results file (no model needed)."""
     started = time.perf_counter()
+    if config.output is not None:
+        check_output(config.output, [path])
     with Results(path) as source:
         if source.attrs.get("kind") != "jacobians":
             raise UsageError(f"{path} holds {source.attrs.get('kind')}, not Jacobians; "
