@@ -96,7 +96,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # supported input, on purpose
             module = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError) as exc:
+    except Exception as exc:  # the TorchScript loader raises several types on bad files
         raise ModelLoadError(f"cannot load TorchScript archive {path}: "
                              f"{_first_line(exc)}") from exc
     return LoadedModel(module, ModelFormat.TORCHSCRIPT, "TorchScript archive", path,
@@ -177,7 +177,7 @@ def _load_torch_pickle(path: Path, arch: str | None, arch_path: str | Path | Non
                 "TorchScript or torch.export, or pass --trust-pickle if you trust the file"
             ) from exc
         obj = _unpickle_trusted(path)
-    except (RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # torch.load raises many types on corrupt files
         raise ModelLoadError(f"cannot read {path} with torch.load: {_first_line(exc)}") from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, ModelFormat.TORCH_PICKLE, "pickled module (--trust-pickle)", path)
