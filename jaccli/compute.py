@@ -34,7 +34,7 @@ from .layers import (
     trace_end_to_end,
     trace_layers,
 )
-from .memory import memory_budget
+from .memory import check_trace_fits, memory_budget
 from .models import LoadedModel, load_model
 from .output_guard import check_output
 from .planner import STORES, Plan, PlanEntry, make_plan
@@ -171,7 +171,9 @@ def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) ->
     if input_shape is None:
         raise UsageError("the model file does not declare its input shape; pass --input-shape "
                          "(e.g. 1,28,28) or --data FILE")
-    _check_trace_fits(tuple(input_shape), device, dtype, config.max_memory)
+    budget, source = memory_budget(device, config.max_memory)
+    check_trace_fits(tuple(input_shape), torch.empty((), dtype=dtype).element_size(), budget,
+                     source)
     model = frozen(loaded.module.to(device=device, dtype=dtype))
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     engine = make_engine(config, model, trace_model(config, loaded, model, example),
@@ -179,26 +181,6 @@ def inspect_model(config: ComputeConfig, input_shape: tuple[int, ...] | None) ->
     return make_plan(engine, n_samples=n_samples, dtype=dtype, device=device, budget=2**62,
                      budget_source="not applied by inspect", store=config.store,
                      batch_size=config.batch_size or 1)
-
-
-# inspect's one forward pass holds the input, and each layer's recorded input and output:
-# a few times the input for the networks jaccli sees (measured: ~3.7x for a wide Tanh).
-TRACE_COPIES = 4
-
-
-def _check_trace_fits(input_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                      max_memory: int | None) -> None:
-    """Refuse an input shape whose one-sample trace would not fit the memory budget."""
-    from .memory import format_bytes
-
-    budget, source = memory_budget(device, max_memory)
-    sample = math.prod(input_shape) * torch.empty((), dtype=dtype).element_size()
-    if TRACE_COPIES * sample > budget:
-        raise OutOfMemoryError(
-            f"one sample of shape {input_shape} is {format_bytes(sample)}; tracing the model "
-            f"on it needs about {format_bytes(TRACE_COPIES * sample)}, over the memory budget "
-            f"of {format_bytes(budget)} ({source}); pass a smaller --input-shape or raise "
-            "--max-memory")
 
 
 def run_compute(config: ComputeConfig, *, on_batch: Callable[[int], None] | None = None,

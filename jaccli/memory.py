@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from .errors import OutOfMemoryError, UsageError
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1024**2, "MB": 1000**2,
           "MIB": 1024**2, "G": 1024**3, "GB": 1000**3, "GIB": 1024**3, "T": 1024**4,
           "TB": 1000**4, "TIB": 1024**4}
 CPU_FRACTION = 0.25  # of available RAM, by default
 CUDA_FRACTION = 0.5  # of free device memory, by default
+# `inspect` traces one sample, holding the input and each layer's recorded input and output:
+# a few times the input for the networks jaccli sees (measured: ~3.7x for a wide Tanh).
+TRACE_COPIES = 4
 
 
 def parse_size(text: str) -> int:
@@ -53,3 +56,18 @@ def memory_budget(device, max_memory: int | None) -> tuple[int, str]:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * CUDA_FRACTION), f"{CUDA_FRACTION:.0%} of free GPU memory"
     return int(available_ram() * CPU_FRACTION), f"{CPU_FRACTION:.0%} of available RAM"
+
+
+def check_trace_fits(input_shape: tuple[int, ...], itemsize: int, budget: int,
+                     source: str) -> None:
+    """Refuse an input shape whose one-sample trace (`TRACE_COPIES` times the sample) would
+    not fit `budget` bytes (`source`: where the budget came from)."""
+    sample = itemsize
+    for d in input_shape:
+        sample *= d
+    if TRACE_COPIES * sample > budget:
+        raise OutOfMemoryError(
+            f"one sample of shape {input_shape} is {format_bytes(sample)}; tracing the model "
+            f"on it needs about {format_bytes(TRACE_COPIES * sample)}, over the memory budget "
+            f"of {format_bytes(budget)} ({source}); pass a smaller --input-shape or raise "
+            "--max-memory")

@@ -35,10 +35,11 @@ _SYMBOLIC_CALLABLES = {
     operator.eq, operator.ne, operator.le, operator.ge, operator.lt, operator.gt,
     operator.neg, operator.pos, operator.mul, operator.add, operator.sub, operator.floordiv,
     operator.mod, operator.pow, operator.truediv, operator.and_, operator.or_,
-    operator.lshift, operator.rshift, operator.getitem, math.trunc,
+    operator.lshift, operator.rshift, operator.getitem, operator.not_, operator.abs,
+    math.trunc, math.ceil, math.floor,
     torch.sym_not, torch.sym_int, torch.sym_float, torch.sym_ite, torch.sym_max,
     torch.sym_min, torch.sym_sqrt,
-}
+}  # torch's _SYM_OPS and the verifier's allowed builtins
 _ROOTS = {"torch": torch, "_operator": operator, "math": math}
 # sympy names the printed form (`srepr`/`str`) of a shape expression may use.
 _SYMPY_NAMES = {
