@@ -320,3 +320,26 @@ def test_object_npy_is_refused_without_unpickling(work):
     assert_one_error(invoke("compute", work / "mlp.safetensors", work / "objects.npy"),
                      says="Python objects")
     assert not marker.exists()
+
+
+def test_program_check_accepts_what_torch_emits_and_nothing_else():
+    from jaccli.models.export_program_check import expression_problem, operator_problem
+
+    for target in ("torch.ops.aten.linear.default", "torch.ops.aten.sym_size.int",
+                   "torch.ops.higher_order.cond", "_operator.getitem", "_operator.mul",
+                   "torch.sym_max", "math.trunc"):
+        assert operator_problem(target) is None, target
+    for target in ("torch.os.system", "builtins.exec", "torch.ops.load_library",
+                   "torch.ops.aten.from_file.default", "torch.ops.aten.save.default",
+                   "_operator.call", "_operator.attrgetter", "torch.load", "math.nope"):
+        assert operator_problem(target) is not None, target
+    for expression in ("Symbol('s77', positive=True, integer=True)",
+                       "Mul(Integer(16), Symbol('s77', positive=True, integer=True))",
+                       "FloorDiv(Symbol('s1', integer=True), Integer(2))",
+                       "Mul(Float('1.5', precision=53), Symbol('s1', positive=True))",
+                       "Max(1, s0) + 2*s1 - u0//3", "oo", "-int_oo"):
+        assert expression_problem(expression) is None, expression
+    for expression in ("__import__('os').system('x')", "Symbol('s0').__class__",
+                       "lambdify(s0, s0)", "s0(1)", "Symbol(chr(115))", "[s0]",
+                       "Symbol('a\\'b')", "positive"):
+        assert expression_problem(expression) is not None, expression

@@ -41,8 +41,19 @@ def test_planted_symlinks_at_every_predictable_name_are_not_followed(work):
     assert (work / f".out.h5.partial-{os.getpid()}").is_symlink()  # left alone, not followed
 
 
-def test_finished_file_gets_the_umask_mode(work):
+def test_partial_file_is_private_and_the_finished_file_gets_the_umask_mode(work, monkeypatch):
+    import jaccli.partial_file
+
+    seen = []
+    commit = jaccli.partial_file.PartialFile.commit
+
+    def spy(self):
+        seen.append((self.path.name, self.path.lstat().st_mode & 0o777))
+        commit(self)
+    monkeypatch.setattr(jaccli.partial_file.PartialFile, "commit", spy)
     assert _compute(work, "-o", work / "out.h5", "-q").exit_code == 0
+    (name, mode), = seen
+    assert name.startswith(f".out.h5.partial-{os.getpid()}-") and mode == 0o600
     umask = os.umask(0o022)
     os.umask(umask)
     assert (work / "out.h5").stat().st_mode & 0o777 == 0o666 & ~umask
