@@ -66,8 +66,11 @@ class _DescriptorFile:
         return bytes(data[:self.readinto(data)])
 
     def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
         try:
-            count = os.preadv(self.fd, [buffer], self.position)
+            data = os.pread(self.fd, len(view), self.position)
+            count = len(data)
+            view[:count] = data
         except OSError as exc:
             self._fail(exc)
             count = 0

@@ -165,7 +165,8 @@ def _pickle_findings(archive: zipfile.ZipFile, name: str, what: str) -> list[str
     try:
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # anything weights_only refuses or cannot parse
-        return [f"{what} need full unpickling (weights_only=False), which runs code"]
+        return [f"{what}: not plain tensors; reading it takes full unpickling "
+                "(weights_only=False), which runs code"]
     return []
 
 
