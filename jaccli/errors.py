@@ -5,6 +5,8 @@ Every message is one line that says what was wrong and how to fix it.
 
 from __future__ import annotations
 
+import signal
+
 
 class JaccliError(Exception):
     """Base class: a problem with the user's input or environment (exit code 1)."""
@@ -46,6 +48,11 @@ class OutOfMemoryError(JaccliError):
     """A Jacobian does not fit in the memory budget, even for one sample."""
 
 
+class OutputError(JaccliError):
+    """The output file cannot be written (folder, permissions, space) or would replace an
+    input."""
+
+
 class ResultsFormatError(JaccliError):
     """A results file is not a jaccli file, is incomplete, or has an unknown major version."""
 
@@ -57,3 +64,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     return isinstance(exc, RuntimeError) and ("out of memory" in str(exc)
                                               or "can't allocate memory" in str(exc))
+
+
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM or SIGHUP); exit status 128 + signum.
+
+    A BaseException, like KeyboardInterrupt, so that `except Exception` does not swallow it.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"terminated by {self.name}")

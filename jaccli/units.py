@@ -1,4 +1,5 @@
-"""Byte counts as people write and read them: '2GiB' -> bytes, bytes -> '1.5 KiB'."""
+"""Byte counts as people write and read them ('2GiB' -> bytes, bytes -> '1.5 KiB'), and how
+many bytes of RAM the machine has free."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable), or 4 GiB if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024**3

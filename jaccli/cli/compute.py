@@ -124,6 +124,8 @@ def inspect(
     granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
     no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
     dtype: DtypeOpt = Dtype.float32, device: DeviceOpt = "cpu",
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget for the one traced sample, e.g. 2GiB.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """List the model's layers, their shapes and each Jacobian's size, computing nothing."""

@@ -1,7 +1,8 @@
 """Exit codes, and the one place where exceptions become one stderr line and an exit code.
 
 Exit codes: 0 success, 1 a problem with the input or the run (one line on stderr),
-2 a usage error, 3 an internal error (a bug: please report it), 130 interrupted.
+2 a usage error, 3 an internal error (a bug: please report it), 130 interrupted (SIGINT),
+143 and 129 terminated by SIGTERM and SIGHUP (a partial output file is removed first).
 `check` and `diff` use 1 for "a bound is violated" / "the runs differ", so their input and
 run errors exit with 4 instead; `check` exits 5 when a value it would judge could not be
 verified (an iterative method missed its residual tolerance).
@@ -34,7 +35,7 @@ def guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
     input_error_code: the code for input/run errors (1, or 4 for the gate commands).
     JACCLI_DEBUG=1 lets every exception through with its traceback.
     """
-    from ..errors import JaccliError, is_out_of_memory
+    from ..errors import JaccliError, Terminated, is_out_of_memory
 
     if os.environ.get("JACCLI_DEBUG") == "1":
         return action()
@@ -47,6 +48,8 @@ def guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
         raise fail(str(exc), code) from None
     except KeyboardInterrupt:
         raise fail("interrupted", EXIT_INTERRUPTED) from None
+    except Terminated as exc:  # SIGTERM/SIGHUP: any partial output file is already gone
+        raise fail(str(exc), 128 + exc.signum) from None
     except RuntimeError as exc:
         if is_out_of_memory(exc):
             raise fail("out of memory; lower --batch-size or --max-memory, or select fewer "

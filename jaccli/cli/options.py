@@ -24,8 +24,9 @@ ArchPathOpt = Annotated[Path | None, typer.Option(
     "--arch-path", help="Directory to put on sys.path for --arch package.module:factory.",
     rich_help_panel="Model")]
 TrustPickleOpt = Annotated[bool, typer.Option(
-    "--trust-pickle", help="Allow loading a pickled whole module (torch.save(model)). "
-                           "Unpickling runs code from the file: only for files you trust.",
+    "--trust-pickle", help="Allow loading what runs code from the file: a pickled whole "
+                           "module (torch.save(model)), pickled or custom-object payloads in "
+                           "torch.export/TorchScript archives. Only for files you trust.",
     rich_help_panel="Model")]
 # Data
 KeyOpt = Annotated[str | None, typer.Option(

@@ -7,7 +7,6 @@ are sliced from disk), so a file larger than RAM is streamed batch by batch.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import DataLoadError, ShapeMismatchError
+from ..errors import DataLoadError, ShapeMismatchError, UsageError
+from .array_files import (
+    NpzArray,
+    check_numeric,
+    npy_from_bytes,
+    npz_keys,
+    open_npy,
+    tensor_to_numpy,
+)
 
 _SCAN_BYTES = 64 * 1024 * 1024
 
@@ -93,19 +100,26 @@ class DataSource:
 
 
 def load_data(path: str | Path, *, key: str | None = None, offset: int = 0,
-              limit: int | None = None) -> DataSource:
+              limit: int | None = None, key_option: str = "--key") -> DataSource:
     """Open the array at `path` (choosing `key` in multi-array files) and select samples.
 
     offset: index of the first sample to use; limit: at most this many samples.
+    key_option: the command-line option that gave `key`, for error messages.
     """
     path = Path(path)
     if offset < 0 or (limit is not None and limit < 1):
         raise DataLoadError("--offset must be >= 0 and --limit >= 1")
+    suffix = ".npy" if str(path) == "-" else path.suffix.lower()
+    if key is not None and suffix in (".npy", ".csv"):
+        raise UsageError(f"{key_option} {key} selects an array in .npz/.safetensors/.h5/.pt "
+                         f"files, but {path} is a {suffix} file holding one array: drop "
+                         f"{key_option}")
     if str(path) == "-":
         return _select(path, "npy", None, *_read_stdin(), offset, limit)
     if not path.exists():
         raise DataLoadError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataLoadError(f"{path} is a directory; give a data file")
     readers = {".npy": _open_npy, ".npz": _open_npz, ".safetensors": _open_safetensors,
                ".h5": _open_hdf5, ".hdf5": _open_hdf5, ".pt": _open_pt, ".pth": _open_pt,
                ".csv": _open_csv}
@@ -113,25 +127,24 @@ def load_data(path: str | Path, *, key: str | None = None, offset: int = 0,
         raise DataLoadError(f"{path}: unknown data format {suffix!r}; use one of "
                             f"{', '.join(sorted(readers))}")
     fmt = suffix.lstrip(".").replace("hdf5", "h5").replace("pth", "pt")
-    array, key = readers[suffix](path, key)
+    try:
+        array, key = readers[suffix](path, key)
+    except PermissionError as exc:
+        raise DataLoadError(f"cannot read {path}: {exc.strerror}") from exc
     return _select(path, fmt, key, array, None, offset, limit)
 
 
 def _read_stdin() -> tuple[np.ndarray, str]:
     """A .npy array streamed on standard input (`jaccli ... -`), and the SHA-256 of its bytes."""
     import hashlib
-    import io
     import sys
 
     raw = sys.stdin.buffer.read()
     if not raw.startswith(b"\x93NUMPY"):
         raise DataLoadError("standard input is not a .npy stream; write one with "
                             "numpy.save(sys.stdout.buffer, array)")
-    try:
-        array = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError as exc:
-        raise DataLoadError(f"cannot read the .npy stream on standard input ({exc})") from exc
-    return array, hashlib.sha256(raw).hexdigest()
+    return npy_from_bytes(raw, "the .npy stream on standard input"), \
+        hashlib.sha256(raw).hexdigest()
 
 
 def _select(path: Path, fmt: str, key: str | None, array: _ArrayLike, sha256: str | None,
@@ -168,42 +181,40 @@ def _open_npy(path: Path, key: str | None) -> tuple[_ArrayLike, None]:
         if f.read(6) != b"\x93NUMPY":
             raise DataLoadError(f"{path} is not a valid .npy file (no NumPy header)")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False), None
-    except ValueError as exc:  # object arrays need pickle: refuse them
-        raise DataLoadError(f"{path} holds Python objects, which need unpickling; store a "
-                            "numeric array") from exc
+        return open_npy(path), None
     except OSError as exc:
         raise DataLoadError(f"{path} is not a valid .npy file ({exc})") from exc
 
 
 def _open_npz(path: Path, key: str | None) -> tuple[_ArrayLike, str]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-        key = _choose_key(path, list(archive.files), key)
-        return archive[key], key
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataLoadError(f"{path} is not a valid .npz file ({exc})") from exc
+    key = _choose_key(path, npz_keys(path), key)
+    return NpzArray(path, key), key
 
 
 class _SafetensorsArray:
-    """One tensor of a safetensors file, sliced from disk along the first axis."""
+    """One tensor of a safetensors file, sliced from disk along the first axis (float16 and
+    bfloat16 widened to float32)."""
 
     def __init__(self, path: Path, key: str):
         from safetensors import safe_open
 
-        self._handle = safe_open(str(path), framework="np")
+        self._where = f"{path} tensor {key!r}"
+        self._handle = safe_open(str(path), framework="pt")
         self._slice = self._handle.get_slice(key)
         self.shape = tuple(self._slice.get_shape())
+        if self._slice.get_dtype().startswith("C"):
+            raise DataLoadError(f"{self._where} holds complex numbers; jaccli needs real inputs "
+                                "(store the real and imaginary parts as separate features)")
 
     def __getitem__(self, item: slice) -> np.ndarray:
-        return self._slice[item]
+        return tensor_to_numpy(self._slice[item], self._where)
 
 
 def _open_safetensors(path: Path, key: str | None) -> tuple[_ArrayLike, str]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="np") as f:
+        with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
         key = _choose_key(path, keys, key)
         return _SafetensorsArray(path, key), key
@@ -222,7 +233,13 @@ def _open_hdf5(path: Path, key: str | None) -> tuple[_ArrayLike, str]:
     handle.visititems(lambda name, obj: keys.append(name) if isinstance(obj, h5py.Dataset)
                       and obj.ndim >= 1 else None)
     key = _choose_key(path, keys, key.strip("/") if key else None)
-    return handle[key], key
+    dataset = handle[key]
+    if h5py.check_vlen_dtype(dataset.dtype) is not None or \
+            h5py.check_string_dtype(dataset.dtype) is not None:
+        raise DataLoadError(f"{path} dataset {key!r} holds variable-length or text values, "
+                            "not numbers")
+    check_numeric(dataset.dtype, f"{path} dataset {key!r}")
+    return dataset, key
 
 
 def _open_pt(path: Path, key: str | None) -> tuple[_ArrayLike, str | None]:
@@ -233,29 +250,49 @@ def _open_pt(path: Path, key: str | None) -> tuple[_ArrayLike, str | None]:
     except pickle.UnpicklingError as exc:
         raise DataLoadError(f"{path} holds pickled Python objects, not plain tensors; save a "
                             "tensor or a dict of tensors") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise DataLoadError(f"{path} is not a valid torch.save file ({exc})") from exc
+    except Exception as exc:  # torch.load raises many types on corrupt files
+        raise DataLoadError(f"{path} is not a valid torch.save file "
+                            f"({_first_line(exc)})") from exc
     if isinstance(obj, torch.Tensor):
-        return obj.numpy(), None
+        return tensor_to_numpy(obj, str(path)), None
     if isinstance(obj, dict):
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         key = _choose_key(path, list(tensors), key)
-        return tensors[key].numpy(), key
+        return tensor_to_numpy(tensors[key], f"{path} tensor {key!r}"), key
     raise DataLoadError(f"{path} holds a {type(obj).__name__}; expected a tensor or a dict of "
                         "tensors")
 
 
 def _open_csv(path: Path, key: str | None) -> tuple[_ArrayLike, None]:
-    with path.open() as f:
-        first = f.readline()
+    raw = path.read_bytes()
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), len(raw), "NUL byte")
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataLoadError(f"{path} is not a text CSV file (binary data at byte "
+                            f"{exc.start})") from exc
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataLoadError(f"{path} is empty; a CSV data file needs one numeric row per "
+                            "sample")
+    first = lines[0]
     delimiter = "," if "," in first else None
     try:
         np.asarray(first.split(delimiter), dtype=np.float64)
         skip = 0
     except ValueError:
         skip = 1  # a header row
+    if len(lines) <= skip:
+        raise DataLoadError(f"{path} has a header line but no data rows")
     try:
-        rows = np.loadtxt(path, delimiter=delimiter, skiprows=skip, ndmin=2, dtype=np.float64)
+        rows = np.loadtxt(lines[skip:], delimiter=delimiter, ndmin=2, dtype=np.float64)
     except ValueError as exc:
-        raise DataLoadError(f"{path}: cannot parse as numeric CSV ({exc})") from exc
+        raise DataLoadError(f"{path}: cannot parse as numeric CSV ({_first_line(exc)})") \
+            from exc
     return rows, None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

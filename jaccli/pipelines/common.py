@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,7 +19,8 @@ from ..errors import ShapeMismatchError, UnsupportedModuleError
 from ..io.data import DataSource, load_data
 from ..io.hashing import sha256_file
 from ..io.models import LoadedModel, load_model
-from ..settings import DataSelection, LayerSelection, ModelSource, RunOptions
+from ..io.results.output_guard import check_output
+from ..settings import DataSelection, LayerSelection, ModelSource, OutputOptions, RunOptions
 from ..tracing.independence import check_sample_independence
 from ..tracing.layers import Trace, trace_end_to_end, trace_layers
 from .resources import memory_budget, resolve_device, resolve_dtype
@@ -84,11 +86,27 @@ def load_targets(path, key: str | None, selection: DataSelection, n_samples: int
                  what: str = "targets") -> DataSource:
     """Targets (or vectors) for the same samples as the data: one per data-file row, sliced
     by the same --offset/--limit, as many as there are samples."""
-    targets = load_data(path, key=key, offset=selection.offset, limit=selection.limit)
+    targets = load_data(path, key=key, offset=selection.offset, limit=selection.limit,
+                        key_option=f"--{what}-key")
     if len(targets) != n_samples:
         raise ShapeMismatchError(f"{path} has {len(targets)} {what} for {n_samples} samples; "
                                  f"they must match (one per row of the data file)")
     return targets
+
+
+def guard_output(output: OutputOptions, source: ModelSource | None,
+                 selection: DataSelection | None, *more: Path | None) -> None:
+    """Before any heavy work: refuse an output that is one of the run's inputs (model, data,
+    architecture spec, `more`) or that cannot be written, and clear stale partial files."""
+    if output.path is None:
+        return
+    inputs = [*more]
+    if source is not None:
+        arch = Path(source.arch) if source.arch and Path(source.arch).is_file() else None
+        inputs += [source.path, arch]
+    if selection is not None:
+        inputs.append(selection.path)
+    check_output(output.path, inputs)
 
 
 def provenance(command_line: str, inputs: Inputs, **facts) -> dict:

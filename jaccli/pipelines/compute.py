@@ -23,6 +23,7 @@ from ..settings import ComputeSettings
 from ..tracing.recorder import ForwardRecorder, run_model
 from .common import (
     Inputs,
+    guard_output,
     load,
     load_inputs,
     load_targets,
@@ -32,7 +33,13 @@ from .common import (
     trace_model,
 )
 from .planner import Plan, PlanEntry, make_plan
-from .resources import memory_budget, resolve_device, resolve_dtype, tf32_mode
+from .resources import (
+    check_trace_fits,
+    memory_budget,
+    resolve_device,
+    resolve_dtype,
+    tf32_mode,
+)
 from .sink import ResultSink
 
 FLATTENED = "(flattened)"
@@ -68,6 +75,7 @@ def prepare(settings: ComputeSettings) -> Prepared:
                          "--wrt params")
     if "inputs" in s.wrt and not s.layers.include_layers and not s.layers.end_to_end:
         raise UsageError("nothing to compute: --no-layers and --no-end-to-end together")
+    guard_output(s.output, s.model, s.data, s.params.targets)
     inputs = load_inputs(s.model, s.data, s.run, s.layers)
     engine = make_engine(s.layers, s.run, inputs.model, inputs.trace, len(inputs.data),
                          inputs_wrt="inputs" in s.wrt)
@@ -142,6 +150,9 @@ def inspect_model(settings: ComputeSettings, input_shape: tuple[int, ...] | None
     if input_shape is None:
         raise UsageError("the model file does not declare its input shape; pass --input-shape "
                          "(e.g. 1,28,28) or --data FILE")
+    budget, source = memory_budget(device, settings.run.max_memory)
+    check_trace_fits(tuple(input_shape), torch.empty((), dtype=dtype).element_size(), budget,
+                     source)
     model = loaded.module.to(device=device, dtype=dtype).requires_grad_(False)
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     trace = trace_model(settings.layers, loaded, model, example)
@@ -180,7 +191,8 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
             settings.run.tf32 and inputs.device.type == "cuda"), store=settings.store,
             granularity=layers.granularity if layers.include_layers else "",
             chain=plan.chain),
-        compression=output.compression, compression_level=output.compression_level)
+        compression=output.compression, compression_level=output.compression_level,
+        expected_bytes=plan.output_bytes)
         if output.path is not None else nullcontext())
     batching = _Batching(plan.batch_size)
     with writer, tf32_mode(settings.run.tf32):

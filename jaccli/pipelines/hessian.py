@@ -22,13 +22,21 @@ from ..params.jacobians import select_params
 from ..params.objectives import check_targets, per_sample_loss
 from ..reports.stats import aggregate
 from ..settings import HessianSettings
-from .common import load_inputs, load_targets, product_batch_size, provenance, to_tensor
+from .common import (
+    guard_output,
+    load_inputs,
+    load_targets,
+    product_batch_size,
+    provenance,
+    to_tensor,
+)
 
 
 def run_hessian(settings: HessianSettings) -> dict:
     """Top eigenvalues, trace and (optionally) spectral density of the loss Hessian."""
     if settings.loss is None or settings.targets is None:
         raise UsageError("hessian needs --targets FILE and --loss NAME")
+    guard_output(settings.output, settings.model, settings.data, settings.targets)
     inputs = load_inputs(settings.model, settings.data, settings.run)
     n = len(inputs.data)
     targets_source = load_targets(settings.targets, settings.targets_key, settings.data, n)

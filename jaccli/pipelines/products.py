@@ -19,6 +19,7 @@ from ..settings import ProductSettings
 from ..tracing.recorder import ForwardRecorder, run_model
 from .common import (
     Inputs,
+    guard_output,
     load_inputs,
     load_targets,
     product_batch_size,
@@ -32,6 +33,7 @@ def run_products(settings: ProductSettings) -> dict:
     s = settings
     if s.layer is not None and s.wrt == "params":
         raise UsageError("--layer goes with --wrt inputs")
+    guard_output(s.output, s.model, s.data, s.vectors)
     inputs = load_inputs(s.model, s.data, s.run)
     n = len(inputs.data)
     started = time.perf_counter()
@@ -88,7 +90,7 @@ def _vectors(settings: ProductSettings, n: int) -> torch.Tensor:
     selected by the same --offset/--limit as the data: `(1 | n, D)`."""
     if settings.vectors is None:
         raise UsageError("--vectors FILE is required")
-    whole = load_data(settings.vectors, key=settings.vectors_key)
+    whole = load_data(settings.vectors, key=settings.vectors_key, key_option="--vectors-key")
     if len(whole.array.shape) == 1 or whole.array.shape[0] == 1:
         whole.check_finite()
         return torch.from_numpy(np.array(whole.read(0, len(whole)))).reshape(1, -1)

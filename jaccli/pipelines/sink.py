@@ -60,6 +60,7 @@ class ResultSink:
                                f"to {encoding} between batches")
         self.writer.write_encoded(group, encoding, start, arrays)
         group["frobenius"][start:start + count] = frob
+        self.writer.check()  # a full disk stops the run now, not after the last batch
 
     def _create(self, entry: PlanEntry, encoding: str, arrays: dict) -> h5py.Group:
         writer = self.writer

@@ -19,7 +19,7 @@ from ..spectra.lanczos import hutchinson_frobenius, top_singular_values
 from ..spectra.plan import SpectrumEntry, plan_spectra
 from ..spectra.quantities import all_quantities
 from ..tracing.recorder import ForwardRecorder, run_model
-from .common import Inputs, load_inputs, make_engine, provenance, to_tensor
+from .common import Inputs, guard_output, load_inputs, make_engine, provenance, to_tensor
 from .planner import Plan, make_plan
 from .resources import memory_budget, tf32_mode
 from .spectrum_output import EntryResult, summarize, write_spectra
@@ -48,6 +48,7 @@ def prepare_spectrum(settings: SpectrumSettings) -> SpectrumRun:
     one sample needs), then the batch size that fits a batch of those methods."""
     if settings.top_k is not None and settings.top_k < 1:
         raise UsageError("--top-k must be at least 1")
+    guard_output(settings.output, settings.model, settings.data)
     inputs = load_inputs(settings.model, settings.data, settings.run, settings.layers)
     n = len(inputs.data)
     budget, source = memory_budget(inputs.device, settings.run.max_memory)

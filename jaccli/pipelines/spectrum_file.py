@@ -26,6 +26,7 @@ from ..settings import LayerSelection, SpectrumSettings
 from ..spectra.exact import Spectrum, exact_spectrum
 from ..spectra.plan import SpectrumEntry
 from ..spectra.quantities import all_quantities
+from .common import guard_output
 from .resources import resolve_device, resolve_dtype
 from .spectrum_output import EntryResult, summarize, write_spectra
 
@@ -36,6 +37,7 @@ def spectrum_from_results(settings: SpectrumSettings, path: Path, *,
                           on_batch=None) -> SpectrumOutcome:
     """Spectra of the Jacobians stored in a `compute` results file (no model needed)."""
     started = time.perf_counter()
+    guard_output(settings.output, None, None, path)
     with Results(path) as source:
         if source.attrs.get("kind") != "jacobians":
             raise UsageError(f"{path} holds {source.attrs.get('kind')}, not Jacobians; "

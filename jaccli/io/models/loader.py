@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 import pickle
-import re
 import sys
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +18,15 @@ from torch import nn
 
 from ...errors import ModelLoadError, UntrustedPickleError
 from .arch import build_model, load_spec, spec_input_shape
+from .arch_factory import IMPORT_STRING as _IMPORT_STRING
+from .arch_factory import resolve_factory
+from .archive_safety import export_archive_findings, torchscript_findings
 from .formats import ModelFormat, sniff_model_format
-from .state_dict import extract_state_dict, load_strict
+from .materialize import build_with_weights
+from .state_dict import extract_state_dict, load_strict, match_state
+from .unpickle_guard import no_code_execution
 
 ARCH_METADATA_KEY = "jaccli.arch"
-_IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 @dataclass
@@ -62,9 +66,11 @@ def load_model(path: str | Path, *, arch: str | None = None, arch_path: str | Pa
     path = Path(path)
     fmt = sniff_model_format(path)
     if fmt is ModelFormat.TORCHSCRIPT:
+        _refuse_code(path, torchscript_findings(path), trust_pickle)
         loaded = _load_torchscript(path)
     elif fmt is ModelFormat.EXPORT:
-        loaded = _load_export(path)
+        _refuse_code(path, export_archive_findings(path), trust_pickle)
+        loaded = _load_export(path, trust_pickle)
     elif fmt is ModelFormat.SAFETENSORS:
         loaded = _load_safetensors(path, arch, arch_path)
     else:
@@ -79,7 +85,8 @@ def save_model(model: nn.Module, spec: dict | str | Path, path: str | Path) -> N
     The spec must build a module whose state_dict keys and shapes match `model`'s.
     """
     spec = load_spec(spec)
-    load_strict(build_model(spec), model.state_dict(), "the model")
+    with torch.device("meta"):
+        match_state(build_model(spec), model.state_dict(), "the model")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={ARCH_METADATA_KEY: json.dumps(spec)})
 
@@ -89,20 +96,37 @@ def _load_torchscript(path: Path) -> LoadedModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # supported input, on purpose
             module = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError) as exc:
+    except Exception as exc:  # the TorchScript loader raises several types on bad files
         raise ModelLoadError(f"cannot load TorchScript archive {path}: "
                              f"{_first_line(exc)}") from exc
     return LoadedModel(module, ModelFormat.TORCHSCRIPT, "TorchScript archive", path,
                        hookable=False)
 
 
-def _load_export(path: Path) -> LoadedModel:
+def _refuse_code(path: Path, findings: list[str], trust_pickle: bool) -> None:
+    """Refuse a file whose loading would run code from it, unless --trust-pickle."""
+    if not findings:
+        return
+    more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
+    if not trust_pickle:
+        raise UntrustedPickleError(f"{path}: {findings[0]}{more}; loading it would run code "
+                                   "from the file. --trust-pickle allows it: only for files "
+                                   "you trust")
+    print(f"warning: {path}: {findings[0]}{more}; loading it anyway (--trust-pickle)",
+          file=sys.stderr)
+
+
+def _load_export(path: Path, trust_pickle: bool) -> LoadedModel:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_torch_logs(), \
+                (nullcontext() if trust_pickle else no_code_execution()):
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
             module = torch.export.unflatten(program)
     except Exception as exc:  # torch.export raises many types on corrupt archives
+        cause = _jaccli_cause(exc)
+        if cause is not None:
+            raise cause from None
         raise ModelLoadError(f"cannot load torch.export archive {path}: "
                              f"{_first_line(exc)}") from exc
     user_inputs = set(program.graph_signature.user_inputs)
@@ -134,8 +158,7 @@ def _load_safetensors(path: Path, arch: str | None, arch_path: str | Path | None
         raise ModelLoadError(f"cannot read safetensors file {path}: {_first_line(exc)}") from exc
     if arch is None and ARCH_METADATA_KEY in metadata:
         spec = load_spec(metadata[ARCH_METADATA_KEY])
-        model = build_model(spec)
-        load_strict(model, state, str(path))
+        model = build_with_weights(spec, state, str(path))
         return LoadedModel(model, ModelFormat.SAFETENSORS, "self-describing safetensors", path,
                            input_shape=spec_input_shape(spec))
     return _with_arch(state, arch, arch_path, path, ModelFormat.SAFETENSORS,
@@ -154,7 +177,7 @@ def _load_torch_pickle(path: Path, arch: str | None, arch_path: str | Path | Non
                 "TorchScript or torch.export, or pass --trust-pickle if you trust the file"
             ) from exc
         obj = _unpickle_trusted(path)
-    except (RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # torch.load raises many types on corrupt files
         raise ModelLoadError(f"cannot read {path} with torch.load: {_first_line(exc)}") from exc
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, ModelFormat.TORCH_PICKLE, "pickled module (--trust-pickle)", path)
@@ -168,9 +191,13 @@ def _with_arch(state: dict, arch: str | None, arch_path: str | Path | None, path
     if arch is None:
         raise ModelLoadError(f"{path} holds weights but no architecture; pass --arch SPEC.json "
                              "or --arch package.module:factory")
-    model, input_shape = _build_arch(arch, arch_path)
+    if Path(arch).is_file() or not _IMPORT_STRING.match(arch):
+        spec = load_spec(Path(arch))
+        model = build_with_weights(spec, state, str(path))
+        return LoadedModel(model, fmt, source, path, input_shape=spec_input_shape(spec))
+    model = resolve_factory(arch, arch_path)()
     load_strict(model, state, str(path))
-    return LoadedModel(model, fmt, source, path, input_shape=input_shape)
+    return LoadedModel(model, fmt, source, path)
 
 
 def _unpickle_trusted(path: Path) -> object:
@@ -183,40 +210,29 @@ def _unpickle_trusted(path: Path) -> object:
                              "class importable? see --arch-path)") from exc
 
 
-def _build_arch(arch: str, arch_path: str | Path | None) -> tuple[nn.Module, tuple | None]:
-    """Build the architecture named by --arch: a JSON spec file or `package.module:factory`."""
-    if Path(arch).is_file() or not _IMPORT_STRING.match(arch):
-        spec = load_spec(Path(arch))
-        return build_model(spec), spec_input_shape(spec)
-    return _import_factory(arch, arch_path)(), None
+def _jaccli_cause(exc: BaseException) -> ModelLoadError | None:
+    """Our own refusal, when torch wrapped it in one of its exceptions."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ModelLoadError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
-def _import_factory(target: str, arch_path: str | Path | None):
-    if arch_path is not None:
-        directory = Path(arch_path)
-        if not directory.is_dir():
-            raise ModelLoadError(f"--arch-path {directory} is not a directory")
-        if str(directory.resolve()) not in sys.path:
-            sys.path.insert(0, str(directory.resolve()))
-    module_name, attr_path = target.split(":", 1)
+@contextmanager
+def _quiet_torch_logs():
+    """torch.export logs warnings (legacy formats, fallbacks) to stderr: errors say enough."""
+    names = ("torch.export", "torch._export")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(f"cannot import {module_name!r} for --arch {target}: {exc} "
-                             "(add its directory with --arch-path)") from exc
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise ModelLoadError(f"--arch {target}: {module_name} has no attribute {attr_path!r}")
-        obj = getattr(obj, attr)
-
-    def factory() -> nn.Module:
-        model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
-        if not isinstance(model, nn.Module):
-            raise ModelLoadError(f"--arch {target} returned a {type(model).__name__}, "
-                                 "not a torch.nn.Module")
-        return model
-
-    return factory
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -32,6 +32,14 @@ def extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `model`; any missing, unexpected or mis-shaped key is an error."""
+    model.load_state_dict(match_state(model, state, source), strict=True)
+
+
+def match_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
+                ) -> Mapping[str, torch.Tensor]:
+    """Check `state` against `model`'s state_dict (keys, shapes, no complex into real);
+    return it with a DataParallel `module.` prefix removed. `model` may be on the meta
+    device."""
     expected = model.state_dict()
     if not set(state) & set(expected) and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
@@ -49,4 +57,9 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     if problems:
         raise ModelLoadError(f"weights in {source} do not match the architecture: "
                              + ", ".join(problems))
-    model.load_state_dict(state, strict=True)
+    complex_keys = [k for k in expected if state[k].is_complex()
+                    and not expected[k].is_complex()]
+    if complex_keys:
+        raise ModelLoadError(f"weights in {source} are complex ({complex_keys[0]}) but the "
+                             "model's are real; loading would drop the imaginary part")
+    return state

@@ -1,21 +1,25 @@
 """Write results to a versioned HDF5 file, atomically (see docs/FORMAT.md).
 
 The file is written under a temporary name beside the target and renamed only when complete,
-so an interrupted or failed run never leaves a file that looks finished.
+so an interrupted or failed run never leaves a file that looks finished
+(`jaccli.partial_file`: exclusive creation, disk-full and signal handling).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from ...errors import JaccliError, UsageError
+from ...errors import UsageError
 from .encodings import encoding
 from .format import FORMAT_NAME, FORMAT_VERSION, encode_attr
+from .output_guard import check_output
+from .partial_file import PartialFile
+from .termination import deliver_pending, signals_as_exceptions
 
 COMPRESSIONS = ("none", "gzip", "lzf")
 CHUNK_BYTES = 1024 * 1024
@@ -33,17 +37,21 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 class ResultsWriter:
     """Creates the groups and datasets of one results file and fills them batch by batch.
 
-    path: the final file name; the data first goes to `.NAME.partial-PID` in the same folder.
+    path: the final file name; the data first goes to `.NAME.partial-PID-RANDOM` in the same
+        folder, created exclusively.
     compression: "none", "gzip" (level 0-9) or "lzf".
+    expected_bytes: the planned size of the file, checked against the free space up front
+        (uncompressed files only).
     """
 
     def __init__(self, path: str | Path, *, kind: str, sample_index: np.ndarray,
                  attrs: dict[str, Any], compression: str = "none",
-                 compression_level: int | None = None):
+                 compression_level: int | None = None, expected_bytes: int | None = None):
         if compression not in COMPRESSIONS:
             raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}")
         self.path = Path(path)
-        self.partial = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self.partial: PartialFile | None = None
+        self.expected_bytes = expected_bytes if compression == "none" else None
         self.kind = kind
         self.sample_index = np.asarray(sample_index, dtype=np.int64)
         self.attrs = attrs
@@ -56,12 +64,22 @@ class ResultsWriter:
         self._order = 0
 
     def __enter__(self) -> ResultsWriter:
-        if not self.path.parent.is_dir():
-            raise JaccliError(f"output folder does not exist: {self.path.parent}")
+        check_output(self.path, ())
+        self._signals = signals_as_exceptions()
+        self._signals.__enter__()
         try:
-            self._file = h5py.File(self.partial, "w", track_order=True)
-        except OSError as exc:
-            raise JaccliError(f"cannot create {self.path}: {exc}") from exc
+            self.partial = PartialFile(self.path)
+            if self.expected_bytes is not None:
+                self.partial.check_space(self.expected_bytes)
+            self._file = h5py.File(self.partial.fileobj, "w", track_order=True)
+            self._start()
+            self.check()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
         root = self._file
         root.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                            "kind": self.kind, "complete": False})
@@ -69,14 +87,24 @@ class ResultsWriter:
         samples = root.create_group("samples")
         samples.create_dataset("index", data=self.sample_index, maxshape=(None,))
         root.create_group("layers", track_order=True)
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if exc_type is not None or not self._finished:
-            self.partial.unlink(missing_ok=True)
+        try:
+            if self._file is not None:
+                file, self._file = self._file, None
+                with contextlib.suppress(Exception):  # the error being raised is what counts
+                    file.close()  # the partial file drops failed writes: HDF5 sees none
+            if self.partial is not None and not self._finished:
+                self.partial.discard()
+        finally:
+            self._signals.__exit__(None, None, None)
+
+    def check(self) -> None:
+        """Raise if a write has failed (disk full, ...) or a signal is waiting; call between
+        writes to stop early."""
+        if self.partial is not None:
+            self.partial.raise_if_failed()
+        deliver_pending()
 
     _finished = False
 
@@ -88,6 +116,7 @@ class ResultsWriter:
     def create_group(self, name: str, *, parent: str, attrs: dict[str, Any]) -> h5py.Group:
         """The group for one result: a layer (`parent="layers"`: /layers/NAME), a parameter
         (`"params"`: /params/NAME) or the end-to-end result (`"end_to_end"`: /end_to_end)."""
+        self.check()
         if parent == "end_to_end":
             group = self.file.create_group("end_to_end")
         else:
@@ -103,6 +132,7 @@ class ResultsWriter:
     def create_dataset(self, group: h5py.Group, name: str, shape: tuple[int, ...],
                        dtype: np.dtype) -> h5py.Dataset:
         """A dataset with samples on its first axis: chunked, appendable, optionally compressed."""
+        self.check()
         dtype = np.dtype(dtype)
         return group.create_dataset(name, shape=shape, dtype=dtype,
                                     chunks=chunk_shape(shape, dtype.itemsize),
@@ -130,11 +160,13 @@ class ResultsWriter:
 
     def finish(self, attrs: dict[str, Any] | None = None) -> Path:
         """Record final attributes, close, and move the file to its final name."""
+        self.check()
         self.file.attrs.update({k: encode_attr(v) for k, v in (attrs or {}).items()})
         self.file.attrs["complete"] = True
         self.file.close()
         self._file = None
-        os.replace(self.partial, self.path)
+        self.check()
+        self.partial.commit()
         self._finished = True
         return self.path
 
