@@ -64,7 +64,7 @@ def prepared(model: nn.Module, device, dtype) -> nn.Module:
 def block_functions(model: nn.Module, x: torch.Tensor, granularity: str):
     """(name, batch function, captured input) per layer, for the peers."""
     trace = trace_layers(model, x, granularity=granularity)
-    _, records = ForwardRecorder(model).run(x)
+    _, records = ForwardRecorder(model, positions=trace.positions).run(x)
     by_site = {r.site: r for r in records}
     out = []
     for layer in trace.layers:
@@ -80,7 +80,7 @@ def per_sample(fn):
 def jaccli_runner(model, x, trace, *, layers: bool, end_to_end: bool, dense: bool):
     engine = JacobianEngine(model, trace, layers=trace.layers if layers else [],
                             end_to_end=end_to_end, n_samples=x.shape[0])
-    recorder = ForwardRecorder(model)
+    recorder = ForwardRecorder(model, positions=trace.positions)
 
     def run():
         engine.clear_cache()  # a fresh run each time: shared Jacobians are recomputed

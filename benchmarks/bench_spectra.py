@@ -33,7 +33,7 @@ def setup(n: int, device, dtype):
     x = torch.randn(n, 784, device=device, dtype=dtype)
     trace = trace_layers(model, x[:2], granularity="block")
     engine = JacobianEngine(model, trace, layers=trace.layers, end_to_end=False, n_samples=n)
-    recorder = ForwardRecorder(model)
+    recorder = ForwardRecorder(model, positions=trace.positions)
     return model, x, trace, engine, recorder
 
 

@@ -52,7 +52,7 @@ def layer_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
     engine = JacobianEngine(module, trace, layers=trace.layers, end_to_end=end_to_end,
                             n_samples=x.shape[0], mode=mode)
     with nullcontext() if create_graph else torch.no_grad():
-        _, calls = run_model(ForwardRecorder(module, hookable), x)
+        _, calls = run_model(ForwardRecorder(module, hookable, trace.positions), x)
         if create_graph:  # the recorder copies inputs without their graph: re-attach them
             calls = _with_graph(module, x, calls)
         result = engine.compute(x, {r.site: r for r in calls})
@@ -127,7 +127,7 @@ def _operators(module: nn.Module, x: torch.Tensor, layer: str | None):
                        f"{', '.join(c.name for c in trace.all_layers)}")
     engine = JacobianEngine(module, trace, layers=chosen, end_to_end=layer is None,
                             n_samples=x.shape[0])
-    _, calls = run_model(ForwardRecorder(module), x)
+    _, calls = run_model(ForwardRecorder(module, positions=trace.positions), x)
     records = {r.site: r for r in calls}
     if layer:
         return engine.layer_operator(chosen[0], records)

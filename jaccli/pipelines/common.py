@@ -21,11 +21,11 @@ from ..io.hashing import sha256_file
 from ..io.models import LoadedModel, load_model
 from ..io.results.output_guard import check_output
 from ..settings import DataSelection, LayerSelection, ModelSource, OutputOptions, RunOptions
-from ..tracing.independence import check_sample_independence
+from ..tracing.independence import check_sample_independence, distinct_rows
 from ..tracing.layers import Trace, trace_end_to_end, trace_layers
 from .resources import memory_budget, resolve_device, resolve_dtype
 
-INDEPENDENCE_SAMPLES = 4
+TRACE_SAMPLES = 4  # the example batch layers are traced on
 
 
 @dataclass
@@ -46,8 +46,9 @@ class Inputs:
 
 def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions,
                 layers: LayerSelection | None = None) -> Inputs:
-    """Load model and data, check them against each other, trace the layers `layers` selects
-    (all of them when None), and check that the model treats samples independently."""
+    """Load model and data, check them against each other, and trace the layers `layers`
+    selects (all of them when None). Pipelines call `check_independence` once they know
+    their batch size."""
     device, dtype = resolve_device(run.device), resolve_dtype(run.dtype)
     loaded = load(source)
     data = load_data(selection.path, key=selection.key, offset=selection.offset,
@@ -55,10 +56,17 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions,
     data.match_input_shape(loaded.input_shape)
     data.check_finite()
     model = frozen(loaded.module.to(device=device, dtype=dtype))
-    example = to_tensor(data.read(0, min(len(data), INDEPENDENCE_SAMPLES)), device, dtype)
+    example = to_tensor(data.read(0, min(len(data), TRACE_SAMPLES)), device, dtype)
     trace = trace_model(layers or LayerSelection(), loaded, model, example)
-    check_sample_independence(model, example)
     return Inputs(source, loaded, data, model, device, dtype, trace)
+
+
+def check_independence(inputs: Inputs, batch_size: int) -> None:
+    """Run the model on a batch of the size the run uses, of distinct rows: it must be
+    deterministic, and each sample's output must not depend on the others."""
+    n = min(batch_size, len(inputs.data))
+    rows = distinct_rows(np.asarray(inputs.data.read(0, n)))
+    check_sample_independence(inputs.model, to_tensor(rows, inputs.device, inputs.dtype))
 
 
 def load(source: ModelSource) -> LoadedModel:

@@ -23,6 +23,7 @@ from ..settings import ComputeSettings
 from ..tracing.recorder import ForwardRecorder, run_model
 from .common import (
     Inputs,
+    check_independence,
     guard_output,
     load,
     load_inputs,
@@ -84,6 +85,7 @@ def prepare(settings: ComputeSettings) -> Prepared:
     plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
                      device=inputs.device, budget=budget, budget_source=source, store=s.store,
                      batch_size=s.run.batch_size, extra=_param_entries(s, setup, inputs.dtype))
+    check_independence(inputs, plan.batch_size)
     return Prepared(s, inputs, engine, plan, setup)
 
 
@@ -180,7 +182,7 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
     p = prepared or prepare(settings)
     plan, inputs, output = p.plan, p.inputs, settings.output
     data = inputs.data
-    recorder = (ForwardRecorder(inputs.model, inputs.loaded.hookable)
+    recorder = (ForwardRecorder(inputs.model, inputs.loaded.hookable, inputs.trace.positions)
                 if p.engine.needs_records else None)
     norms = {e.name: np.full(len(data), np.nan) for e in plan.entries}
     seconds = dict.fromkeys(norms, 0.0)

@@ -23,6 +23,7 @@ from ..params.objectives import check_targets, per_sample_loss
 from ..reports.stats import aggregate
 from ..settings import HessianSettings
 from .common import (
+    check_independence,
     guard_output,
     load_inputs,
     load_targets,
@@ -43,6 +44,7 @@ def run_hessian(settings: HessianSettings) -> dict:
     check_targets(settings.loss, targets_source.read(0, n), inputs.trace.output_shape)
     loss = per_sample_loss(settings.loss)
     batch = product_batch_size(settings.run, inputs)
+    check_independence(inputs, batch)
     x_all = to_tensor(inputs.data.read(0, n), inputs.device, inputs.dtype) \
         if settings.wrt == "inputs" else None  # the samples themselves are small
     t_all = torch.from_numpy(np.array(targets_source.read(0, n))).to(inputs.device)

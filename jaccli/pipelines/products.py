@@ -19,6 +19,7 @@ from ..settings import ProductSettings
 from ..tracing.recorder import ForwardRecorder, run_model
 from .common import (
     Inputs,
+    check_independence,
     guard_output,
     load_inputs,
     load_targets,
@@ -43,6 +44,7 @@ def run_products(settings: ProductSettings) -> dict:
     params = select_params(inputs.model, s.params) if s.wrt == "params" else None
     vectors = _vectors(s, n)
     batch = product_batch_size(s.run, inputs)
+    check_independence(inputs, batch)
     products = []
     for start in range(0, n, batch):
         stop = min(start + batch, n)
@@ -120,7 +122,8 @@ def _product(settings: ProductSettings, inputs, engine, layer, params, x, v) -> 
         u = v.expand(b, -1) if v.shape[0] == 1 else v
         grads = param_vjp(inputs.model, x, fn, u, params=params)
         return torch.cat([g.reshape(b, -1) for g in grads.values()], dim=1)
-    _, calls = run_model(ForwardRecorder(inputs.model, inputs.loaded.hookable), x)
+    recorder = ForwardRecorder(inputs.model, inputs.loaded.hookable, inputs.trace.positions)
+    _, calls = run_model(recorder, x)
     records = {r.site: r for r in calls}
     apply_j, apply_jt = (engine.layer_operator(layer, records) if layer is not None
                          else engine.end_to_end_operator(x, records))

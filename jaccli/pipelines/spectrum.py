@@ -19,7 +19,15 @@ from ..spectra.lanczos import hutchinson_frobenius, top_singular_values
 from ..spectra.plan import SpectrumEntry, plan_spectra
 from ..spectra.quantities import all_quantities
 from ..tracing.recorder import ForwardRecorder, run_model
-from .common import Inputs, guard_output, load_inputs, make_engine, provenance, to_tensor
+from .common import (
+    Inputs,
+    check_independence,
+    guard_output,
+    load_inputs,
+    make_engine,
+    provenance,
+    to_tensor,
+)
 from .planner import Plan, make_plan
 from .resources import memory_budget, tf32_mode
 from .spectrum_output import EntryResult, summarize, write_spectra
@@ -63,8 +71,9 @@ def prepare_spectrum(settings: SpectrumSettings) -> SpectrumRun:
     krylov = sum(3 * min(e.d_in, e.d_out) * KRYLOV_VECTORS * itemsize
                  for e in entries if e.method == "lanczos")
     batch = plan.batch_size if not krylov else max(1, min(plan.batch_size, budget // krylov))
-    return SpectrumRun(settings, inputs, entries, engine, plan,
-                       settings.run.batch_size or batch)
+    batch = settings.run.batch_size or batch
+    check_independence(inputs, batch)
+    return SpectrumRun(settings, inputs, entries, engine, plan, batch)
 
 
 def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun | None = None
@@ -76,7 +85,7 @@ def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun 
     data, trace = inputs.data, inputs.trace
     results = {e.name: EntryResult(e) for e in run.entries}
     structured = {e.name for e in run.entries if e.method == "structured"}
-    recorder = ForwardRecorder(inputs.model, inputs.loaded.hookable)
+    recorder = ForwardRecorder(inputs.model, inputs.loaded.hookable, inputs.trace.positions)
     cache: dict = {}
     profile = (_Profile(run.engine) if settings.profile and trace.chain and trace.all_layers
                else None)

@@ -92,6 +92,8 @@ class Trace:
     chain: True when the layers run one after another (each consumes the previous one's
         output, the first consumes the model input, the last produces the model output), so
         the end-to-end Jacobian is the product of the layer Jacobians.
+    positions: for each call site, which extra arguments are per-sample (decided here, once;
+        pass it to every later `ForwardRecorder`).
     """
 
     layers: list[Layer]
@@ -100,6 +102,7 @@ class Trace:
     chain: bool
     skipped: list[Layer] = field(default_factory=list)
     all_layers: list[Layer] = field(default_factory=list)
+    positions: dict[str, tuple] = field(default_factory=dict)
 
 
 def trace_layers(model: nn.Module, example: torch.Tensor, *, type_name: Callable[[str, nn.Module],
@@ -116,15 +119,16 @@ def trace_layers(model: nn.Module, example: torch.Tensor, *, type_name: Callable
     type_name = type_name or (lambda name, m: getattr(m, "original_name", type(m).__name__))
     recorder = ForwardRecorder(model, hookable)
     output, records = run_model(recorder, example)
+    positions = {r.site: r.batched for r in records}
     groups = _group(records, type_name, granularity)
     layers, skipped = [], []
     for group in groups:
         layer = _make_layer(group, type_name)
         (skipped if layer.skip_reason else layers).append(layer)
     selected = select_layers(layers, patterns)
-    chain = _is_chain(groups, layers, example, output)
+    chain = _is_chain(groups, layers, recorder.last_input, output)
     return Trace(selected, tuple(example.shape[1:]), tuple(output.shape[1:]), chain, skipped,
-                 layers)
+                 layers, positions)
 
 
 def trace_end_to_end(model: nn.Module, example: torch.Tensor) -> Trace:

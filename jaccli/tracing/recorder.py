@@ -24,6 +24,8 @@ class CallRecord:
         the call (so in-place modules cannot change it).
     extra_args / extra_kwargs: the other arguments, held fixed when differentiating.
     input_ref / output_ref: the tensor objects themselves, to tell whether calls form a chain.
+    batched: positions (("args", i) or ("kwargs", name)) of the extra arguments that are
+        per-sample (computed from the model input), decided once, when the layers are traced.
     """
 
     site: str
@@ -34,6 +36,7 @@ class CallRecord:
     extra_kwargs: dict
     input_ref: Any
     output_ref: Any
+    batched: tuple = ()
 
 
 def site_function(record: CallRecord) -> Callable[..., torch.Tensor]:
@@ -54,16 +57,18 @@ def site_function(record: CallRecord) -> Callable[..., torch.Tensor]:
 
 
 def batched_extra_positions(record: CallRecord) -> list[tuple[str, Any]]:
-    """Positions (("args", i) or ("kwargs", name)) of extra tensor arguments with a batch axis."""
+    """Positions (("args", i) or ("kwargs", name)) of the per-sample extra arguments."""
+    return list(record.batched)
+
+
+def _derived_from_input(record: CallRecord) -> tuple:
+    """The extra tensor arguments computed from the model input (they carry its gradient)
+    and holding one row per sample — not buffers or constants, whatever their shape."""
     batch = record.input.shape[0] if record.input is not None else None
-    positions: list[tuple[str, Any]] = []
-    for i, value in enumerate(record.extra_args):
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-            positions.append(("args", i))
-    for name, value in record.extra_kwargs.items():
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-            positions.append(("kwargs", name))
-    return positions
+    named = [(("args", i), v) for i, v in enumerate(record.extra_args)]
+    named += [(("kwargs", k), v) for k, v in record.extra_kwargs.items()]
+    return tuple(where for where, v in named if isinstance(v, torch.Tensor)
+                 and v.requires_grad and v.ndim and v.shape[0] == batch)
 
 
 def batched_extras(record: CallRecord) -> list[torch.Tensor]:
@@ -88,11 +93,16 @@ class ForwardRecorder:
 
     Uses forward hooks; for TorchScript models (which have no hooks) it runs the children of a
     (nested) `Sequential` one by one instead, and refuses other TorchScript models.
+    positions: which extra arguments of each site are per-sample (`Trace.positions`); None
+    decides it in this run, from which arguments are computed from the input (the run then
+    tracks gradients, so pass the traced positions for every later batch).
     """
 
-    def __init__(self, model: nn.Module, hookable: bool = True):
+    def __init__(self, model: nn.Module, hookable: bool = True,
+                 positions: dict[str, tuple] | None = None):
         self.model = model
         self.hookable = hookable
+        self.positions = positions
         self.leaves = [(name, m) for name, m in model.named_modules()
                        if not any(True for _ in m.children())]
         if not hookable and not _is_sequential_tree(model):
@@ -109,8 +119,12 @@ class ForwardRecorder:
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[CallRecord]]:
         """Run `model(x)`; return its output and the call records, in call order."""
         self._records, self._counts = [], {}
-        with torch.no_grad():
-            output = self._run_hooked(x) if self.hookable else self._run_sequential(x)
+        self.last_input = x
+        if self.positions is None:
+            output = self._run_tracking_input(x)
+        else:
+            with torch.no_grad():
+                output = self._run_hooked(x) if self.hookable else self._run_sequential(x)
         counts = self._counts
         for record in self._records:
             if counts[record.module_name] > 1:
@@ -120,10 +134,30 @@ class ForwardRecorder:
                 record.site = f"{record.module_name}#{record.site}"
             else:
                 record.site = record.module_name
+            if self.positions is None:
+                record.batched = _derived_from_input(record)
+            else:
+                record.batched = self.positions.get(record.site, ())
         out = first_tensor(output)
         if out is None:
             raise ModelRunError("the model's output is not a tensor (nor a tuple holding one)")
         return out, self._records
+
+    def _run_tracking_input(self, x: torch.Tensor) -> Any:
+        """Run with the input (and only the input) carrying gradients, so that what is
+        computed from it can be told from buffers and constants."""
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                source = x.detach().requires_grad_(torch.is_floating_point(x))
+                self.last_input = source  # the tensor the first layer receives
+                return self._run_hooked(source) if self.hookable else \
+                    self._run_sequential(source)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     def _record(self, name: str, module: nn.Module, args: tuple, kwargs: dict,
                 output: Any) -> None:
