@@ -235,7 +235,9 @@ def test_a_function_no_route_can_differentiate_is_refused():
     def through_numpy(xb):
         return torch.from_numpy(xb.detach().numpy() * 2.0)
 
-    with pytest.raises(ModelRunError, match=r"^numpy head: .*loop-rev: raised"):
+    with pytest.raises(ModelRunError, match=r"^numpy head cannot be differentiated by "
+                                            r"torch\.func \(raised .*\); leave it out with "
+                                            r"--layers"):
         per_sample_jacobian(through_numpy, torch.randn(2, 3, dtype=torch.float64),
                             name="numpy head")
 

@@ -29,10 +29,15 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
+OOM_HINT = "lower --batch-size or --max-memory, or select fewer layers with --layers"
+
+
+def guarded(action: Callable[[], T], *, input_error_code: int = 1,
+            oom_hint: str = OOM_HINT) -> T:
     """Run `action`, mapping exceptions to one stderr line and an exit code.
 
     input_error_code: the code for input/run errors (1, or 4 for the gate commands).
+    oom_hint: what to change when memory runs out, in the options of this command.
     JACCLI_DEBUG=1 lets every exception through with its traceback.
     """
     from ..errors import JaccliError, Terminated, is_out_of_memory
@@ -52,8 +57,7 @@ def guarded(action: Callable[[], T], *, input_error_code: int = 1) -> T:
         raise fail(str(exc), 128 + exc.signum) from None
     except RuntimeError as exc:
         if is_out_of_memory(exc):
-            raise fail("out of memory; lower --batch-size or --max-memory, or select fewer "
-                       "layers with --layers", input_error_code) from None
+            raise fail(f"out of memory; {oom_hint}", input_error_code) from None
         raise _internal(exc) from None
     except Exception as exc:  # anything else is a bug in jaccli
         raise _internal(exc) from None

@@ -67,7 +67,7 @@ def product_command(direction: str, doc: str):
             else:
                 render_products(summary, out)
 
-        guarded(run)
+        guarded(run, oom_hint="use fewer samples at once with --limit and --offset")
 
     command.__doc__ = doc
     command.__name__ = direction
@@ -122,4 +122,4 @@ def hessian(
         else:
             render_hessian(summary, out)
 
-    guarded(run)
+    guarded(run, oom_hint="lower --batch-size, or use fewer samples with --limit")

@@ -157,7 +157,8 @@ def check(
         if result["exit_code"]:
             raise typer.Exit(result["exit_code"])
 
-    guarded(run, input_error_code=EXIT_GATE_ERROR)
+    guarded(run, input_error_code=EXIT_GATE_ERROR,
+            oom_hint="lower --max-memory, or check fewer samples with --limit")
 
 
 def diff(

@@ -117,5 +117,6 @@ def spectrum(
         else:
             render_spectrum(summary, out)
 
-    guarded(run)
+    guarded(run, oom_hint="lower --batch-size or --max-memory, select fewer layers with "
+                          "--layers, or ask for --top-k")
 

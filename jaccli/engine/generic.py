@@ -177,6 +177,12 @@ def per_sample_jacobian_verified(
         return jac, GenericReport(name, route, checked, error, tol, rejected,
                                   tuple(h.op for h in hazards))
     tried = "; ".join(f"{route}: {why}" for route, why in rejected)
+    if all(why.startswith("raised") for _, why in rejected):
+        # The function itself cannot go through torch.func (`.item()`, NumPy, data-dependent
+        # control flow): that is the model's doing, not a wrong route.
+        raise ModelRunError(f"{name} cannot be differentiated by torch.func ({rejected[-1][1]})"
+                            f"; leave it out with --layers (or --no-end-to-end for the whole "
+                            "model), or make its forward differentiable")
     raise ModelRunError(f"{name}: no route of the generic Jacobian path passed the jvp/vjp "
                         f"check with torch {torch.__version__}, so no Jacobian is returned "
                         f"({tried}); please report the model")

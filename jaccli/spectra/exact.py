@@ -56,23 +56,49 @@ def exact_spectrum(jac: Structured, n: int, *, exact: bool = False,
 
     exact: use svdvals on dense matrices instead of Gram matrices for row-scaled Jacobians.
     cache: where shared decompositions are kept across batches, under `key`.
+    A sample whose Jacobian holds NaN or Inf (NaN weights, overflow) gets NaN singular values
+    and a note; the other samples are decomposed as usual.
     """
     r = min(jac.d_out, jac.d_in)
     cache = {} if cache is None else cache
     if isinstance(jac, Diagonal):
         values = _desc(jac.diag.abs())
-        return Spectrum(values.expand(n, -1) if jac.shared else values, True, "diagonal")
+        return _flag(Spectrum(values.expand(n, -1) if jac.shared else values, True,
+                              "diagonal"))
     if isinstance(jac, Selection):
         counts = torch.zeros(jac.batch, jac.n_in, dtype=jac.dtype, device=jac.index.device)
         counts.scatter_add_(1, jac.index, torch.ones_like(jac.index, dtype=jac.dtype))
         return Spectrum(_pad(_desc(counts.sqrt()), r), True, "selection")
     if isinstance(jac, Matrix) and jac.shared:
         if key not in cache:
-            cache[key] = torch.linalg.svdvals(jac.matrix[0])[None]
-        return Spectrum(cache[key].expand(n, -1), True, "svd-shared")
+            cache[key] = _finite_only(torch.linalg.svdvals, jac.matrix, r)
+        return _flag(Spectrum(cache[key].expand(n, -1), True, "svd-shared"))
     if isinstance(jac, RowScaled) and not exact:
-        return _row_scaled_gram(jac, r, cache, key)
-    return Spectrum(torch.linalg.svdvals(jac.dense(n)), True, "svdvals")
+        return _flag(_row_scaled_gram(jac, r, cache, key))
+    return _flag(Spectrum(_finite_only(torch.linalg.svdvals, jac.dense(n), r), True,
+                          "svdvals"))
+
+
+def _finite_only(decompose, matrices: torch.Tensor, r: int) -> torch.Tensor:
+    """`decompose(matrices)` `(N, r)` for the samples whose matrix is finite; NaN rows for
+    the others (a LAPACK routine would fail on them, or return garbage)."""
+    finite = torch.isfinite(matrices.reshape(matrices.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return decompose(matrices)
+    out = torch.full((matrices.shape[0], r), float("nan"), dtype=matrices.dtype,
+                     device=matrices.device)
+    if bool(finite.any()):
+        out[finite] = decompose(matrices[finite])[:, :r]
+    return out
+
+
+def _flag(spectrum: Spectrum) -> Spectrum:
+    bad = int((~torch.isfinite(spectrum.values).all(dim=1)).sum())
+    if bad:
+        spectrum.note = "; ".join(filter(None, [spectrum.note, (
+            f"{bad} sample(s) have a non-finite Jacobian (NaN or Inf weights, inputs or "
+            "overflow): their singular values are NaN")]))
+    return spectrum
 
 
 def _row_scaled_gram(jac: RowScaled, r: int, cache: dict, key: str) -> Spectrum:
@@ -86,6 +112,6 @@ def _row_scaled_gram(jac: RowScaled, r: int, cache: dict, key: str) -> Spectrum:
     else:
         scaled = s[:, :, None] * w[None]  # (N, D_out, D_in)
         gram = scaled.transpose(1, 2) @ scaled
-    eig = torch.linalg.eigvalsh(gram)
+    eig = _finite_only(torch.linalg.eigvalsh, gram, gram.shape[1])
     values = _desc(eig.clamp_min(0).sqrt()).to(jac.scale.dtype)
     return Spectrum(_pad(values, r), True, "gram", GRAM_NOTE)

@@ -120,6 +120,7 @@ class ForwardRecorder:
         """Run `model(x)`; return its output and the call records, in call order."""
         self._records, self._counts = [], {}
         self.last_input = x
+        self.running: list[str] = []  # leaf modules entered and not yet returned
         if self.positions is None:
             output = self._run_tracking_input(x)
         else:
@@ -161,6 +162,8 @@ class ForwardRecorder:
 
     def _record(self, name: str, module: nn.Module, args: tuple, kwargs: dict,
                 output: Any) -> None:
+        if self.running and self.running[-1] == name:
+            self.running.pop()
         occurrence = self._counts.get(name, 0)
         self._counts[name] = occurrence + 1
         pending = self._pending.get(id(module), [])
@@ -177,10 +180,12 @@ class ForwardRecorder:
         self._pending = {}
 
         def pre_hook(module, args, kwargs):
+            self.running.append(names[id(module)])
             first = args[0] if args else None
             copy = first.detach().clone() if isinstance(first, torch.Tensor) else None
             self._pending.setdefault(id(module), []).append(copy)
 
+        names = {id(module): name for name, module in self.leaves}
         for name, module in self.leaves:
             handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(
@@ -195,6 +200,7 @@ class ForwardRecorder:
         out: Any = x
         for name, module in self.leaves:
             self._pending = {id(module): [out.detach().clone()]}
+            self.running.append(name)
             result = module(out)
             self._record(name, module, (out,), {}, result)
             out = first_tensor(result)
@@ -217,11 +223,13 @@ def run_model(recorder: ForwardRecorder, x: torch.Tensor) -> tuple[torch.Tensor,
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         if is_out_of_memory(exc):
             raise
-        raise model_error(exc, x) from exc
+        raise model_error(exc, x, recorder.running[-1] if recorder.running else None) from exc
 
 
-def model_error(exc: Exception, x: torch.Tensor) -> ModelRunError:
-    """A one-line ModelRunError for an exception the model raised on input `x`."""
+def model_error(exc: Exception, x: torch.Tensor, module: str | None = None) -> ModelRunError:
+    """A one-line ModelRunError for an exception the model raised on input `x` (inside the
+    leaf module called `module`, when known)."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ModelRunError(f"the model failed on input of shape {tuple(x.shape[1:])} per "
+    where = f" in module {module}" if module else ""
+    return ModelRunError(f"the model failed{where} on input of shape {tuple(x.shape[1:])} per "
                          f"sample: {message}")
