@@ -68,6 +68,12 @@ class Encoding:
                 dtype=np.float32) -> np.ndarray:
         """Dense `(k, D_out, D_in)` from `arrays`: per-sample fields with k rows, shared
         fields whole."""
+        self.validate(arrays, d_out, d_in)
+        return self._densify(arrays, d_out, d_in, np.dtype(dtype))
+
+    def validate(self, arrays: dict[str, np.ndarray], d_out: int, d_in: int) -> None:
+        """Refuse arrays that are not this encoding of a `(D_out, D_in)` Jacobian: missing,
+        misshapen, or (index fields) pointing outside `[0, D_in)`."""
         missing = [f.name for f in self.fields if f.name not in arrays]
         if missing:
             raise ResultsFormatError(f"{self.name} Jacobian is missing dataset(s) "
@@ -80,7 +86,9 @@ class Encoding:
                 raise ResultsFormatError(f"{self.name} dataset {f.name} has shape "
                                          f"{tuple(value.shape)}; expected "
                                          f"{'' if f.shared else '(N, '}{expected}")
-        return self._densify(arrays, d_out, d_in, np.dtype(dtype))
+            if f.integer and value.size and (value.min() < 0 or value.max() >= d_in):
+                raise ResultsFormatError(f"{self.name} dataset {f.name} holds indices out of "
+                                         f"range [0, {d_in})")
 
     def rows(self, arrays: dict[str, np.ndarray]) -> int:
         """How many samples the per-sample fields of `arrays` hold."""
@@ -113,8 +121,6 @@ def _row_scaled(a, d_out, d_in, dtype):
 
 def _selection(a, d_out, d_in, dtype):
     index = np.asarray(a["selection"], dtype=np.int64)
-    if index.size and (index.min() < 0 or index.max() >= d_in):
-        raise ResultsFormatError(f"selection indices out of range [0, {d_in})")
     out = np.zeros((len(index), d_out, d_in), dtype)
     np.put_along_axis(out, index[:, :, None], 1.0, axis=2)
     return out

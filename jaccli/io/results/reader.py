@@ -56,8 +56,12 @@ class ResultGroup:
         return JacobianView(self)
 
     def compact(self, rows) -> dict[str, np.ndarray]:
-        """The stored arrays of samples `rows` (slice or positions) in their encoding."""
-        return read_rows(self.group, self.encoding, rows)
+        """The stored arrays of samples `rows` (slice or positions) in their encoding, checked
+        (shapes, index ranges) against the group's `d_out` x `d_in`."""
+        arrays = read_rows(self.group, self.encoding, rows)
+        encoding(self.encoding).validate(arrays, int(self.attrs["d_out"]),
+                                         int(self.attrs["d_in"]))
+        return arrays
 
 
 class JacobianView:
@@ -162,7 +166,10 @@ class Results:
                         f"{self.path} is damaged: {group.name}/{name} has shape "
                         f"{dataset.shape} for {n} samples")
 
-    def _group(self, group: h5py.Group) -> ResultGroup:
+    def _group(self, group: h5py.Group | None) -> ResultGroup:
+        if not isinstance(group, h5py.Group):  # h5py yields None for a broken link
+            raise ResultsFormatError(f"{self.path} is damaged: a result group cannot be read; "
+                                     "compute it again")
         attrs = {k: decode_attr(v) for k, v in group.attrs.items()}
         return ResultGroup(str(attrs.get("name", group.name)), str(attrs.get("kind", "layer")),
                            attrs, group)
