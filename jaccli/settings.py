@@ -148,6 +148,7 @@ class OutputOptions:
     path: Path | None = None
     compression: str = Compression.none.value
     compression_level: int | None = None
+    max_output: int | None = None  # bytes the file may take (None: the free space)
 
     def __post_init__(self):
         if self.path is not None and str(self.path) == "-":
@@ -190,7 +191,8 @@ _GROUP_OPTIONS: dict[str, tuple[type, dict[str, str]]] = {
                          "max_memory": "max_memory", "mode": "mode",
                          "strict_rules": "strict_rules", "tf32": "tf32"}),
     "output": (OutputOptions, {"output": "path", "compression": "compression",
-                               "compression_level": "compression_level"}),
+                               "compression_level": "compression_level",
+                               "max_output": "max_output"}),
     "params": (ParamOptions, {"params": "patterns", "output_index": "output_index",
                               "targets": "targets", "targets_key": "targets_key",
                               "loss": "loss", "flatten": "flatten"}),

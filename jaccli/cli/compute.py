@@ -56,6 +56,10 @@ def compute(
     store: StoreOpt = Store.compact, strict_rules: StrictRulesOpt = False, tf32: Tf32Opt = False,
     compression: CompressionOpt = Compression.none,
     compression_level: CompressionLevelOpt = None,
+    max_output: Annotated[str | None, typer.Option(
+        "--max-output", help="Refuse before computing when the output file would be larger "
+                             "than this, e.g. 20GB (default: the free space on its file "
+                             "system, less a margin).", rich_help_panel="Output")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (layers, modes, sizes, batch size) and stop.")] = False,
     wrt: Annotated[list[Wrt] | None, typer.Option(

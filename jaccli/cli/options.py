@@ -106,8 +106,9 @@ def settings_from(kind: type, ctx: typer.Context, *, exclude: tuple[str, ...] = 
     options = {name: value for name, value in options.items() if value is not None}
     if "no_layers" in options:
         options["include_layers"] = not options.pop("no_layers")
-    if options.get("max_memory") is not None:
-        options["max_memory"] = parse_size(options["max_memory"])
+    for size in ("max_memory", "max_output"):
+        if options.get(size) is not None:
+            options[size] = parse_size(options[size])
     options |= overrides
     return kind.from_options(**options, command_line=command_line())
 

@@ -110,6 +110,15 @@ def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
                   f"(--store {plan_dict['store']}); "
                   f"layers form a chain: {'yes' if plan_dict['chain'] else 'no'}",
                   highlight=False)
+    if plan_dict.get("output_cap_bytes") is not None:
+        free = plan_dict.get("free_bytes")
+        fits = plan_dict["output_bytes"] <= plan_dict["output_cap_bytes"]
+        console.print(f"output file: {format_bytes(plan_dict['output_bytes'])} of "
+                      f"{format_bytes(plan_dict['output_cap_bytes'])} allowed "
+                      f"({plan_dict['output_cap_source']}"
+                      + (f"; {format_bytes(free)} free" if free is not None else "") + ")"
+                      + ("" if fits else " — compressed, so checked as it is written"),
+                      highlight=False)
     for s in plan_dict["skipped"]:
         console.print(f"skipped {s['name']} ({s['type']}): {s['reason']}", highlight=False)
 

@@ -33,7 +33,7 @@ from .common import (
     to_tensor,
     trace_model,
 )
-from .planner import Plan, PlanEntry, make_plan
+from .planner import Plan, PlanEntry, check_disk, make_plan
 from .resources import (
     check_trace_fits,
     memory_budget,
@@ -85,8 +85,24 @@ def prepare(settings: ComputeSettings) -> Prepared:
     plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
                      device=inputs.device, budget=budget, budget_source=source, store=s.store,
                      batch_size=s.run.batch_size, extra=_param_entries(s, setup, inputs.dtype))
+    if s.output.path is not None:
+        plan.disk = check_disk(plan, s.output.path, max_output=s.output.max_output,
+                               compressed=s.output.compression != "none",
+                               suggestions=_smaller_output(s))
     check_independence(inputs, plan.batch_size)
     return Prepared(s, inputs, engine, plan, setup)
+
+
+def _smaller_output(settings: ComputeSettings) -> list[str]:
+    """The options that would shrink this run's output file."""
+    options = ["--layers", "--limit"]
+    if settings.store == "dense":
+        options.append("--store compact")
+    if settings.layers.granularity == "module" and settings.layers.include_layers:
+        options.append("--granularity block")
+    if settings.layers.end_to_end:
+        options.append("--no-end-to-end")
+    return options + ["--compression gzip", "`jaccli spectrum` (spectra, not Jacobians)"]
 
 
 def _param_setup(settings: ComputeSettings, inputs: Inputs) -> ParamSetup:
@@ -193,8 +209,7 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
             settings.run.tf32 and inputs.device.type == "cuda"), store=settings.store,
             granularity=layers.granularity if layers.include_layers else "",
             chain=plan.chain),
-        compression=output.compression, compression_level=output.compression_level,
-        expected_bytes=plan.output_bytes)
+        compression=output.compression, compression_level=output.compression_level)
         if output.path is not None else nullcontext())
     batching = _Batching(plan.batch_size)
     with writer, tf32_mode(settings.run.tf32):

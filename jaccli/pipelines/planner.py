@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..engine.engine import END_TO_END, JacobianEngine
-from ..errors import OutOfMemoryError
+from ..errors import OutOfMemoryError, OutputError
 from ..io.results.encodings import stored_bytes
+from ..io.results.output_guard import free_space, output_cap
 from ..tracing.layers import Layer
 from ..units import format_bytes
 
@@ -75,6 +77,7 @@ class Plan:
     skipped: list[Layer] = field(default_factory=list)
     chain_costs: dict[str, float] | None = None
     chunk_size: int | None = None
+    disk: DiskCheck | None = None  # set when an output file is planned
 
     @property
     def bytes_per_sample(self) -> int:
@@ -102,7 +105,38 @@ class Plan:
                         for e in self.entries],
             "skipped": [{"name": s.name, "type": s.type_name, "reason": s.skip_reason}
                         for s in self.skipped],
+            "output_cap_bytes": self.disk.cap if self.disk else None,
+            "output_cap_source": self.disk.source if self.disk else None,
+            "free_bytes": self.disk.free if self.disk else None,
         }
+
+
+@dataclass
+class DiskCheck:
+    """The room an output file may take: `cap` bytes (None: unknown) because of `source`,
+    with `free` bytes free on its file system (None: unknown)."""
+
+    cap: int | None
+    source: str
+    free: int | None
+
+
+def check_disk(plan: Plan, output: Path, *, max_output: int | None, compressed: bool,
+               suggestions: list[str]) -> DiskCheck:
+    """Refuse, before any work, an output predicted to exceed its cap (`--max-output`, else
+    the free space less a margin); `suggestions`: the options that would make it smaller.
+    A compressed file is checked only against an explicit `--max-output`."""
+    cap, source = output_cap(output, max_output)
+    check = DiskCheck(cap, source, free_space(output))
+    if cap is not None and plan.output_bytes > cap and (not compressed or max_output):
+        largest = max(plan.entries, key=lambda e: e.bytes_per_sample * plan.n_samples
+                      + e.shared_bytes)
+        raise OutputError(
+            f"{output} would take about {format_bytes(plan.output_bytes)} (largest: "
+            f"{largest.name}), over {format_bytes(cap)} ({source}; "
+            f"{format_bytes(check.free or 0)} free); make it smaller with "
+            f"{', '.join(suggestions)}, or raise --max-output")
+    return check
 
 
 def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,

@@ -144,3 +144,25 @@ def test_a_closed_stdout_ends_quietly(work, jacobians):
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
     assert result.stderr == ""
     assert result.returncode in (0, 1)
+
+
+def test_an_output_larger_than_the_free_space_is_refused_before_computing(work, monkeypatch):
+    import jaccli.io.results.output_guard as guard
+    import jaccli.pipelines.planner as planner
+    from jaccli.engine.engine import JacobianEngine
+
+    tiny = lambda output: 1000  # noqa: E731 — a nearly full file system
+    monkeypatch.setattr(guard, "free_space", tiny)
+    monkeypatch.setattr(planner, "free_space", tiny)
+    monkeypatch.setattr(JacobianEngine, "compute", lambda *a, **k: pytest.fail("computed"))
+    target = work / "out.h5"
+    line = assert_one_error(invoke("compute", work / "mlp.safetensors", work / "x.npy",
+                                   "--store", "dense", "-o", target), code=1)
+    assert "would take about" in line and "--store compact" in line and "1000 B free" in line
+    assert not target.exists() and not [p for p in work.iterdir() if ".partial-" in p.name]
+    plan = invoke("compute", work / "mlp.safetensors", work / "x.npy", "--dry-run", "-o",
+                  target)
+    assert "output file:" in plan.stdout and "1000 B free" in plan.stdout
+    capped = invoke("compute", work / "mlp.safetensors", work / "x.npy", "--max-output", "100B",
+                    "--compression", "gzip", "-o", target)
+    assert_one_error(capped, code=1, says="over 100 B (--max-output")

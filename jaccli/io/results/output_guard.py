@@ -126,3 +126,29 @@ def _same_file(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+# Room left on the output's file system by default: 10% of the free space, at most 1 GiB.
+FREE_MARGIN = 0.10
+FREE_MARGIN_CAP = 1024**3
+
+
+def free_space(output: str | Path) -> int | None:
+    """Bytes free (for this user) on the file system that will hold `output`, or None."""
+    try:
+        info = os.statvfs(Path(output).resolve().parent)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+def output_cap(output: str | Path, max_output: int | None) -> tuple[int | None, str]:
+    """How many bytes the output may take, and why: `--max-output`, else the free space less
+    a margin (10%, at most 1 GiB); None when the free space cannot be read."""
+    if max_output is not None:
+        return max_output, "--max-output"
+    free = free_space(output)
+    if free is None:
+        return None, "free space unknown"
+    return max(0, free - min(int(free * FREE_MARGIN), FREE_MARGIN_CAP)), \
+        "the free space on its file system, less a margin"

@@ -17,7 +17,6 @@ import secrets
 from pathlib import Path
 
 from ...errors import OutputError
-from ...units import format_bytes
 from .output_guard import create_exclusive, partial_name
 from .termination import mark_unsafe
 
@@ -126,18 +125,6 @@ class PartialFile:
                               f"{exc.strerror}") from exc
         self.fileobj = _DescriptorFile(fd)
         self._identity = _identity(os.fstat(fd))
-
-    def check_space(self, needed: int) -> None:
-        """Refuse now if the folder has less free space than `needed` bytes."""
-        try:
-            info = os.statvfs(self.path.parent)
-        except OSError:
-            return
-        free = info.f_bavail * info.f_frsize
-        if needed > free:
-            raise OutputError(f"{self.target} needs about {format_bytes(needed)} but only "
-                              f"{format_bytes(free)} is free on its file system; free some "
-                              "space, write elsewhere, or pass --compression gzip")
 
     def raise_if_failed(self) -> None:
         """Raise OutputError if a write has failed."""

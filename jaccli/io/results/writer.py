@@ -40,18 +40,15 @@ class ResultsWriter:
     path: the final file name; the data first goes to `.NAME.partial-PID-RANDOM` in the same
         folder, created exclusively.
     compression: "none", "gzip" (level 0-9) or "lzf".
-    expected_bytes: the planned size of the file, checked against the free space up front
-        (uncompressed files only).
     """
 
     def __init__(self, path: str | Path, *, kind: str, sample_index: np.ndarray,
                  attrs: dict[str, Any], compression: str = "none",
-                 compression_level: int | None = None, expected_bytes: int | None = None):
+                 compression_level: int | None = None):
         if compression not in COMPRESSIONS:
             raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}")
         self.path = Path(path)
         self.partial: PartialFile | None = None
-        self.expected_bytes = expected_bytes if compression == "none" else None
         self.kind = kind
         self.sample_index = np.asarray(sample_index, dtype=np.int64)
         self.attrs = attrs
@@ -69,8 +66,6 @@ class ResultsWriter:
         self._signals.__enter__()
         try:
             self.partial = PartialFile(self.path)
-            if self.expected_bytes is not None:
-                self.partial.check_space(self.expected_bytes)
             self._file = h5py.File(self.partial.fileobj, "w", track_order=True)
             self._start()
             self.check()
