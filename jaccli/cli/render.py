@@ -110,6 +110,10 @@ def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
                   f"(--store {plan_dict['store']}); "
                   f"layers form a chain: {'yes' if plan_dict['chain'] else 'no'}",
                   highlight=False)
+    if plan_dict.get("verification_cost") is not None:
+        console.print("generic (torch.func) entries are checked against jvp/vjp probes on one "
+                      "sample per batch: about "
+                      f"{100 * plan_dict['verification_cost']:.1f}% extra", highlight=False)
     if plan_dict.get("output_cap_bytes") is not None:
         free = plan_dict.get("free_bytes")
         fits = plan_dict["output_bytes"] <= plan_dict["output_cap_bytes"]

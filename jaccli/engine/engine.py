@@ -13,7 +13,7 @@ from ..errors import ModelRunError, UnsupportedModuleError
 from ..tracing.layers import Layer, Trace
 from ..tracing.recorder import CallRecord, batched_extras, first_tensor, site_function
 from .chain import ChainPlan, cheapest_order, compose_tag
-from .generic import choose_mode, per_sample_jacobian
+from .generic import choose_mode, per_sample_jacobian_verified
 from .operators import Apply, chain_operator, function_operator, pull_through, push_through
 from .rules import Rule, rule_for
 from .structures import Matrix, Structured, chain_product
@@ -107,7 +107,25 @@ class JacobianEngine:
                 self.chain_plan = cheapest_order(tags, dims, n_samples)
                 self.end_to_end_method = "chain product"
         self._shared: dict[str, Structured] = {}
+        self.routes: dict[str, set[str]] = {}  # site or END_TO_END -> generic routes used
         self.last_seconds: dict[str, float] = {}
+
+    def _generic(self, key: str, fn, x: torch.Tensor, extras, mode: str,
+                 chunk_size: int | None, name: str) -> torch.Tensor:
+        """A verified generic Jacobian; the route that produced it is kept in `routes[key]`
+        (a site, or `END_TO_END`)."""
+        jac, report = per_sample_jacobian_verified(fn, x, extras, mode=mode,
+                                                   chunk_size=chunk_size, name=name)
+        self.routes.setdefault(key, set()).add(report.route)
+        return jac
+
+    def route_of(self, name: str) -> str:
+        """The generic routes behind an entry (a layer's sites, or `END_TO_END`), '' if none."""
+        if name == END_TO_END:  # built from every site when the layers are a chain
+            keys = list(self.routes) if self.e2e_from_chain else [END_TO_END]
+        else:
+            keys = next((layer.sites for layer in self.layers if layer.name == name), ())
+        return "+".join(sorted(set().union(*(self.routes.get(k, set()) for k in keys))))
 
     def clear_cache(self) -> None:
         """Forget the shared Jacobians, so the next batch computes them again."""
@@ -153,9 +171,9 @@ class JacobianEngine:
             elif self.e2e_from_chain:
                 result[END_TO_END] = self._accumulate(x, records)
             else:
-                result[END_TO_END] = Matrix(per_sample_jacobian(
-                    lambda xb: first_tensor(self.model(xb)), x, mode=self.mode,
-                    chunk_size=chunk_size, name="the end-to-end Jacobian"))
+                result[END_TO_END] = Matrix(self._generic(
+                    END_TO_END, lambda xb: first_tensor(self.model(xb)), x, (), self.mode,
+                    chunk_size, "the end-to-end Jacobian"))
             clock.lap(END_TO_END)
         self.last_seconds = {name: clock.laps.get(name, 0.0) for name in result}
         return result
@@ -247,9 +265,9 @@ class JacobianEngine:
     def _site(self, plan: SitePlan, module: nn.Module, record: CallRecord,
               chunk_size: int | None = None) -> Structured:
         if plan.rule is None:
-            return Matrix(per_sample_jacobian(site_function(record), record.input,
-                                              batched_extras(record), mode=plan.mode or "auto",
-                                              chunk_size=chunk_size, name=plan.site))
+            return Matrix(self._generic(plan.site, site_function(record), record.input,
+                                        batched_extras(record), plan.mode or "auto",
+                                        chunk_size, plan.site))
         if plan.rule.shared:
             if plan.site not in self._shared:
                 self._shared[plan.site] = plan.rule.jacobian(module, record.input[:1])

@@ -227,7 +227,8 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
         finally:
             sink.close()
         if output.path is not None:
-            sink.set_seconds(seconds)
+            sink.finish_groups(seconds, {e.name: p.engine.route_of(e.name)
+                                         for e in plan.entries})
             writer.finish({"seconds": time.perf_counter() - started,
                            "batch_size": batching.size})
     entries = [EntrySummary.from_norms(name=e.name, kind=e.kind, type_name=e.type_name,

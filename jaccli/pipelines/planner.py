@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..engine.engine import END_TO_END, JacobianEngine
+from ..engine.generic import verification_cost
 from ..errors import OutOfMemoryError, OutputError
 from ..io.results.encodings import stored_bytes
 from ..io.results.output_guard import free_space, output_cap
@@ -84,6 +85,17 @@ class Plan:
         return sum(e.bytes_per_sample for e in self.entries)
 
     @property
+    def verification_cost(self) -> float | None:
+        """The extra cost of checking the generic (torch.func) entries with jvp/vjp probes on
+        one sample per batch, relative to computing them (None: no generic entry)."""
+        generic = [e for e in self.entries if "generic" in e.rule]
+        if not generic:
+            return None
+        return max(verification_cost(e.d_in, e.d_out, self.batch_size,
+                                     e.mode if e.mode in ("fwd", "rev") else "auto")
+                   for e in generic)
+
+    @property
     def output_bytes(self) -> int:
         return self.bytes_per_sample * self.n_samples + sum(e.shared_bytes for e in self.entries)
 
@@ -97,6 +109,7 @@ class Plan:
             "generic_chunk_size": self.chunk_size,
             "bytes_per_sample": self.bytes_per_sample, "output_bytes": self.output_bytes,
             "end_to_end_chain_cost": self.chain_costs,
+            "verification_cost": self.verification_cost,
             "entries": [{"name": e.name, "kind": e.kind, "type": e.type_name, "rule": e.rule,
                          "structure": e.structure, "mode": e.mode,
                          "input_shape": list(e.input_shape), "output_shape": list(e.output_shape),

@@ -40,9 +40,12 @@ class ResultSink:
         """Wait for every queued write; raise the first error one of them hit."""
         self.background.close()
 
-    def set_seconds(self, seconds: dict[str, float]) -> None:
+    def finish_groups(self, seconds: dict[str, float], routes: dict[str, str]) -> None:
+        """Attributes known at the end: time spent, and the verified generic route (if any)
+        that produced each entry (docs/FORMAT.md)."""
         for name, group in self.groups.items():
             group.attrs["seconds"] = seconds[name]
+            group.attrs["generic_route"] = routes.get(name, "")
 
     def _write(self, name: str, start: int, count: int, jac: Structured) -> None:
         frob = jac.frobenius(count).detach().to("cpu", torch.float64).numpy()
