@@ -2,7 +2,7 @@
 
 A 100-byte spec can declare `Linear(30000, 30000)` (3.4 GiB of weights): the model is built
 on the meta device (no storage), the file's keys and shapes are checked against it, and only
-then is storage allocated (`to_empty`) and filled from the file.
+then are the file's tensors assigned to it (no second copy, no random initialisation).
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def build_with_weights(spec: dict[str, Any], state: Mapping[str, torch.Tensor],
     persistent = set(skeleton.state_dict())
     every = {name for name, _ in skeleton.named_parameters()} | \
         {name for name, _ in skeleton.named_buffers()}
-    # Buffers outside the state_dict would stay uninitialised after to_empty.
-    model = build_model(spec) if every - persistent else skeleton.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
-    return model
+    if every - persistent:  # buffers outside the state_dict: build them for real
+        model = build_model(spec)
+        model.load_state_dict(state, strict=True)
+        return model
+    # The file's own tensors become the parameters: no allocation, no initialisation.
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    return skeleton
