@@ -3,6 +3,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -42,9 +43,14 @@ def test_rank_deficient_conventions():
 
 
 def test_aggregate_statistics_and_worst_samples():
-    stats = aggregate(torch.tensor([1.0, 2.0, 3.0, 4.0, float("inf")], dtype=F64).numpy())
+    stats = aggregate(torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")], dtype=F64).numpy())
     assert stats["n_nonfinite"] == 1 and stats["mean"] == 2.5 and stats["max"] == 4
     assert stats["p50"] == 2.5 and stats["min"] == 1 and stats["std"] == pytest.approx(1.118, 1e-3)
+    # Infinite values (rank-deficient samples' condition numbers) count; NaN ones do not.
+    stats = aggregate(np.array([1.0, 2.0, np.inf, np.inf, np.inf, np.nan]))
+    assert stats["n_nonfinite"] == 4 and stats["mean"] == stats["max"] == stats["p50"] == np.inf
+    assert stats["min"] == 1.0 and stats["p5"] == 1.0
+    assert aggregate(np.full(3, np.inf))["p50"] == np.inf
     rows = [10, 11, 12, 13]
     assert worst_samples([0.5, 3.0, 2.0, 0.1], rows, largest=True, count=2) == [11, 12]
     assert worst_samples([0.5, 3.0, 2.0, 0.1], rows, largest=False, count=1) == [13]

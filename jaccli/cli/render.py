@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..reports.summary import Summary, finite_or_none
 from ..units import format_bytes
+from .tables import Column, fitted_table, number, print_fitted
 
 
 def stdout_console(quiet: bool = False):
@@ -55,24 +56,32 @@ def progress_bar(total: int, enabled: bool | None):
         yield lambda n: progress.advance(task, n)
 
 
+def _frobenius_mean(e) -> str:
+    warn = f" [red]({e.nonfinite_samples} non-finite)[/red]" if e.nonfinite_samples else ""
+    return number(e.frobenius_mean) + warn
+
+
+COMPUTE_COLUMNS = [
+    Column("layer", lambda e: e.name, "left", wrap=True),
+    Column("type", lambda e: e.type, "left", wrap=True),
+    Column("D_in → D_out", lambda e: f"{e.d_in} → {e.d_out}"),
+    Column("Jacobian", lambda e: " × ".join(map(str, e.jacobian_shape))),
+    Column("structure", lambda e: e.structure, "left"),
+    Column("‖J‖_F mean", _frobenius_mean),
+    Column("‖J‖_F max", lambda e: number(e.frobenius_max)),
+    Column("time", lambda e: f"{e.seconds:.3f} s"),
+]
+
+
 def render_table(summary: Summary, console: Console) -> None:
     """Print the per-layer table and totals."""
     console.print(f"jaccli {summary.command}: {summary.model} on {summary.data} "
                   f"({summary.n_samples} samples, {summary.device}, {summary.dtype})",
                   highlight=False)
-    table = Table()
-    for column, justify in (("layer", "left"), ("type", "left"), ("D_in → D_out", "right"),
-                            ("Jacobian", "right"), ("structure", "left"),
-                            ("‖J‖_F mean", "right"), ("‖J‖_F max", "right"),
-                            ("time", "right")):
-        table.add_column(column, justify=justify, no_wrap=column != "type")
-    for e in summary.entries:
-        shape = " × ".join(map(str, e.jacobian_shape))
-        warn = f" [red]({e.nonfinite_samples} non-finite)[/red]" if e.nonfinite_samples else ""
-        table.add_row(e.name, e.type, f"{e.d_in} → {e.d_out}", shape, e.structure,
-                      f"{e.frobenius_mean:.4g}{warn}", f"{e.frobenius_max:.4g}",
-                      f"{e.seconds:.3f} s", end_section=e.kind == "end_to_end")
-    console.print(table)
+    table, dropped = fitted_table(console, COMPUTE_COLUMNS, summary.entries,
+                                  drop_order=["time", "Jacobian", "type", "‖J‖_F max"],
+                                  end_section=lambda e: e.kind == "end_to_end")
+    print_fitted(console, table, dropped)
     total_time = sum(e.seconds for e in summary.entries)
     where = (f"written to {summary.output} ({format_bytes(summary.output_bytes)})"
              if summary.output else "not saved (pass -o FILE.h5 to keep the Jacobians)")

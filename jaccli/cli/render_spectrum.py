@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import JaccliError
+from .tables import Column, fitted_table, print_fitted
+from .tables import number as _g
 
 _BARS = "▁▂▃▄▅▆▇█"
 
@@ -21,18 +23,36 @@ def sparkline(counts: list[int]) -> str:
     return "".join(" " if c == 0 else _BARS[min(7, math.ceil(c / top * 8) - 1)] for c in counts)
 
 
-def _g(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float) and math.isinf(value):
-        return "∞"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    return f"{value:.4g}"
-
-
 def _stat(row: dict, quantity: str, stat: str):
     return row["quantities"].get(quantity, {}).get(stat)
+
+
+def _spread(row: dict) -> str:
+    histogram = row["histogram"]
+    if not histogram["counts"]:
+        return ""
+    low = histogram.get("min", histogram["edges"][0])
+    high = histogram.get("max", histogram["edges"][-1])
+    return f"{sparkline(histogram['counts'])} [{_g(low)}, {_g(high)}]"
+
+
+COLUMNS = [
+    Column("layer", lambda r: r["name"], "left", wrap=True),
+    Column("method", lambda r: _method(r), "left", wrap=True),
+    Column("σ_max mean", lambda r: _g(_stat(r, "spectral_norm", "mean"))),
+    Column("σ_max p95", lambda r: _g(_stat(r, "spectral_norm", "p95"))),
+    Column("σ_min mean", lambda r: _g(r["sigma_min"]["mean"] if r["sigma_min"] else None)),
+    Column("cond p50", lambda r: _g(_stat(r, "condition_number", "p50"))),
+    Column("‖J‖_F mean", lambda r: _g(_stat(r, "frobenius", "mean"))),
+    Column("stable rank", lambda r: _g(_stat(r, "stable_rank", "mean"))),
+    Column("σ² mean ± std", lambda r: (f"{_g(r['isometry']['mean_sigma2'])} ± "
+                                       f"{_g(r['isometry']['std_sigma2'])}"
+                                       if r["isometry"] else "—")),
+    Column("singular values", _spread, "left"),
+]
+# Dropped first to last when the terminal is narrow.
+DROP_ORDER = ["singular values", "σ² mean ± std", "stable rank", "σ_max p95", "‖J‖_F mean",
+              "σ_min mean"]
 
 
 def render_spectrum(summary: dict, console: Console) -> None:
@@ -41,28 +61,14 @@ def render_spectrum(summary: dict, console: Console) -> None:
     console.print(f"jaccli spectrum: {summary['model']} on {summary['data']} "
                   f"({summary['n_samples']} samples, {summary['device']}, {summary['dtype']})",
                   highlight=False)
-    table = Table()
-    for column, justify in (("layer", "left"), ("method", "left"), ("σ_max mean", "right"),
-                            ("σ_max p95", "right"), ("σ_min mean", "right"),
-                            ("cond p50", "right"), ("‖J‖_F mean", "right"),
-                            ("stable rank", "right"), ("σ² mean ± std", "right"),
-                            ("singular values", "left")):
-        table.add_column(column, justify=justify, no_wrap=True,
-                         min_width=10 if column == "method" else None)
-    for row in summary["entries"]:
-        sigma_min = row["sigma_min"]["mean"] if row["sigma_min"] else None
-        iso = row["isometry"]
-        edges = row["histogram"]["edges"]
-        spread = f" [{_g(edges[0])}, {_g(edges[-1])}]" if edges else ""
-        table.add_row(
-            row["name"], _method(row), _g(_stat(row, "spectral_norm", "mean")),
-            _g(_stat(row, "spectral_norm", "p95")), _g(sigma_min),
-            _g(_stat(row, "condition_number", "p50")), _g(_stat(row, "frobenius", "mean")),
-            _g(_stat(row, "stable_rank", "mean")),
-            f"{_g(iso['mean_sigma2'])} ± {_g(iso['std_sigma2'])}" if iso else "—",
-            sparkline(row["histogram"]["counts"]) + spread,
-            end_section=row["kind"] == "end_to_end")
-    console.print(table)
+    table, dropped = fitted_table(console, COLUMNS, summary["entries"], drop_order=DROP_ORDER,
+                                  end_section=lambda r: r["kind"] == "end_to_end")
+    print_fitted(console, table, dropped)
+    tolerances = {f"{r['method']}: σ_max·{r['rank_tolerance']:.1e}"
+                  for r in summary["entries"] if r.get("rank_tolerance")}
+    if tolerances:
+        console.print("singular values at or below the rank tolerance count as zero (condition "
+                      f"number inf): {'; '.join(sorted(tolerances))}", highlight=False)
     bounds = summary.get("bounds")
     if bounds:
         console.print(

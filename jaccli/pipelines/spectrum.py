@@ -142,7 +142,7 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
         spectrum = exact_spectrum(jac, n, exact=settings.exact, cache=cache, key=entry.name)
         if entry.k < spectrum.values.shape[1]:
             values = spectrum.values
-            quantities = all_quantities(values, entry.d_out, entry.d_in)
+            quantities = all_quantities(values, entry.d_out, entry.d_in, spectrum.method)
             return Spectrum(values[:, :entry.k], False, spectrum.method, spectrum.note), \
                 quantities
         return _complete(spectrum, entry)
@@ -168,7 +168,7 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
 
 
 def _complete(spectrum: Spectrum, entry: SpectrumEntry):
-    return spectrum, all_quantities(spectrum.values, entry.d_out, entry.d_in)
+    return spectrum, all_quantities(spectrum.values, entry.d_out, entry.d_in, spectrum.method)
 
 
 class _Profile:

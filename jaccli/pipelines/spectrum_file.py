@@ -95,7 +95,7 @@ def _decompose(group: ResultGroup, rows: slice, settings: SpectrumSettings, dtyp
         jac = from_compact(group.encoding, arrays, d_in, dtype)
         spectrum = exact_spectrum(jac, stop - start, exact=settings.exact, cache=cache,
                                   key=entry.name)
-        quantities = all_quantities(spectrum.values, d_out, d_in)
+        quantities = all_quantities(spectrum.values, d_out, d_in, spectrum.method)
         if k < r:
             spectrum = Spectrum(spectrum.values[:, :k], False, spectrum.method, spectrum.note)
         result.add(spectrum, quantities)

@@ -13,6 +13,7 @@ from ..reports.spectrum_summary import SpectrumRecord, build_summary, chain_boun
 from ..settings import SpectrumSettings
 from ..spectra.exact import Spectrum
 from ..spectra.plan import SpectrumEntry
+from ..spectra.quantities import relative_rank_tolerance
 
 
 @dataclass
@@ -25,6 +26,7 @@ class EntryResult:
     residuals: list[np.ndarray] = field(default_factory=list)
     converged: list[np.ndarray] = field(default_factory=list)
     tolerance: float | None = None
+    rank_tolerance: float | None = None
     method: str = ""
     note: str = ""
     seconds: float = 0.0
@@ -39,6 +41,9 @@ class EntryResult:
         for name, value in quantities.items():
             self.quantities.setdefault(name, []).append(value.detach().double().cpu().numpy())
         self.method, self.note = spectrum.method, spectrum.note
+        if spectrum.complete:
+            self.rank_tolerance = relative_rank_tolerance(
+                spectrum.method, self.entry.d_out, self.entry.d_in, spectrum.values.dtype)
 
     def array(self, name: str) -> np.ndarray:
         return np.concatenate(self.quantities[name])
@@ -57,7 +62,7 @@ def to_records(entries: list[SpectrumEntry], results: dict[str, EntryResult]
             {name: result.array(name) for name in result.quantities},
             np.concatenate(result.residuals) if result.residuals else None,
             np.concatenate(result.converged) if result.converged else None,
-            result.tolerance))
+            result.tolerance, result.rank_tolerance))
     return records
 
 
@@ -90,7 +95,8 @@ def write_spectra(settings: SpectrumSettings, summary: dict, results: dict[str, 
                                                "note": row["note"], "reason": row["reason"],
                                                "complete": row["complete"], "k": row["k"],
                                                "structure": row["structure"],
-                                               "seconds": row["seconds"]})
+                                               "seconds": row["seconds"],
+                                               "rank_tolerance": row["rank_tolerance"]})
             values = np.concatenate(result.values)
             name = "singular_values" if row["complete"] else "top_singular_values"
             group.create_dataset(name, data=values)

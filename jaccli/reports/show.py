@@ -59,7 +59,7 @@ def _record(group) -> SpectrumRecord:
         float(a.get("seconds", 0.0)), values, quantities,
         np.asarray(group["residual"]) if "residual" in group else None,
         np.asarray(group["converged"]) if "converged" in group else None,
-        a.get("tolerance"))
+        a.get("tolerance"), a.get("rank_tolerance") or None)
 
 
 def read_spectra(path: Path) -> SpectrumOutcome:

@@ -41,6 +41,7 @@ class SpectrumRecord:
     residuals: np.ndarray | None = None
     converged: np.ndarray | None = None
     tolerance: float | None = None
+    rank_tolerance: float | None = None  # σ ≤ this · σ_max counts as zero
 
     @property
     def unconverged(self) -> int:
@@ -80,6 +81,7 @@ def build_summary(records: list[SpectrumRecord], *, model: str, data: str, model
             "max_residual": float(r.residuals.max()) if r.residuals is not None
             and r.residuals.size else None,
             "tolerance": r.tolerance, "unconverged": r.unconverged,
+            "rank_tolerance": r.rank_tolerance,
             "histogram": histogram(values),
         })
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "command": "spectrum",
@@ -112,7 +114,7 @@ def histogram(values: np.ndarray) -> dict:
     if flat.size == 0:
         return {"edges": [], "counts": []}
     low, high = float(flat.min()), float(flat.max())
-    if high <= low:
-        high = low + 1.0
-    counts, edges = np.histogram(flat, bins=HISTOGRAM_BINS, range=(low, high))
-    return {"edges": edges.tolist(), "counts": counts.tolist()}
+    # One value (an all-ones spectrum): one bin of width 1 holds it; min and max stay exact.
+    counts, edges = np.histogram(flat, bins=HISTOGRAM_BINS,
+                                 range=(low, high if high > low else low + 1.0))
+    return {"edges": edges.tolist(), "counts": counts.tolist(), "min": low, "max": high}

@@ -10,18 +10,23 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 def aggregate(values: np.ndarray) -> dict[str, float]:
     """mean, std, min, max and percentiles of a `(N,)` quantity over samples.
 
-    Non-finite values are left out and counted in `n_nonfinite`.
+    NaN values are left out; infinite ones (a rank-deficient Jacobian's condition number)
+    count: a median of inf is reported as inf, not hidden. `n_nonfinite` counts both.
     """
     values = np.asarray(values, dtype=np.float64).reshape(-1)
-    finite = values[np.isfinite(values)]
-    stats: dict[str, float] = {"n_nonfinite": int(values.size - finite.size)}
-    if finite.size == 0:
+    known = values[~np.isnan(values)]
+    stats: dict[str, float] = {"n_nonfinite": int((~np.isfinite(values)).sum())}
+    if known.size == 0:
         nan = float("nan")
         return stats | {k: nan for k in ("mean", "std", "min", "max")} | {
             f"p{q}": nan for q in PERCENTILES}
-    stats |= {"mean": float(finite.mean()), "std": float(finite.std()),
-              "min": float(finite.min()), "max": float(finite.max())}
-    quantiles = np.percentile(finite, PERCENTILES)
+    finite = known[np.isfinite(known)]
+    with np.errstate(invalid="ignore"):
+        mean = float(known.mean())
+    std = float(finite.std()) if finite.size == known.size else float("inf")
+    stats |= {"mean": mean, "std": std, "min": float(known.min()), "max": float(known.max())}
+    quantiles = np.percentile(known, PERCENTILES, method="inverted_cdf") \
+        if finite.size < known.size else np.percentile(known, PERCENTILES)
     stats |= {f"p{q}": float(v) for q, v in zip(PERCENTILES, quantiles, strict=True)}
     return stats
 
