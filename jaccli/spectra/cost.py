@@ -1,0 +1,101 @@
+"""What a spectrum costs before it runs: this machine's rates, measured by a micro-benchmark
+(a GEMM, an SVD and an eigendecomposition, ~50 ms), and a time model per method."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .lanczos import default_max_steps
+from .plan import SpectrumEntry
+
+_GEMM_SIZE = 384
+_DECOMPOSITION_SIZE = 160
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Work per second on one device and dtype: multiply-adds in a GEMM, `m·n·min(m, n)` in
+    an SVD (singular values only), `n³` in a symmetric eigendecomposition."""
+
+    gemm: float
+    svd: float
+    eigh: float
+
+
+def _best_seconds(run, repeats: int = 3) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - begin)
+    return max(best, 1e-9)
+
+
+@lru_cache(maxsize=8)
+def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
+    """The micro-benchmark, once per process, device and dtype."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(_GEMM_SIZE, _GEMM_SIZE, generator=generator, dtype=dtype).to(device)
+    m = torch.randn(_DECOMPOSITION_SIZE, _DECOMPOSITION_SIZE, generator=generator,
+                    dtype=dtype).to(device)
+    s = m @ m.T
+
+    def sync(value):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return value
+
+    torch.linalg.svdvals(m)  # warm-up (LAPACK workspace, CUDA handles)
+    gemm = _best_seconds(lambda: sync(a @ a))
+    svd = _best_seconds(lambda: sync(torch.linalg.svdvals(m)))
+    eigh = _best_seconds(lambda: sync(torch.linalg.eigvalsh(s)))
+    return Rates(_GEMM_SIZE**3 / gemm, _DECOMPOSITION_SIZE**3 / svd,
+                 _DECOMPOSITION_SIZE**3 / eigh)
+
+
+def apply_cost(entry: SpectrumEntry) -> float:
+    """Multiply-adds to apply one layer's Jacobian (or its transpose) to one vector: from the
+    weights of a Linear or convolution, the size for elementwise maps, else dense."""
+    if entry.layer is None:
+        return float(entry.d_in) * entry.d_out
+    total = 0.0
+    for module in entry.layer.modules:
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+            positions = entry.d_out // max(1, weight.shape[0])
+            total += weight.numel() * max(1, positions)
+        elif entry.structure in ("diagonal", "shared-diagonal", "selection"):
+            total += entry.d_out
+        else:
+            total += float(entry.d_in) * entry.d_out
+    return total
+
+
+def predict_seconds(entry: SpectrumEntry, n_samples: int, rates: Rates, *,
+                    max_steps: int | None = None) -> float:
+    """Predicted time of one entry's spectra over `n_samples` samples (the decompositions;
+    Lanczos at its step cap, so an upper bound)."""
+    m, n, r = entry.d_out, entry.d_in, min(entry.d_out, entry.d_in)
+    structure = entry.structure
+    if entry.method == "fft":
+        height_width = entry.d_in // max(1, entry.layer.modules[0].weight.shape[1])
+        c_out, c_in = entry.layer.modules[0].weight.shape[:2]
+        return height_width * c_out * c_in * min(c_out, c_in) / rates.svd
+    if entry.method == "lanczos":
+        steps = min(max_steps or default_max_steps(entry.k, r), r)
+        per_sample = steps * (2 * apply_cost(entry) / rates.gemm + steps * r / rates.gemm)
+        return n_samples * per_sample
+    if structure in ("diagonal", "shared-diagonal", "selection"):
+        return n_samples * m * max(1.0, math.log2(max(m, 2))) / rates.gemm
+    if structure == "shared":
+        return m * n * r / rates.svd
+    if structure == "row-scaled":
+        small = min(m, n)
+        gram = m * m * n / rates.gemm if m <= n else n_samples * n * n * m / rates.gemm
+        return gram + n_samples * small**3 / rates.eigh
+    return n_samples * m * n * r / rates.svd
