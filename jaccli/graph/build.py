@@ -63,27 +63,40 @@ def _batch_layout(shape, symbol: str | None, static_batch: int | None
     return axes[0], tuple(rest)
 
 
-def _state(program: ExportedProgram, parameter_names: set[str] | None
+def _state(program: ExportedProgram, parameters: dict[str, torch.Tensor] | None
            ) -> tuple[dict[str, tuple[str, str, torch.Tensor]], list[str]]:
-    """placeholder -> (kind, qualified name, value); and the user inputs' placeholders."""
+    """placeholder -> (kind, qualified name, value); and the user inputs' placeholders.
+
+    parameters: the original module's parameters when the program holds them as buffers or
+    constants (TorchScript conversion lifts RNN weights to `lifted_tensor_k` constants): a
+    tensor named like one, or sharing its storage, is that parameter.
+    """
     state, user_inputs = {}, []
+    storage = {(v.data_ptr(), tuple(v.shape), v.stride()): k
+               for k, v in (parameters or {}).items()}
     for spec in program.graph_signature.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.USER_INPUT:
             user_inputs.append(name)
-        elif spec.kind == InputKind.PARAMETER:
+            continue
+        if spec.kind == InputKind.PARAMETER:
             state[name] = (PARAMETER, spec.target, program.state_dict[spec.target])
-        elif spec.kind == InputKind.BUFFER:
-            value = (program.state_dict[spec.target] if spec.target in program.state_dict
-                     else program.constants[spec.target])
-            kind = PARAMETER if parameter_names and spec.target in parameter_names else BUFFER
-            state[name] = (kind, spec.target, value)
-        elif spec.kind == InputKind.CONSTANT_TENSOR:
-            state[name] = (CONSTANT, spec.target, program.constants[spec.target])
-        else:
+            continue
+        if spec.kind not in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             raise UnsupportedModuleError(
                 f"the program has an input of kind {spec.kind.name} ({name}); jaccli handles "
                 "parameters, buffers, tensor constants and one tensor input")
+        value = (program.state_dict[spec.target] if spec.target in program.state_dict
+                 else program.constants[spec.target])
+        kind = BUFFER if spec.kind == InputKind.BUFFER else CONSTANT
+        qualified = spec.target
+        if parameters is not None:
+            key = (value.data_ptr(), tuple(value.shape), value.stride())
+            if spec.target in parameters:
+                kind = PARAMETER
+            elif key in storage:
+                kind, qualified = PARAMETER, storage[key]
+        state[name] = (kind, qualified, value)
     return state, user_inputs
 
 
@@ -100,9 +113,12 @@ def _output_names(program: ExportedProgram, count: int) -> list[str]:
 
 
 def build_graph(program: ExportedProgram, *, static_batch: int | None, capture_path: str,
-                capture_note: str, parameter_names: set[str] | None = None) -> OpGraph:
-    """The op graph of a functional (decomposed) program with one tensor input."""
-    state, user_inputs = _state(program, parameter_names)
+                capture_note: str, parameters: dict[str, torch.Tensor] | None = None
+                ) -> OpGraph:
+    """The op graph of a functional (decomposed) program with one tensor input.
+
+    parameters: see `_state` (for programs converted from TorchScript)."""
+    state, user_inputs = _state(program, parameters)
     if len(user_inputs) != 1:
         raise UnsupportedModuleError(
             f"the model takes {len(user_inputs)} tensor inputs; jaccli needs exactly one")

@@ -61,7 +61,7 @@ def _export_dynamic(module: nn.Module, example: torch.Tensor) -> ExportedProgram
                                dynamic_shapes=({0: Dim("batch")},), strict=False)
 
 
-def _from_module(model: nn.Module, example: torch.Tensor, *, parameter_names=None,
+def _from_module(model: nn.Module, example: torch.Tensor, *, parameters=None,
                  paths=("export-dynamic", "export-static"), origin="the model") -> OpGraph:
     try:
         program = _export_dynamic(model, example)
@@ -78,7 +78,7 @@ def _from_module(model: nn.Module, example: torch.Tensor, *, parameter_names=Non
                 f"({_first_line(dynamic_error)}); exported for batch {static}, run {static} "
                 "samples at a time")
     return build_graph(_functional(program), static_batch=static, capture_path=path,
-                       capture_note=note, parameter_names=parameter_names)
+                       capture_note=note, parameters=parameters)
 
 
 def _user_input(program: ExportedProgram):
@@ -147,7 +147,7 @@ def _from_torchscript(script: torch.jit.ScriptModule, example: torch.Tensor) -> 
     except Exception as error:
         raise ModelLoadError(f"cannot convert the TorchScript module to an op graph: "
                              f"{_first_line(error)} (torch's TS2EP converter)") from error
-    names = {name for name, _ in script.named_parameters()}
-    return _from_module(module, example, parameter_names=names,
+    parameters = {name: p.detach() for name, p in script.named_parameters()}
+    return _from_module(module, example, parameters=parameters,
                         paths=("torchscript-dynamic", "torchscript-static"),
                         origin="the converted TorchScript module")

@@ -15,6 +15,7 @@ from .opgraph import OpGraph
 from .replay import OpCall, Replay
 from .rules import rule_for
 from .rules.generic import map_columns, op_jacobian_generic
+from .rules.registry import apply_structured
 from .trace import Trace
 from .units import Unit
 
@@ -97,7 +98,10 @@ class Differentiator:
             out = jvp(lambda a: replay.batched(self.trace, [a])[0], (primal,), (tangent,))[1]
             return out.movedim(out_axis, 0)
 
-        return map_columns(column, v)
+        try:
+            return map_columns(column, v)
+        except NotImplementedError:  # an op without forward-mode AD: through J itself
+            return apply_structured(self.jacobian(unit, source), v, graph[unit.name].shape)
 
     def vjp(self, unit: Unit, source: str, u: torch.Tensor) -> torch.Tensor:
         """`Jᵀ u`: u `(B, k, *out)` -> `(B, k, *in)`."""

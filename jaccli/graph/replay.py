@@ -150,6 +150,11 @@ class OpCall:
             args = tuple(args)
         return args, kwargs
 
+    def arg(self, index: int, name: str, default=None):
+        """Argument `index` (or keyword `name`, or the default), with node values."""
+        args, kwargs = self.arguments()
+        return args[index] if len(args) > index else kwargs.get(name, default)
+
     def run(self, replace: dict[int, torch.Tensor], overrides: dict | None = None
             ) -> torch.Tensor:
         """The op on every sample with the given leaves replaced (same batch layout)."""

@@ -154,7 +154,7 @@ class Attention(nn.Module):
 class ViT(nn.Module):
     """Patch embedding, class token, a hand-written pre-norm block and a PyTorch encoder layer."""
 
-    def __init__(self, dim: int = 8):
+    def __init__(self, dim: int = 8, encoder: bool = True):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
@@ -163,8 +163,9 @@ class ViT(nn.Module):
         self.attn = Attention(dim, 2)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.encoder = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.1,
-                                                  batch_first=True)
+        # TorchScript cannot take nn.TransformerEncoderLayer to an op graph (see tests)
+        self.encoder = (nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.1,
+                                                   batch_first=True) if encoder else None)
         self.head = nn.Linear(dim, 3)
 
     def forward(self, x):
@@ -172,7 +173,8 @@ class ViT(nn.Module):
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
         t = t + self.attn(self.norm1(t))
         t = t + self.mlp(self.norm2(t))
-        t = self.encoder(t)
+        if self.encoder is not None:
+            t = self.encoder(t)
         return self.head(t[:, 0])
 
 
@@ -244,6 +246,10 @@ def vit():
     return _eval(ViT()), (3, 8, 8)
 
 
+def vit_scriptable():
+    return _eval(ViT(encoder=False)), (3, 8, 8)
+
+
 def recurrent():
     return _eval(RecurrentClassifier()), (4, 3)
 
@@ -257,4 +263,5 @@ def inplace():
 
 
 ZOO = {"mtcnn": mtcnn, "resnet": resnet, "mobilenet": mobilenet, "vit": vit,
-       "recurrent": recurrent, "unet": unet, "inplace": inplace}
+       "vit_scriptable": vit_scriptable, "recurrent": recurrent, "unet": unet,
+       "inplace": inplace}

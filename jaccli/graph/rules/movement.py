@@ -16,7 +16,7 @@ from ...engine.structures import Selection
 from ..opgraph import ACTIVATION, BATCH_SHAPED, BATCH_VALUE, DIFFERENTIATED, INPUT
 from ..replay import OpCall
 from ..structures import Gather, Identity
-from .registry import OpRule, leaf_node, register
+from .registry import OpRule, apply_structured, leaf_node, register
 
 aten = torch.ops.aten
 
@@ -99,12 +99,14 @@ class MovementRule(OpRule):
     def jvp(self, call, position, v):
         if _is_reshape(call.node):
             return v.reshape(*v.shape[:2], *call.out_shape)
-        return super().jvp(call, position, v)
+        return apply_structured(self.jacobian(call, position), v, call.out_shape)
 
     def vjp(self, call, position, u):
         if _is_reshape(call.node):
             return u.reshape(*u.shape[:2], *call.in_shape(position))
-        return super().vjp(call, position, u)
+        b, k = u.shape[:2]
+        out = self.jacobian(call, position).left_apply(u.reshape(b, k, -1))
+        return out.expand(b, k, out.shape[2]).reshape(b, k, *call.in_shape(position))
 
 
 register(*RESHAPES, *MOVES)(MovementRule)

@@ -118,11 +118,11 @@ class LayerNormRule(GroupStandardizeRule):
     name = "layer-norm"
 
     def layout(self, call):
-        args, _ = call.arguments()
-        size = math.prod(args[1])
+        size = math.prod(call.arg(1, "normalized_shape"))
         groups = math.prod(call.in_shape(0)) // size
-        weight = args[2]
-        return groups, size, None if weight is None else weight.reshape(1, size), args[4]
+        weight = call.arg(2, "weight")
+        eps = call.arg(4, "eps", 1e-5)
+        return groups, size, None if weight is None else weight.reshape(1, size), eps
 
 
 @register(aten.group_norm.default, aten.native_group_norm.default)
@@ -130,11 +130,11 @@ class GroupNormRule(GroupStandardizeRule):
     name = "group-norm"
 
     def layout(self, call):
-        args, _ = call.arguments()
         if call.node.op_key == "aten.group_norm.default":
-            groups, weight, eps = args[1], args[2], args[4]
+            groups, weight = call.arg(1, "num_groups"), call.arg(2, "weight")
+            eps = call.arg(4, "eps", 1e-5)
         else:
-            groups, weight, eps = args[6], args[1], args[7]
+            groups, weight, eps = call.arg(6, "group"), call.arg(1, "weight"), call.arg(7, "eps")
         channels = call.in_shape(0)[0]
         spatial = math.prod(call.in_shape(0)[1:])
         size = channels // groups * spatial
@@ -153,10 +153,9 @@ class InstanceNormRule(GroupStandardizeRule):
         return super().applies(node, graph, position) and node.args[5] is True
 
     def layout(self, call):
-        args, _ = call.arguments()
         channels = call.in_shape(0)[0]
         spatial = math.prod(call.in_shape(0)[1:])
-        weight = args[1]
+        weight = call.arg(1, "weight")
         gamma = None if weight is None else weight.reshape(channels, 1).expand(channels,
                                                                               spatial)
-        return channels, spatial, gamma, args[7]
+        return channels, spatial, gamma, call.arg(7, "eps")

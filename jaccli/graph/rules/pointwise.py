@@ -138,7 +138,7 @@ class PointwiseRule(OpRule):
         weight = call.values[1]
         if weight.numel() == 1 or len(call.out_shape) == 0:
             return slope_part.flatten(2).sum(dim=2).reshape(*u.shape[:2], *weight.shape)
-        channel_sums = slope_part.sum(dim=tuple(range(3, slope_part.ndim)))  # (B, k, C)
+        channel_sums = slope_part.flatten(3).sum(dim=3) if slope_part.ndim > 3 else slope_part
         return channel_sums.reshape(*u.shape[:2], *weight.shape)
 
 

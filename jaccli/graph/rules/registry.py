@@ -51,13 +51,17 @@ class OpRule:
         raise NotImplementedError
 
     def jvp(self, call: OpCall, position: int, v: torch.Tensor) -> torch.Tensor:
-        """`J v` for tangents v `(B, k, *in)` -> `(B, k, *out)`, through the op itself."""
+        """`J v` for tangents v `(B, k, *in)` -> `(B, k, *out)`, through the op itself (or,
+        for ops without forward-mode AD such as `copy`, through the structured J)."""
         primal = call.values[position]
 
         def one(tangent: torch.Tensor) -> torch.Tensor:
             return jvp(lambda a: call.run({position: a}), (primal,), (tangent,))[1]
 
-        return _over_columns(one, v, call.ref(position).batch_axis, call.node.batch_axis)
+        try:
+            return _over_columns(one, v, call.ref(position).batch_axis, call.node.batch_axis)
+        except NotImplementedError:
+            return apply_structured(self.jacobian(call, position), v, call.out_shape)
 
     def vjp(self, call: OpCall, position: int, u: torch.Tensor) -> torch.Tensor:
         """`Jᵀ u` for cotangents u `(B, k, *out)` -> `(B, k, *in)`, through the op itself."""
@@ -80,6 +84,13 @@ def _over_columns(fn, blocks: torch.Tensor, in_axis: int, out_axis: int) -> torc
         return torch.vmap(column, in_dims=1, out_dims=1)(blocks)
     except Exception:  # an op without a batching rule: one column at a time
         return torch.stack([column(blocks[:, j]) for j in range(blocks.shape[1])], dim=1)
+
+
+def apply_structured(jac: Structured, v: torch.Tensor, out_shape) -> torch.Tensor:
+    """`J v` for blocks `(B, k, *in)` through a structured J -> `(B, k, *out)`."""
+    b, k = v.shape[:2]
+    out = jac.right_apply(v.reshape(b, k, -1).transpose(1, 2)).transpose(1, 2)
+    return out.expand(b, k, out.shape[2]).reshape(b, k, *out_shape)
 
 
 _RULES: dict[str, OpRule] = {}
