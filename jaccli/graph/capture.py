@@ -25,6 +25,7 @@ from ..errors import ModelLoadError, UnsupportedModuleError, UsageError
 from .build import build_graph
 from .hierarchy import FRAMES_META, frames_from_torchscript, raw_frames
 from .opgraph import OpGraph
+from .trace import evaluate
 
 
 def capture(model, example: torch.Tensor) -> OpGraph:
@@ -67,16 +68,16 @@ def _from_module(model: nn.Module, example: torch.Tensor, *, parameters=None,
         program = _export_dynamic(model, example)
         path, note, static = paths[0], f"{origin} exported with a dynamic batch axis", None
     except Exception as dynamic_error:  # any export failure has a fallback
-        try:
-            program = torch.export.export(model, (example,), strict=False)
+        try:  # one sample at a time: every batch-axis guess is then exact
+            program = torch.export.export(model, (example[:1],), strict=False)
         except Exception as error:
             raise UnsupportedModuleError(
                 f"torch.export cannot capture {origin}: {_first_line(error)}") from error
-        static = example.shape[0]
+        static = 1
         path = paths[1]
         note = (f"{origin} could not be exported with a dynamic batch "
-                f"({_first_line(dynamic_error)}); exported for batch {static}, run {static} "
-                "samples at a time")
+                f"({_first_line(dynamic_error)}); exported for one sample and run one sample "
+                "at a time")
     return build_graph(_functional(program), static_batch=static, capture_path=path,
                        capture_note=note, parameters=parameters)
 
@@ -104,15 +105,40 @@ def _from_program(program: ExportedProgram, example: torch.Tensor) -> OpGraph:
     try:
         reexported = _export_dynamic(module, example)
     except Exception as error:  # a static program still runs, B0 at a time
-        return build_graph(
+        graph = build_graph(
             _functional(program), static_batch=static, capture_path="program-static",
             capture_note=(f"the program has a static batch of {static} and cannot be "
                           f"re-exported with a dynamic one ({_first_line(error)}); it runs "
-                          f"{static} samples at a time, batch axes inferred from leading sizes"))
+                          f"{static} samples at a time, batch axes inferred from leading "
+                          "sizes and checked by perturbing one sample"))
+        return _checked_static(graph, example)
     return build_graph(
         _functional(reexported), static_batch=None, capture_path="program-reexported",
         capture_note=(f"the program has a static batch of {static}; its shapes do not depend "
                       "on it, so it was re-exported with a dynamic batch axis"))
+
+
+def _checked_static(graph: OpGraph, example: torch.Tensor) -> OpGraph:
+    """A static program's batch axes are guessed (axis 0 where the leading size is B0).
+    With B0 > 1 another axis may have that size: perturb sample 0 and keep axis 0 only for
+    tensors whose other rows do not change; the rest count as merged (handled in regions)."""
+    size = graph.static_batch
+    if size == 1:
+        return graph  # any size-1 axis holds the one sample: every guess is exact
+    gen = torch.Generator().manual_seed(0)
+    rows = example[:1].expand(size, *example.shape[1:])
+    base = rows + 0.1 * torch.randn(rows.shape, generator=gen, dtype=rows.dtype)
+    moved = base.clone()
+    moved[0] += torch.randn(moved[0].shape, generator=gen, dtype=rows.dtype)
+    with torch.no_grad():
+        first, second = evaluate(graph, base), evaluate(graph, moved)
+    for node in graph.nodes.values():
+        value = first.get(node.name)
+        if (node.batch_axis == 0 and node.target is not None
+                and isinstance(value, torch.Tensor)
+                and not torch.equal(value[1:], second[node.name][1:])):
+            node.batch_axis, node.shape = None, None
+    return graph
 
 
 def _from_torchscript(script: torch.jit.ScriptModule, example: torch.Tensor) -> OpGraph:

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModuleError
 from .opgraph import BATCHED, OpGraph, Ref
-from .trace import Trace, call_node, pad_chunks, take_chunk
+from .trace import Trace, call_node, op_target, pad_chunks, take_chunk
 
 
 class Replay:
@@ -134,7 +134,7 @@ class OpCall:
     def arguments(self, replace: dict[int, object] | None = None, *, per_sample: bool = False,
                   overrides: dict[int, object] | None = None):
         """(args, kwargs) with some leaves replaced (per_sample: one-sample scalars) and some
-        top-level arguments overridden (`overrides`: argument index -> value)."""
+        top-level arguments overridden (`overrides`: argument index, or keyword, -> value)."""
         values = list(self.values)
         if per_sample:
             for i, leaf in enumerate(self.leaves):
@@ -143,12 +143,14 @@ class OpCall:
         for position, value in (replace or {}).items():
             values[position] = value
         args, kwargs = pytree.tree_unflatten(values, self.spec)
-        if overrides:
-            args = list(args) + [None] * max(0, max(overrides) + 1 - len(args))
-            for index, value in overrides.items():
+        positional = {k: v for k, v in (overrides or {}).items() if isinstance(k, int)}
+        if positional:
+            args = list(args) + [None] * max(0, max(positional) + 1 - len(args))
+            for index, value in positional.items():
                 args[index] = value
             args = tuple(args)
-        return args, kwargs
+        keywords = {k: v for k, v in (overrides or {}).items() if isinstance(k, str)}
+        return args, {**kwargs, **keywords}
 
     def arg(self, index: int, name: str, default=None):
         """Argument `index` (or keyword `name`, or the default), with node values."""
@@ -161,7 +163,7 @@ class OpCall:
         size, node = self.graph.static_batch, self.node
         if size is None:
             args, kwargs = self.arguments(replace, overrides=overrides)
-            return _select(node, node.target(*args, **kwargs))
+            return _select(node, op_target(node)(*args, **kwargs))
         positions = list(replace) + [i for i in self.batched_positions() if i not in replace]
         tensors = [replace[i] if i in replace else self.values[i] for i in positions]
         axes = [self.ref(i).batch_axis for i in positions]
@@ -170,7 +172,7 @@ class OpCall:
             chunk = {p: take_chunk(t, a, start, count, size)
                      for p, t, a in zip(positions, tensors, axes, strict=True)}
             args, kwargs = self.arguments(chunk, overrides=overrides)
-            pieces.append(_select(node, node.target(*args, **kwargs))
+            pieces.append(_select(node, op_target(node)(*args, **kwargs))
                           .narrow(node.batch_axis, 0, count))
         return torch.cat(pieces, dim=node.batch_axis)
 
@@ -187,7 +189,7 @@ class OpCall:
                 value = value.expand(*value.shape[:axis], unit, *value.shape[axis + 1:])
             expanded[position] = value
         args, kwargs = self.arguments(expanded, per_sample=True, overrides=overrides)
-        return _select(self.node, self.node.target(*args, **kwargs)).select(
+        return _select(self.node, op_target(self.node)(*args, **kwargs)).select(
             self.node.batch_axis, 0)
 
     def batched_positions(self) -> list[int]:

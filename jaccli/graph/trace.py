@@ -25,13 +25,24 @@ from .opgraph import (
     Ref,
 )
 
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def op_target(node: OpNode):
+    """The callable to run for a node: its op, with `view` run as `reshape`."""
+    return torch.ops.aten.reshape.default if node.target in _VIEWS else node.target
+
 
 def call_node(node: OpNode, lookup: Callable[[str], object]) -> object:
-    """Run one op node, reading its arguments through `lookup(name)`."""
+    """Run one op node, reading its arguments through `lookup(name)`.
+
+    `view` becomes `reshape`: a replay feeds tensors laid out differently from the recorded
+    run (slices, vmapped samples), and the program has no mutation left to alias.
+    """
     args, kwargs = pytree.tree_map(lambda a: lookup(a.name) if isinstance(a, Ref) else a,
                                    (node.args, node.kwargs),
                                    is_leaf=lambda a: isinstance(a, Ref))
-    result = node.target(*args, **kwargs)
+    result = op_target(node)(*args, **kwargs)
     return result if node.output_index is None else result[node.output_index]
 
 
@@ -41,7 +52,8 @@ def state_value(graph: OpGraph, name: str, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
 
 
-def _evaluate(graph: OpGraph, x: torch.Tensor) -> dict[str, object]:
+def evaluate(graph: OpGraph, x: torch.Tensor) -> dict[str, object]:
+    """Every node's value for x (one run of the program as it is)."""
     env: dict[str, object] = {}
     for node in graph.nodes.values():
         if node.kind == INPUT:
@@ -88,14 +100,14 @@ class Trace:
         self.graph, self.x, self.batch, self.dtype = graph, x, x.shape[0], x.dtype
         self.unit_batch = graph.static_batch or 1
         if graph.static_batch is None:
-            self.values = _evaluate(graph, x)
+            self.values = evaluate(graph, x)
         else:
             self.values = self._evaluate_chunks(x)
         self.sample_scalars = self._sample_scalars()
 
     def _evaluate_chunks(self, x: torch.Tensor) -> dict[str, object]:
         size = self.graph.static_batch
-        runs = [_evaluate(self.graph, take_chunk(x, 0, start, count, size))
+        runs = [evaluate(self.graph, take_chunk(x, 0, start, count, size))
                 for start, count in pad_chunks(x.shape[0], size)]
         counts = [count for _, count in pad_chunks(x.shape[0], size)]
         values = dict(runs[0])

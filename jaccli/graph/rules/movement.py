@@ -34,7 +34,11 @@ MOVES = (aten.permute.default, aten.transpose.int, aten.t.default, aten.expand.d
          aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec,
          aten.upsample_nearest3d.vec, aten.upsample_nearest1d.default,
          aten.upsample_nearest2d.default, aten.upsample_nearest3d.default,
-         aten.unfold.default, aten.channel_shuffle.default, aten.tile.default)
+         aten.unfold.default, aten.channel_shuffle.default, aten.tile.default,
+         aten.pad.default, aten.reflection_pad1d.default, aten.reflection_pad2d.default,
+         aten.reflection_pad3d.default, aten.replication_pad1d.default,
+         aten.replication_pad2d.default, aten.replication_pad3d.default,
+         aten._pad_circular.default)
 
 
 def _is_reshape(node) -> bool:
@@ -51,7 +55,10 @@ class MovementRule(OpRule):
         return node.dtype is not None and node.dtype.is_floating_point
 
     def _shared(self, node, graph) -> bool:
-        return not any(graph[r].kind == BATCH_VALUE for r in node.refs())
+        """No index tensor (or other non-floating argument) varies with the sample."""
+        return not any(graph[r].kind == BATCH_VALUE or (
+            graph[r].kind == BATCH_SHAPED and not graph[r].dtype.is_floating_point)
+            for r in node.refs())
 
     def structure(self, node, graph, position):
         if _is_reshape(node):
@@ -81,7 +88,13 @@ class MovementRule(OpRule):
     def _entries(self, call: OpCall, position: int) -> torch.Tensor:
         """The entry each output entry copies (-1: none), `(1|B, D_out)` as float."""
         # constant padding writes its fill value: make it -1, not an entry number
-        overrides = {2: -1.0} if call.node.op_key == "aten.constant_pad_nd.default" else None
+        overrides = None
+        if call.node.op_key == "aten.constant_pad_nd.default":
+            overrides = {2: -1.0}
+        elif call.node.op_key == "aten.pad.default" and call.arg(2, "mode",
+                                                                 "constant") == "constant":
+            overrides = ({"value": -1.0} if "value" in call.node.kwargs
+                         else {2: "constant", 3: -1.0})
         if self._shared(call.node, call.graph):
             out = call.run_unit(self._replacements(call, position, 1), overrides)
             return out.reshape(1, -1)

@@ -22,7 +22,9 @@ def batched_leaves(node: OpNode, graph: OpGraph) -> list[int]:
 
 
 def leaf_node(node: OpNode, graph: OpGraph, position: int) -> OpNode | None:
-    leaf = node.leaves()[0][position]
+    """The node argument `position` reads (None for a literal or a missing argument)."""
+    leaves = node.leaves()[0]
+    leaf = leaves[position] if position < len(leaves) else None
     return graph[leaf.name] if isinstance(leaf, Ref) else None
 
 
