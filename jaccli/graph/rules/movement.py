@@ -93,8 +93,8 @@ class MovementRule(OpRule):
             overrides = {2: -1.0}
         elif call.node.op_key == "aten.pad.default" and call.arg(2, "mode",
                                                                  "constant") == "constant":
-            overrides = ({"value": -1.0} if "value" in call.node.kwargs
-                         else {2: "constant", 3: -1.0})
+            by_keyword = "value" in call.node.kwargs or "mode" in call.node.kwargs
+            overrides = {"value": -1.0} if by_keyword else {2: "constant", 3: -1.0}
         if self._shared(call.node, call.graph):
             out = call.run_unit(self._replacements(call, position, 1), overrides)
             return out.reshape(1, -1)
