@@ -47,6 +47,8 @@ def paths(units: dict[str, Unit], source: str, target: str,
           within: set[str] | None = None) -> Paths:
     """Units on some path source -> target (restricted to the unit names in `within`)."""
     allowed = [u for u in units if within is None or u in within]
+    if source == target:
+        return Paths(source, target, [], {})
     reaches = {source}
     for name in allowed:
         if any(i in reaches for i in units[name].inputs):
@@ -86,6 +88,10 @@ class _Walk:
         raise NotImplementedError
 
     def tag(self, item) -> str:
+        raise NotImplementedError
+
+    def product(self, items: list, order: list[tuple[int, int, int]], tag: str):
+        """The chain product of `items` (execution order) in the planned order."""
         raise NotImplementedError
 
 
@@ -138,9 +144,7 @@ def _product(walk: _Walk, items: list, dims: list[int], samples: int):
         return items[0]
     plan = cheapest_order([walk.tag(i) for i in items], dims, samples,
                           tag_rule=algebra.compose_tag, cost_rule=algebra.compose_cost)
-    if isinstance(walk, TagWalk):
-        return plan.tag
-    return chain_product(items, plan.order, compose_fn=algebra.compose)
+    return walk.product(items, plan.order, plan.tag)
 
 
 class StructureWalk(_Walk):
@@ -163,6 +167,9 @@ class StructureWalk(_Walk):
     def tag(self, item):
         return item.tag
 
+    def product(self, items, order, tag):
+        return chain_product(items, order, compose_fn=algebra.compose)
+
 
 class TagWalk(_Walk):
     def __init__(self, tag: Callable[[str, str], str]):
@@ -182,6 +189,9 @@ class TagWalk(_Walk):
 
     def tag(self, item):
         return item
+
+    def product(self, items, order, tag):
+        return tag
 
 
 def sizes_of(graph: OpGraph, p: Paths) -> dict[str, int]:

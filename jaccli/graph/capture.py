@@ -17,6 +17,8 @@ In-place ops are functionalized (`run_decompositions({})`) in every path.
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
@@ -158,6 +160,12 @@ def _from_torchscript(script: torch.jit.ScriptModule, example: torch.Tensor) -> 
                 if fx_node not in before:
                     fx_node.meta.setdefault("custom", {})[FRAMES_META] = frames
 
+    # The converter rewrites method graphs in place, and TorchScript shares them between
+    # modules of the same type: convert a private copy, or later scripts lose their calls.
+    buffer = io.BytesIO()
+    torch.jit.save(script, buffer)
+    buffer.seek(0)
+    script = torch.jit.load(buffer)
     try:
         conv = ts2ep.TS2EPConverter(script, (_two_or_more(example),))
         lifted, attribute_names = ts2ep.get_block_to_lifted_attrs(conv.ts_graph)

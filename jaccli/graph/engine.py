@@ -12,10 +12,12 @@ import torch
 from ..engine.structures import Matrix, Structured
 from ..errors import UsageError
 from . import accumulate as acc
+from . import algebra
 from .differentiate import Differentiator
 from .layers import Layer, find_layers, op_label
 from .opgraph import DIFFERENTIATED, OpGraph
 from .params import objective_cotangents, param_vjps, select_parameters
+from .structures import Identity
 from .trace import Trace
 from .units import find_units
 
@@ -172,6 +174,8 @@ class GraphEngine:
 
     def _jacobian(self, diff: Differentiator, p: acc.Paths) -> Structured:
         trace = diff.trace
+        if p.source == p.target:  # a model returning its input
+            return Identity(self.graph[p.source].numel, trace.dtype, trace.x.device)
         if not p.units:
             d_out, d_in = self.graph[p.target].numel, self.graph[p.source].numel
             return Matrix(trace.x.new_zeros(1, d_out, d_in), shared=True)
@@ -213,15 +217,15 @@ class GraphEngine:
         def apply(v: torch.Tensor) -> torch.Tensor:
             b, _, k = v.shape
             blocks = v.transpose(1, 2).reshape(b, k, *in_shape)
-            outs = [acc.push_forward(p, jvp_block, blocks) if p.units else
-                    blocks.new_zeros(b, k, d) for p, d in zip(paths, d_outs, strict=True)]
+            outs = [acc.push_forward(p, jvp_block, blocks) if p.units or p.source == p.target
+                    else blocks.new_zeros(b, k, d) for p, d in zip(paths, d_outs, strict=True)]
             return torch.cat([o.reshape(b, k, -1) for o in outs], dim=2).transpose(1, 2)
 
         def apply_t(u: torch.Tensor) -> torch.Tensor:
             b, _, k = u.shape
             total = u.new_zeros(b, k, d_in)
             for p, part, shape in zip(paths, u.split(d_outs, dim=1), out_shapes, strict=True):
-                if p.units:
+                if p.units or p.source == p.target:
                     blocks = part.transpose(1, 2).reshape(b, k, *shape)
                     total = total + acc.pull_back(p, vjp_block, blocks).reshape(b, k, d_in)
             return total.transpose(1, 2)
@@ -268,6 +272,5 @@ class GraphEngine:
 
 
 def _stacked_tag(tags: list[str]) -> str:
-    shared = all(t in ("identity", "shared", "shared-diagonal", "shared-gather",
-                       "shared-kronecker", "shared-operator") for t in tags)
-    return "shared" if shared else "dense"
+    """Several outputs stacked: one matrix, shared when every part is."""
+    return "shared" if all(t in algebra.SHARED_TAGS for t in tags) else "dense"

@@ -146,16 +146,3 @@ class OpGraph:
 
     def op_nodes(self) -> list[OpNode]:
         return [n for n in self.nodes.values() if n.target is not None]
-
-    def depends_on(self, name: str, kinds: tuple[str, ...]) -> bool:
-        """Whether `name` reads, directly or not, a node of one of `kinds`."""
-        seen, stack = set(), [name]
-        while stack:
-            node = self.nodes[stack.pop()]
-            if node.kind in kinds and node.name != name:
-                return True
-            for ref in node.refs() + ([node.source] if node.source else []):
-                if ref not in seen:
-                    seen.add(ref)
-                    stack.append(ref)
-        return False

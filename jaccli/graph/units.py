@@ -10,7 +10,6 @@ mode before anything runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedModuleError
@@ -146,7 +145,3 @@ def _plan(graph: OpGraph, unit: Unit, source: str) -> InputPlan:
            for r in node.refs()) or node.batch_axis != 0:
         note = "batch not on axis 0"
     return InputPlan(positions, ["generic"], "dense", choose_mode(d_in, d_out), note)
-
-
-def unit_size(graph: OpGraph, name: str) -> int:
-    return math.prod(graph[name].shape)

@@ -192,3 +192,34 @@ def test_every_granularity_matches_the_end_to_end_reference(granularity):
     model, x, graph = _setup(SharedActivation(), 4)
     result = GraphEngine(graph, granularity=granularity).compute(x)
     assert relative_error(result[END_TO_END].dense(3), reference_jacobian(model, x)) < 1e-12
+
+
+class Odd(nn.Module):
+    """Returns its input untouched, a per-sample scalar, and a constant-free reduction."""
+
+    def forward(self, x):
+        return x, (x ** 2).sum(dim=1), torch.cumsum(x, dim=1)
+
+
+def test_outputs_that_are_the_input_or_per_sample_scalars():
+    model, x, graph = _setup(Odd(), 4)
+    engine = GraphEngine(graph)
+    result = engine.compute(x)
+    assert relative_error(result[END_TO_END].dense(3), reference_jacobian(model, x)) < 1e-12
+    identity = GraphEngine(graph, output=0).compute(x)[END_TO_END]
+    assert identity.tag == "identity"
+    op = GraphEngine(graph, output=0).end_to_end_operator(x)
+    v = torch.randn(3, 4, 2, dtype=torch.float64)
+    torch.testing.assert_close(op.jvp(v), v)
+    torch.testing.assert_close(op.vjp(v), v)
+
+
+def test_shared_factors_are_multiplied_once_for_all_samples():
+    linear = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 4), nn.Dropout(0.1), nn.Linear(4, 3))
+    model, x, graph = _setup(linear, 5, batch=7)
+    engine = GraphEngine(graph)
+    jac = engine.compute(x)[END_TO_END]
+    assert jac.tag == "shared" and jac.batch == 1  # one matrix, not one per sample
+    assert engine.plan().end_to_end.structure == "shared"
+    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+    torch.testing.assert_close(jac.dense()[0], weights[2] @ weights[1] @ weights[0])
