@@ -87,18 +87,21 @@ def _boundary(graph: OpGraph, units: dict[str, Unit], inside: set[str]
 
 
 def _layer(graph, units, name, type_name, members, inside) -> Layer | None:
+    """The layer for these units: the first input read and the last output produced that
+    are connected (None when no input reaches an output)."""
     inputs, outputs = _boundary(graph, units, inside)
-    if not inputs or not outputs:
-        return None
-    p = paths(units, inputs[0], outputs[-1], inside)
-    if not p.units:
-        return None
-    note = ""
-    if len(inputs) > 1 or len(outputs) > 1:
-        note = (f"{len(inputs)} inputs, {len(outputs)} outputs: reported {inputs[0]} -> "
-                f"{outputs[-1]}")
-    return Layer(name, type_name, members, inside, inputs[0], outputs[-1], p, note, inputs,
-                 outputs)
+    for source in inputs:
+        for target in reversed(outputs):
+            p = paths(units, source, target, inside)
+            if not p.units:
+                continue
+            note = ""
+            if len(inputs) > 1 or len(outputs) > 1:
+                note = (f"{len(inputs)} inputs, {len(outputs)} outputs: reported {source} -> "
+                        f"{target}")
+            return Layer(name, type_name, members, inside, source, target, p, note, inputs,
+                         outputs)
+    return None
 
 
 def _family(graph: OpGraph, units: dict[str, Unit], name: str) -> str:

@@ -11,7 +11,7 @@ from jaccli.errors import ModelLoadError, ModelRunError, UnsupportedModuleError,
 from jaccli.graph import END_TO_END, GraphEngine, capture
 from jaccli.graph.rules.registry import OpRule, register
 
-from .helpers import reference_jacobian, relative_error
+from .helpers import reference_jacobian, reference_param_jacobians, relative_error
 from .zoo import ZOO
 
 
@@ -100,6 +100,30 @@ def test_static_batch_programs_work(tmp_path, name, batch, path):
     assert relative_error(result[END_TO_END].dense(4), reference_jacobian(model, x)) < 1e-10
     eager = GraphEngine(capture(model, x[:1]))
     assert [layer.name for layer in engine.layers] == [layer.name for layer in eager.layers]
+    if path == "program-static":  # chunked replays: operators and parameter Jacobians too
+        jac = reference_jacobian(model, x)
+        op = engine.end_to_end_operator(x)
+        v = torch.randn(4, op.d_in, 2, dtype=torch.float64)
+        u = torch.randn(4, op.d_out, 2, dtype=torch.float64)
+        assert relative_error(op.jvp(v), jac @ v) < 1e-10
+        assert relative_error(op.vjp(u), jac.transpose(1, 2) @ u) < 1e-10
+        grads = engine.param_jacobians(x, param_names=["encoder.self_attn.*", "norm1.*"])
+        reference = reference_param_jacobians(model, x, list(grads))
+        for param, value in grads.items():
+            assert relative_error(value, reference[param]) < 1e-10, param
+
+
+def test_traced_torchscript_gives_the_eager_layers(tmp_path):
+    model, shape = _double("resnet")
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    torch.jit.save(torch.jit.trace(model, (x,)), tmp_path / "traced.pt")
+    traced = GraphEngine(capture(torch.jit.load(tmp_path / "traced.pt"), x[:1]))
+    eager = GraphEngine(capture(model, x[:1]))
+    assert traced.graph.capture_path == "torchscript-dynamic"
+    assert [(p.name, p.structure) for p in traced.plan().layers] == [
+        (p.name, p.structure) for p in eager.plan().layers]
+    result = traced.compute(x)
+    assert relative_error(result[END_TO_END].dense(2), reference_jacobian(model, x)) < 1e-10
 
 
 def test_a_model_mixing_samples_is_refused():
