@@ -117,25 +117,29 @@ def _segments(p: Paths) -> tuple[list[str], list[tuple[str, str, list[tuple[str,
 
 
 def accumulate(p: Paths, walk: _Walk, sizes: dict[str, int], samples: int):
-    """The source -> target Jacobian (or its tag), segment products then junction sums."""
+    """The source -> target Jacobian (or its tag).
+
+    From the smaller side (reverse: from the target), each segment is multiplied together
+    with what has been accumulated at its far end, so the chain ordering sees the whole
+    product (`A_end · J_k ... J_1` stays thin when the target is small); junctions sum the
+    segments that meet there.
+    """
     junctions, segments = _segments(p)
-    products = []
-    for start, end, steps in segments:
-        items = [walk.edge(unit, source) for unit, source in steps]
-        dims = [sizes[start]] + [sizes[unit] for unit, _ in steps]
-        products.append((start, end, _product(walk, items, dims, samples)))
     forward = sizes[p.source] < sizes[p.target]
-    order = junctions if forward else list(reversed(junctions))
-    acc = {p.source if forward else p.target: walk.identity(
-        p.source if forward else p.target)}
-    for node in order:
-        for start, end, product in products:
-            if forward and start == node:
-                term = walk.compose(product, acc[node])
-                acc[end] = term if end not in acc else walk.add(acc[end], term)
-            elif not forward and end == node:
-                term = walk.compose(acc[node], product)
-                acc[start] = term if start not in acc else walk.add(acc[start], term)
+    seed = p.source if forward else p.target
+    acc = {seed: walk.identity(seed)}
+    for node in junctions if forward else reversed(junctions):
+        for start, end, steps in segments:
+            if (start if forward else end) != node:
+                continue
+            items = [walk.edge(unit, source) for unit, source in steps]
+            dims = [sizes[start]] + [sizes[unit] for unit, _ in steps]
+            if forward:
+                items, dims, key = [acc[start]] + items, [sizes[p.source]] + dims, end
+            else:
+                items, dims, key = items + [acc[end]], dims + [sizes[p.target]], start
+            term = _product(walk, items, dims, samples)
+            acc[key] = term if key not in acc else walk.add(acc[key], term)
     return acc[p.target if forward else p.source]
 
 

@@ -223,3 +223,26 @@ def test_shared_factors_are_multiplied_once_for_all_samples():
     assert engine.plan().end_to_end.structure == "shared"
     weights = [m.weight for m in model if isinstance(m, nn.Linear)]
     torch.testing.assert_close(jac.dense()[0], weights[2] @ weights[1] @ weights[0])
+
+
+class Fuse(nn.Module):
+    def forward(self, a, b):
+        return a * b + a
+
+
+class TwoInputModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fuse = Fuse()
+
+    def forward(self, x):
+        return self.fuse(torch.tanh(x), torch.sigmoid(x))
+
+
+def test_a_module_with_two_inputs_reports_one_pair_and_says_so():
+    model, x, graph = _setup(TwoInputModule(), 4)
+    engine = GraphEngine(graph)
+    (layer,) = engine.layers
+    assert layer.name == "fuse" and "2 inputs" in layer.note and layer.input == "tanh"
+    reference = reference_layer(model, x, ["fuse"], Trace(graph, x).values[layer.output])
+    assert relative_error(engine.compute(x)["fuse"].dense(3), reference) < 1e-12
