@@ -63,10 +63,12 @@ class ChainPlan:
     tag: str
 
 
-def cheapest_order(tags: list[str], dims: list[int], samples: int) -> ChainPlan:
+def cheapest_order(tags: list[str], dims: list[int], samples: int, *, tag_rule=compose_tag,
+                   cost_rule=compose_cost) -> ChainPlan:
     """Plan `J_L ... J_1` where `tags[l]` is J_{l+1}'s structure and it maps dims[l] -> dims[l+1].
 
-    dims: `L + 1` sizes, input first.
+    dims: `L + 1` sizes, input first. tag_rule / cost_rule: the structure and the cost of a
+    product (defaults: `compose_tag`, `compose_cost`; a richer algebra passes its own).
     """
     n = len(tags)
     best: dict[tuple[int, int], tuple[float, str, int]] = {
@@ -78,10 +80,10 @@ def cheapest_order(tags: list[str], dims: list[int], samples: int) -> ChainPlan:
             for k in range(i, j):
                 left_cost, left_tag, _ = best[(k + 1, j)]
                 right_cost, right_tag, _ = best[(i, k)]
-                cost = left_cost + right_cost + compose_cost(
+                cost = left_cost + right_cost + cost_rule(
                     left_tag, right_tag, dims[j + 1], dims[k + 1], dims[i], samples)
                 if choice is None or cost < choice[0]:
-                    choice = (cost, compose_tag(left_tag, right_tag), k)
+                    choice = (cost, tag_rule(left_tag, right_tag), k)
             best[(i, j)] = choice
     order: list[tuple[int, int, int]] = []
 
@@ -94,21 +96,24 @@ def cheapest_order(tags: list[str], dims: list[int], samples: int) -> ChainPlan:
         order.append((i, k, j))
 
     emit(0, n - 1)
-    return ChainPlan(order, best[(0, n - 1)][0], _plain_cost(tags, dims, samples, forward=True),
-                     _plain_cost(tags, dims, samples, forward=False), best[(0, n - 1)][1])
+    rules = (tag_rule, cost_rule)
+    return ChainPlan(order, best[(0, n - 1)][0],
+                     _plain_cost(tags, dims, samples, *rules, forward=True),
+                     _plain_cost(tags, dims, samples, *rules, forward=False), best[(0, n - 1)][1])
 
 
-def _plain_cost(tags: list[str], dims: list[int], samples: int, *, forward: bool) -> float:
+def _plain_cost(tags: list[str], dims: list[int], samples: int, tag_rule=compose_tag,
+                cost_rule=compose_cost, *, forward: bool) -> float:
     """Cost of accumulating from the input side (forward) or the output side (reverse)."""
     n = len(tags)
     if forward:
         cost, tag = 0.0, tags[0]
         for layer in range(1, n):
-            cost += compose_cost(tags[layer], tag, dims[layer + 1], dims[layer], dims[0], samples)
-            tag = compose_tag(tags[layer], tag)
+            cost += cost_rule(tags[layer], tag, dims[layer + 1], dims[layer], dims[0], samples)
+            tag = tag_rule(tags[layer], tag)
         return cost
     cost, tag = 0.0, tags[-1]
     for layer in range(n - 2, -1, -1):
-        cost += compose_cost(tag, tags[layer], dims[n], dims[layer + 1], dims[layer], samples)
-        tag = compose_tag(tag, tags[layer])
+        cost += cost_rule(tag, tags[layer], dims[n], dims[layer + 1], dims[layer], samples)
+        tag = tag_rule(tag, tags[layer])
     return cost

@@ -263,22 +263,23 @@ def _is_shared(j: Structured) -> bool:
     return bool(getattr(j, "shared", False))
 
 
-def chain_product(jacobians: list[Structured], order: list[tuple[int, int, int]] | None = None
-                  ) -> Structured:
+def chain_product(jacobians: list[Structured], order: list[tuple[int, int, int]] | None = None,
+                  *, compose_fn=compose) -> Structured:
     """The product `J_k ... J_1` of Jacobians listed in execution order (J_1 first).
 
     order: the splits to use, from `cheapest_order`; None multiplies right to left.
+    compose_fn: the product of two structures (a richer algebra may pass its own).
     """
     if not jacobians:
         raise ValueError("empty chain")
     if order is None:
         result = jacobians[0]
         for j in jacobians[1:]:
-            result = compose(j, result)
+            result = compose_fn(j, result)
         return result
     results: dict[tuple[int, int], Structured] = {(i, i): j for i, j in enumerate(jacobians)}
     for i, k, j in order:  # product of layers i..j split after k: (k+1..j) @ (i..k)
-        results[(i, j)] = compose(results[(k + 1, j)], results[(i, k)])
+        results[(i, j)] = compose_fn(results[(k + 1, j)], results[(i, k)])
     return results[(0, len(jacobians) - 1)]
 
 

@@ -1,0 +1,123 @@
+"""Ops linear in their input with fixed weights: convolutions (1-3d, transposed, grouped,
+depthwise), average and adaptive-average pooling, interpolation, sums and means.
+
+The Jacobian is one shared linear map, applied matrix-free by running the op itself on the
+tangents (bias dropped) and its transpose by the op's VJP; formed only if asked (`dense`).
+Per-sample weight gradients of a convolution come from the op's VJP with respect to the
+weight, one sample at a time (`vmap`), so every variant is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import vjp
+
+from ..opgraph import BATCHED, SYMBOLIC
+from ..replay import OpCall
+from ..structures import Operator
+from .registry import OpRule, leaf_node, register
+
+aten = torch.ops.aten
+
+CONVOLUTIONS = (aten.convolution.default, aten.conv1d.default, aten.conv2d.default,
+                aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+                aten.conv3d.padding, aten.conv_transpose1d.default,
+                aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+POOLS = (aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+         aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+         aten.adaptive_avg_pool3d.default, aten._adaptive_avg_pool2d.default,
+         aten._adaptive_avg_pool3d.default)
+RESAMPLING = (aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default,
+              aten.upsample_linear1d.vec, aten.upsample_linear1d.default,
+              aten.upsample_trilinear3d.vec, aten.upsample_trilinear3d.default,
+              aten.upsample_bicubic2d.vec, aten.upsample_bicubic2d.default)
+REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.cumsum.default)
+
+
+class LinearMapRule(OpRule):
+    """∂/∂x of an op linear in x (argument 0) whose other tensors are fixed."""
+
+    name = "linear-map"
+    family = "linear-map"
+    zeroed: tuple[int, ...] = ()  # arguments (by index) to drop, the bias, when applying J
+
+    def applies(self, node, graph, position):
+        if position != 0 or node.batch_axis != 0:
+            return False
+        leaves = node.leaves()[0]
+        for i in range(1, len(leaves)):
+            leaf = leaf_node(node, graph, i)
+            if leaf is not None and (leaf.kind in BATCHED or leaf.kind == SYMBOLIC):
+                return False
+        return True
+
+    def structure(self, node, graph, position):
+        return "shared-operator"
+
+    def _apply(self, call: OpCall, rows: torch.Tensor) -> torch.Tensor:
+        """J applied to `(M, *in)` -> `(M, *out)`: the op on M pseudo-samples, bias dropped."""
+        args, kwargs = call.arguments({0: rows}, overrides=dict.fromkeys(self.zeroed))
+        args = tuple(a.to(rows.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args)
+        return call.node.target(*args, **kwargs)
+
+    def _transpose(self, call: OpCall, rows: torch.Tensor) -> torch.Tensor:
+        zeros = rows.new_zeros(rows.shape[0], *call.in_shape(0))
+        _, pullback = vjp(lambda a: self._apply(call, a), zeros)
+        return pullback(rows)[0]
+
+    def jacobian(self, call, position):
+        in_shape, out_shape = call.in_shape(0), call.out_shape
+        d_in, d_out = math.prod(in_shape), math.prod(out_shape)
+
+        def forward(rows):
+            return self._apply(call, rows.reshape(-1, *in_shape)).reshape(-1, d_out)
+
+        def transpose(rows):
+            return self._transpose(call, rows.reshape(-1, *out_shape)).reshape(-1, d_in)
+
+        return Operator(forward, transpose, d_out, d_in, call.output.dtype, call.output.device)
+
+    def jvp(self, call, position, v):
+        b, k = v.shape[:2]
+        out = self._apply(call, v.reshape(b * k, *call.in_shape(0)))
+        return out.reshape(b, k, *call.out_shape)
+
+    def vjp(self, call, position, u):
+        b, k = u.shape[:2]
+        out = self._transpose(call, u.reshape(b * k, *call.out_shape))
+        return out.reshape(b, k, *call.in_shape(0))
+
+
+@register(*CONVOLUTIONS)
+class ConvolutionRule(LinearMapRule):
+    name = "convolution"
+    family = "affine"
+    zeroed = (2,)
+
+    def param_vjp(self, call, position, u):
+        """Per-sample `uᵀ ∂out/∂W` `(B, k, *W.shape)` (VJP w.r.t. the weight per sample), and
+        `uᵀ ∂out/∂bias` = u summed over positions."""
+        if position == 2:
+            return u.sum(dim=tuple(range(3, u.ndim)))
+        if position != 1:
+            return None
+        x, weight = call.values[0].to(u.dtype), call.values[1].to(u.dtype)
+
+        def per_sample(xi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
+            def out(w):
+                args, kwargs = call.arguments({0: xi[None], 1: w}, overrides={2: None})
+                return call.node.target(*args, **kwargs)[0]
+
+            _, pullback = vjp(out, weight)
+            return torch.vmap(lambda c: pullback(c)[0])(ui)
+
+        return torch.vmap(per_sample)(x, u)
+
+
+@register(*POOLS, *RESAMPLING, *REDUCTIONS)
+class PoolingRule(LinearMapRule):
+    name = "linear-map"
+    family = "pooling"
