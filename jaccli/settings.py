@@ -19,6 +19,7 @@ from .errors import UsageError
 class Granularity(str, Enum):
     module = "module"
     block = "block"
+    op = "op"
 
 
 class Dtype(str, Enum):

@@ -65,8 +65,9 @@ def test_dry_run_prints_plan_and_writes_nothing(files):
     plan = json.loads(result.stdout)
     assert plan["memory_budget_bytes"] == 1_000_000
     assert [(e["rule"], e["structure"]) for e in plan["entries"]] == [
-        ("Linear", "shared"), ("Elementwise", "diagonal"), ("Linear", "shared"),
-        ("Elementwise", "diagonal"), ("Linear", "shared"), ("chain product", "dense")]
+        ("linear", "shared"), ("pointwise", "diagonal"), ("linear", "shared"),
+        ("pointwise", "diagonal"), ("linear", "shared"), ("chain product", "dense")]
+    assert plan["engine"] == "graph: export-dynamic"
     costs = plan["end_to_end_chain_cost"]
     assert costs["chosen"] <= min(costs["forward"], costs["reverse"])
     assert not (files / "never.h5").exists()
@@ -88,7 +89,7 @@ def test_inspect_lists_layers_without_data(tmp_path, cnn):
     plan = json.loads(result.stdout)
     first = plan["entries"][0]
     assert (first["name"], first["d_in"], first["d_out"]) == ("features.0", 72, 108)
-    assert (first["rule"], first["structure"]) == ("LinearMap", "shared")
+    assert (first["rule"], first["structure"]) == ("convolution", "shared-operator")
     assert first["bytes_per_sample"] == 0 and first["shared_bytes"] == 72 * 108 * 4
     result = invoke("inspect", tmp_path / "cnn.safetensors", "--input-shape", "2,7,7")
     assert result.exit_code == 0 and "features.0" in result.stdout

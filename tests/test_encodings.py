@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaccli.engine.structures import Diagonal, Matrix, RowScaled, Selection, from_compact
+from jaccli.engine.structures import Diagonal, Matrix, RowScaled, Selection
 from jaccli.errors import ResultsFormatError
+from jaccli.graph.storage import from_compact
 from jaccli.io.results import Results, encoding, stored_bytes
 from jaccli.io.results.writer import ResultsWriter
 

@@ -158,7 +158,7 @@ def test_end_to_end_by_chain_equals_direct(cnn):
 def test_shared_jacobians_are_computed_once_per_run(tmp_path, cnn, monkeypatch):
     import numpy as np
 
-    from jaccli.engine.rules.linear import LinearMapRule
+    from jaccli.graph.rules.linear_maps import LinearMapRule
     from jaccli.pipelines.compute import run_compute
     from jaccli.settings import ComputeSettings
     compute_settings = ComputeSettings.from_options
@@ -168,19 +168,20 @@ def test_shared_jacobians_are_computed_once_per_run(tmp_path, cnn, monkeypatch):
     calls = []
     original = LinearMapRule.jacobian
     monkeypatch.setattr(LinearMapRule, "jacobian",
-                        lambda self, m, x: calls.append(x.shape[0]) or original(self, m, x))
+                        lambda self, call, position: calls.append(call) or original(
+                            self, call, position))
     jaccli.save_model(cnn, CNN_SPEC, tmp_path / "cnn.safetensors")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 2, 6, 6)))
     run_compute(compute_settings(model=tmp_path / "cnn.safetensors", data=tmp_path / "x.npy",
                               batch_size=2))
-    assert calls == [1]  # one conv layer, three batches, one single-sample evaluation
+    assert len(calls) == 1  # one conv layer, three batches: its shared map is built once
 
 
 def test_out_of_memory_halves_the_batch_and_retries(tmp_path, mlp, monkeypatch):
     import numpy as np
 
-    from jaccli.engine.engine import JacobianEngine
     from jaccli.pipelines.compute import prepare, run_compute
+    from jaccli.pipelines.engines import GraphRun
     from jaccli.settings import ComputeSettings
     compute_settings = ComputeSettings.from_options
 
@@ -191,14 +192,14 @@ def test_out_of_memory_halves_the_batch_and_retries(tmp_path, mlp, monkeypatch):
     config = compute_settings(model=tmp_path / "m.safetensors", data=tmp_path / "x.npy",
                            dtype="float64", batch_size=7, output=tmp_path / "small.h5")
     reference = run_compute(config)
-    original = JacobianEngine.compute
+    original = GraphRun.compute
 
-    def tight(self, x, records, **options):
+    def tight(self, x, **options):
         if x.shape[0] > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
-        return original(self, x, records, **options)
+        return original(self, x, **options)
 
-    monkeypatch.setattr(JacobianEngine, "compute", tight)
+    monkeypatch.setattr(GraphRun, "compute", tight)
     config.output.path = tmp_path / "split.h5"
     prepared = prepare(config)
     summary = run_compute(config, prepared=prepared)

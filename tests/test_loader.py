@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -82,11 +83,29 @@ def test_bad_import_strings(model_files, tmp_path):
         jaccli.load_model(path, arch="my_factories:make_mlp", arch_path=tmp_path / "nope")
 
 
-def test_export_with_fixed_batch_is_explained(tmp_path, mlp):
-    program = torch.export.export(mlp, (torch.randn(2, 6),))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_export_with_a_fixed_batch_still_computes(tmp_path, mlp, batch):
+    """A .pt2 exported without a dynamic batch axis: re-traced or run a batch at a time."""
+    from typer.testing import CliRunner
+
+    from jaccli.cli import app
+
+    from .conftest import reference_jacobian
+
+    program = torch.export.export(mlp, (torch.randn(batch, 6),))
     torch.export.save(program, tmp_path / "fixed.pt2")
-    with pytest.raises(ModelLoadError, match="fixed batch size of 2; re-export"):
-        jaccli.load_model(tmp_path / "fixed.pt2")
+    assert jaccli.load_model(tmp_path / "fixed.pt2").static_batch == batch
+    x = np.random.default_rng(5).normal(size=(5, 6))
+    np.save(tmp_path / "x.npy", x)
+    result = CliRunner().invoke(app, ["compute", str(tmp_path / "fixed.pt2"),
+                                      str(tmp_path / "x.npy"), "--dtype", "float64", "-o",
+                                      str(tmp_path / "j.h5"), "-q"])
+    assert result.exit_code == 0, result.output
+    with jaccli.open_results(tmp_path / "j.h5") as r:
+        np.testing.assert_allclose(r.jacobian("end_to_end"),
+                                   reference_jacobian(mlp.double(), torch.from_numpy(x)),
+                                   rtol=1e-10)
+        assert r.attrs["engine"].startswith("graph: program-")
 
 
 def test_save_model_refuses_a_spec_that_does_not_match(tmp_path, mlp):

@@ -12,17 +12,17 @@ from jaccli.cli import app
 
 runner = CliRunner()
 SPEC = {"format": "jaccli-arch", "version": 1, "model": {"type": "Sequential", "children": [
-    {"type": "Linear", "args": [6, 6]}, {"type": "ReLU"}, {"type": "Flatten"}]}}
+    {"type": "Flatten"}, {"type": "Linear", "args": [6, 6]}, {"type": "ReLU"}]}}
 
 
 @pytest.fixture
 def relu_files(tmp_path):
-    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Flatten()).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 6), nn.ReLU()).eval()
     with torch.no_grad():
-        model[0].weight.copy_(torch.eye(6))
-        model[0].bias.copy_(torch.tensor([-10.0, 1, 1, 1, 1, 1]))  # unit 0 is always off
+        model[1].weight.copy_(torch.eye(6))
+        model[1].bias.copy_(torch.tensor([-10.0, 1, 1, 1, 1, 1]))  # unit 0 is always off
     jaccli.save_model(model, SPEC, tmp_path / "m.safetensors")
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(-1, 1, (4, 6)))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(-1, 1, (4, 2, 3)))
     return tmp_path
 
 
@@ -40,10 +40,10 @@ def row(table: str, name: str) -> list[str]:
 
 def test_infinite_condition_and_exact_ranges(relu_files):
     table = spectrum_table(relu_files, 200)
-    relu = row(table, "1")
+    relu = row(table, "2")
     assert relu[5] == "inf"  # cond p50 of a ReLU with one unit always off
     assert relu[-1].endswith("[0, 1]")  # its singular values are exactly 0 and 1
-    flatten = row(table, "2")
+    flatten = row(table, "0")
     assert flatten[5] == "1" and flatten[-1].endswith("[1, 1]")  # identity: all ones
     assert "count as zero (condition number inf): diagonal: σ_max·" in table
 
@@ -72,4 +72,4 @@ def test_tables_fit_narrow_terminals(relu_files, width):
         table_lines = [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
         assert table_lines and max(len(line) for line in table_lines) <= width
     assert "not shown: singular values" in spectrum  # the first column to go, and said so
-    assert row(spectrum, "1")[:2] == ["1", "diagonal"]
+    assert row(spectrum, "2")[:2] == ["2", "diagonal"]

@@ -47,7 +47,7 @@ def test_layout_matches_the_format_spec(written):
         assert list(f["layers"]) == ["0", "1", "2", "3", "4"]
         group = f["layers/2"]
         assert group.attrs["type"] == "Linear" and group.attrs["order"] == 2
-        assert group.attrs["encoding"] == "shared" and group.attrs["rule"] == "Linear"
+        assert group.attrs["encoding"] == "shared" and group.attrs["rule"] == "linear"
         np.testing.assert_array_equal(group.attrs["input_shape"], [5])
         assert group["matrix"].shape == (4, 5)  # W, once for all samples
         tanh = f["layers/1"]

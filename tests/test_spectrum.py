@@ -188,23 +188,21 @@ def test_non_chain_model_has_no_profile_or_bounds(tmp_path):
 
 
 def test_planner_sends_a_conv_too_large_to_decompose_to_lanczos():
-    from jaccli.engine.engine import JacobianEngine
+    from jaccli.graph import capture
+    from jaccli.pipelines.engines import GraphRun
     from jaccli.spectra.plan import plan_spectra
-    from jaccli.tracing.layers import trace_layers
+
+    def entries(model, x):
+        run = GraphRun(capture(model, x), granularity="module", patterns=None,
+                       include_layers=True, end_to_end=False, module=model)
+        return plan_spectra(run.entries, itemsize=4, budget=4 * 2**30, top_k=None,
+                            exact=False)
 
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()).eval()
     x = torch.zeros(2, 64, 32, 32)
-    trace = trace_layers(model, x)
-    engine = JacobianEngine(model, trace, layers=trace.layers, end_to_end=False, n_samples=2)
-    entries = plan_spectra(engine, itemsize=4, budget=4 * 2**30, top_k=None,
-                           exact=False)
-    conv, relu = entries
+    conv, relu = entries(model, x)
     assert conv.method == "lanczos" and "too large" in conv.reason and conv.k == 10
     assert relu.method == "structured" and relu.complete
     circular = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular")).eval()
-    trace = trace_layers(circular, x)
-    engine = JacobianEngine(circular, trace, layers=trace.layers, end_to_end=False,
-                            n_samples=2)
-    (entry,) = plan_spectra(engine, itemsize=4, budget=4 * 2**30, top_k=None,
-                            exact=False)
+    (entry,) = entries(circular, x)
     assert entry.method == "fft" and entry.complete

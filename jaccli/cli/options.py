@@ -39,7 +39,8 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use at mos
 # Layers
 GranularityOpt = Annotated[Granularity, typer.Option(
     "--granularity", help="module: every leaf module is a layer; block: an affine/conv module "
-                          "and the activations right after it form one layer.",
+                          "and the activations right after it form one layer; op: every "
+                          "operator of the graph.",
     rich_help_panel="Layers")]
 LayersOpt = Annotated[list[str] | None, typer.Option(
     "--layers", help="Glob on qualified layer names (repeatable), e.g. 'features.*'.",

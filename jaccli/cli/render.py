@@ -96,6 +96,9 @@ def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
                 show_batches: bool = True) -> None:
     """Print a plan (from `Plan.to_dict()`): one row per Jacobian, then the totals."""
     console.print(title, highlight=False)
+    if plan_dict.get("engine"):
+        console.print(f"engine: {plan_dict['engine']} ({plan_dict['engine_note']})",
+                      highlight=False)
     table = Table()
     for column, justify in (("layer", "left"), ("type", "left"), ("input → output", "right"),
                             ("rule", "left"), ("structure", "left"), ("mode", "left"),

@@ -282,22 +282,3 @@ def chain_product(jacobians: list[Structured], order: list[tuple[int, int, int]]
         results[(i, j)] = compose_fn(results[(k + 1, j)], results[(i, k)])
     return results[(0, len(jacobians) - 1)]
 
-
-def from_compact(tag: str, arrays: dict[str, torch.Tensor], d_in: int,
-                 dtype: torch.dtype = torch.float32) -> Structured:
-    """The inverse of `compact()`: the structure stored under `tag` (an encoding name of
-    `jaccli.io.results.encodings`), from its tensors (per-sample ones with N rows, shared
-    ones whole). d_in, dtype: the input size and value type (a selection stores neither)."""
-    if tag == "dense":
-        return Matrix(arrays["jacobian"])
-    if tag == "shared":
-        return Matrix(arrays["matrix"][None], shared=True)
-    if tag == "shared-diagonal":
-        return Diagonal(arrays["diagonal"][None], shared=True)
-    if tag == "diagonal":
-        return Diagonal(arrays["diagonal"])
-    if tag == "row-scaled":
-        return RowScaled(arrays["row_scale"], arrays["matrix"][None])
-    if tag == "selection":
-        return Selection(arrays["selection"].long(), d_in, dtype)
-    raise ValueError(f"no structure is stored as {tag!r}")

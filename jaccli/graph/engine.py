@@ -4,11 +4,13 @@ op graph, with a plan that says before anything runs how each layer is different
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..engine.chain import cheapest_order
 from ..engine.structures import Matrix, Structured
 from ..errors import UsageError
 from . import accumulate as acc
@@ -86,18 +88,23 @@ class GraphEngine:
 
     granularity: `module`, `block` or `op` (see `jaccli.graph.layers`); layer_patterns: globs
     on layer names; end_to_end: also the model input -> output Jacobian; output: the output
-    name or index (None: every output, flattened and concatenated in order).
+    name or index (None: every output, flattened and concatenated in order); samples: how many
+    samples a run holds (the chain ordering's cost model).
     """
 
     def __init__(self, graph: OpGraph, *, granularity: str = "module",
                  layer_patterns: Sequence[str] | None = None, end_to_end: bool = True,
-                 output: str | int | None = None):
+                 output: str | int | None = None, samples: int = 64):
         self.graph, self.granularity, self.end_to_end = graph, granularity, end_to_end
+        # The sample count the multiplication order is planned for: fixed for a run, so
+        # every batch (the last, smaller one too) factors its Jacobians the same way.
+        self.samples = samples
         self.units = find_units(graph)
         self.layers = find_layers(graph, self.units, granularity,
                                   list(layer_patterns) if layer_patterns else None)
         self.outputs = self._outputs(output)
         self.routes: dict[tuple[str, str], str] = {}
+        self.last_seconds: dict[str, float] = {}
         self._shared: dict = {}
 
     def _outputs(self, output) -> list[str]:
@@ -128,8 +135,22 @@ class GraphEngine:
         paths = self._paths()
         return len(paths) == 1 and acc.is_chain(paths[0])
 
+    def chain_costs(self) -> dict[str, float] | None:
+        """For a chain model: multiply-adds of the end-to-end product in the chosen order, and
+        of the plain forward and reverse orders (None for other graphs)."""
+        if not self.is_chain():
+            return None
+        p = self._paths()[0]
+        tags = [self.units[u].plans[p.edges[u][0]].tag for u in p.units]
+        dims = [self.graph[p.source].numel] + [self.graph[u].numel for u in p.units]
+        plan = cheapest_order(tags, dims, self.samples, tag_rule=algebra.compose_tag,
+                              cost_rule=algebra.compose_cost)
+        return {"chosen": plan.cost, "forward": plan.forward_cost,
+                "reverse": plan.reverse_cost}
+
     # ----------------------------------------------------------------- plan
-    def plan(self, samples: int = 1) -> EnginePlan:
+    def plan(self) -> EnginePlan:
+        samples = self.samples
         layers = [self._layer_plan(layer, samples) for layer in self.layers]
         end = None
         if self.end_to_end:
@@ -182,15 +203,50 @@ class GraphEngine:
         sizes = acc.sizes_of(self.graph, p)
         walk = acc.StructureWalk(lambda unit, source: diff.jacobian(self.units[unit], source),
                                  sizes, trace.dtype, trace.x.device)
-        return acc.accumulate(p, walk, sizes, trace.batch)
+        return acc.accumulate(p, walk, sizes, self.samples)
 
-    def compute(self, x: torch.Tensor) -> dict[str, Structured]:
-        """Every layer's Jacobian (and `END_TO_END`) for a batch `x (B, *in_shape)`."""
+    def compute(self, x: torch.Tensor, names: set[str] | None = None
+                ) -> dict[str, Structured]:
+        """Every layer's Jacobian (and `END_TO_END`) for a batch `x (B, *in_shape)`, or only
+        those in `names`; `last_seconds` holds the time each took (the forward pass charged
+        to the first)."""
+        begin = time.perf_counter()
         diff = self._differentiator(x)
-        result = {layer.name: self._jacobian(diff, layer.paths) for layer in self.layers}
-        if self.end_to_end:
+        result, self.last_seconds = {}, {}
+        wanted = [layer for layer in self.layers if names is None or layer.name in names]
+        for layer in wanted:
+            result[layer.name] = self._jacobian(diff, layer.paths)
+            begin = self._lap(layer.name, begin, x)
+        if self.end_to_end and (names is None or END_TO_END in names):
             result[END_TO_END] = self._end_to_end(diff)
+            self._lap(END_TO_END, begin, x)
         return result
+
+    def _lap(self, name: str, begin: float, x: torch.Tensor) -> float:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        now = time.perf_counter()
+        self.last_seconds[name] = now - begin
+        return now
+
+    def cumulative(self, x: torch.Tensor):
+        """Yield `(layer name, J_{1:l})` for each layer: the Jacobian of its output w.r.t. the
+        model input, `(B | 1, D_l, D_in)` (the depth profile of a chain model)."""
+        diff = self._differentiator(x)
+        for layer in self.layers:
+            p = acc.paths(self.units, self.graph.input, layer.output)
+            jac = self._jacobian(diff, p)
+            yield layer.name, jac.dense(None if getattr(jac, "shared", False) else x.shape[0])
+
+    def route_of(self, name: str) -> str:
+        """The generic routes behind a layer (or `END_TO_END`) in the last run, '' if none."""
+        if name == END_TO_END:
+            units = {u for p in self._paths() for u in p.units}
+        else:
+            units = set(next((layer.paths.units for layer in self.layers
+                              if layer.name == name), ()))
+        return "+".join(sorted({route for (unit, _), route in self.routes.items()
+                                if unit in units}))
 
     def _end_to_end(self, diff: Differentiator) -> Structured:
         parts = [self._jacobian(diff, p) for p in self._paths()]

@@ -4,7 +4,7 @@ Export records `nn_module_stack` (key -> (qualified name, class)); TorchScript r
 `inner(Inner).fc(Linear)` per node, which the converter hook stores as the custom metadata
 `jaccli_frames`. Both become tuples of `ModuleFrame`s, outermost first, root omitted. Calls of
 the same module are told apart by the graph itself (ops of one call are connected), so every
-format numbers them alike: `relu`, `relu@1`, ...
+format numbers them alike: `relu#0`, `relu#1`, ...
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def raw_frames(meta: dict) -> list[tuple[str, str, str]]:
 
 
 def assign_calls(graph: OpGraph) -> None:
-    """Replace raw call keys by `name` / `name@k`, numbering the connected calls of a module.
+    """Replace raw call keys by `name` (one call) or `name#0`, `name#1`, ... (several),
+    numbering the connected calls of a module.
 
     Within one raw key, differentiated nodes joined by an edge or reading the same tensor
     belong to one call; calls are numbered in the order they first run.
@@ -83,10 +84,15 @@ def assign_calls(graph: OpGraph) -> None:
                 component_of[(depth, key, name)] = index
     call_names: dict[tuple[int, str, int], str] = {}
     counts: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for *_, frame in calls:
+        total[frame.name] = total.get(frame.name, 0) + 1
     for _, depth, key, index, frame in sorted(calls, key=lambda c: (c[0], c[1])):
         count = counts.get(frame.name, 0)
         counts[frame.name] = count + 1
-        call_names[(depth, key, index)] = frame.name if count == 0 else f"{frame.name}@{count}"
+        # A module called once keeps its name; each call of one called k times is `name#i`.
+        call_names[(depth, key, index)] = (frame.name if total[frame.name] == 1
+                                           else f"{frame.name}#{count}")
     for n in nodes:
         n.stack = tuple(
             ModuleFrame(f.name, f.type, call_names[(d, f.call, component_of[(d, f.call, n.name)])])

@@ -2,9 +2,10 @@
 
 Granularities:
     module  every leaf module call (no child module calls), named as in the state_dict
-            (`features.0`, `layer1.0.conv1`; a second call of a module: `layer1.0.relu@1`)
+            (`features.0`, `layer1.0.conv1`; the calls of a module called twice:
+            `layer1.0.relu#0`, `layer1.0.relu#1`)
     block   an affine/conv module call plus the elementwise activations, eval BatchNorms and
-            Dropouts that directly and only consume its output (named after the first)
+            Dropouts that directly and only consume its output (named `a+b+c`)
     op      every unit (op or region): `layer1.0/add`, `features.0/convolution`, `view#1`
 Functional ops outside any leaf module (`F.relu(out)` in a ResNet block) are in the graph,
 and so in the end-to-end Jacobian, but are no leaf layer. A module with several inputs or
@@ -159,8 +160,8 @@ def _module_layers(graph, units, blocks: bool) -> list[Layer]:
     out = []
     for group in groups:
         inside = set().union(*(g[2] for g in group))
-        layer = _layer(graph, units, group[0][0], "+".join(g[1] for g in group),
-                       [g[0] for g in group], inside)
+        layer = _layer(graph, units, "+".join(g[0] for g in group),
+                       "+".join(g[1] for g in group), [g[0] for g in group], inside)
         if layer is not None:
             out.append(layer)
     return out

@@ -1,12 +1,12 @@
-"""What every pipeline does first — load and check the model and data on the chosen device,
-trace the layers — and what every results file records about its run (provenance)."""
+"""What every pipeline does first — load and check the model and data on the chosen device —
+and what every results file records about its run (provenance)."""
 
 from __future__ import annotations
 
 import datetime
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -14,15 +14,13 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..engine.engine import JacobianEngine
-from ..errors import ShapeMismatchError, UnsupportedModuleError
+from ..errors import ShapeMismatchError
 from ..io.data import DataSource, load_data
 from ..io.hashing import sha256_file
 from ..io.models import LoadedModel, load_model
 from ..io.results.output_guard import check_output
-from ..settings import DataSelection, LayerSelection, ModelSource, OutputOptions, RunOptions
+from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions
 from ..tracing.independence import check_sample_independence, distinct_rows
-from ..tracing.layers import Trace, trace_end_to_end, trace_layers
 from .resources import memory_budget, resolve_device, resolve_dtype
 
 TRACE_SAMPLES = 4  # the example batch layers are traced on
@@ -30,7 +28,7 @@ TRACE_SAMPLES = 4  # the example batch layers are traced on
 
 @dataclass
 class Inputs:
-    """A loaded model and data source, checked against each other, with the traced layers.
+    """A loaded model and data source, checked against each other.
 
     model: the module on `device` in `dtype`, parameters frozen (no gradients).
     """
@@ -41,14 +39,15 @@ class Inputs:
     model: nn.Module
     device: torch.device
     dtype: torch.dtype
-    trace: Trace
+    example: torch.Tensor  # the first few samples: what graphs and layers are traced on
+    graph: Any = None  # the captured operator graph (`engines.make_engine` fills it in)
+    capture_note: str = ""  # how it was captured, or why it could not be
 
 
-def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions,
-                layers: LayerSelection | None = None) -> Inputs:
-    """Load model and data, check them against each other, and trace the layers `layers`
-    selects (all of them when None). Pipelines call `check_independence` once they know
-    their batch size."""
+def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) -> Inputs:
+    """Load model and data and check them against each other. Pipelines then build their
+    engine (`engines.make_engine`) and call `check_independence` once they know their batch
+    size."""
     device, dtype = resolve_device(run.device), resolve_dtype(run.dtype)
     loaded = load(source)
     data = load_data(selection.path, key=selection.key, offset=selection.offset,
@@ -57,13 +56,15 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions,
     data.check_finite()
     model = frozen(loaded.module.to(device=device, dtype=dtype))
     example = to_tensor(data.read(0, min(len(data), TRACE_SAMPLES)), device, dtype)
-    trace = trace_model(layers or LayerSelection(), loaded, model, example)
-    return Inputs(source, loaded, data, model, device, dtype, trace)
+    return Inputs(source, loaded, data, model, device, dtype, example)
 
 
 def check_independence(inputs: Inputs, batch_size: int) -> None:
     """Run the model on a batch of the size the run uses, of distinct rows: it must be
-    deterministic, and each sample's output must not depend on the others."""
+    deterministic, and each sample's output must not depend on the others. (A program
+    exported for one batch size runs only at that size: nothing to mix.)"""
+    if inputs.loaded.static_batch is not None:
+        return
     n = min(batch_size, len(inputs.data))
     rows = distinct_rows(np.asarray(inputs.data.read(0, n)))
     check_sample_independence(inputs.model, to_tensor(rows, inputs.device, inputs.dtype))
@@ -72,22 +73,6 @@ def check_independence(inputs: Inputs, batch_size: int) -> None:
 def load(source: ModelSource) -> LoadedModel:
     return load_model(source.path, arch=source.arch, arch_path=source.arch_path,
                       trust_pickle=source.trust_pickle)
-
-
-def trace_model(layers: LayerSelection, loaded: LoadedModel, model: nn.Module,
-                example: torch.Tensor) -> Trace:
-    """The model's layers (as `layers` selects them), from one forward pass on `example`."""
-    if layers.include_layers:
-        return trace_layers(model, example, type_name=loaded.type_name,
-                            hookable=loaded.hookable, granularity=layers.granularity,
-                            patterns=layers.patterns)
-    try:  # layers are still traced, to form the end-to-end Jacobian by chain products
-        trace = trace_layers(model, example, type_name=loaded.type_name,
-                             hookable=loaded.hookable, granularity=layers.granularity)
-    except UnsupportedModuleError:
-        return trace_end_to_end(model, example)
-    trace.layers = []
-    return trace
 
 
 def load_targets(path, key: str | None, selection: DataSelection, n_samples: int, *,
@@ -148,20 +133,11 @@ def to_tensor(rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> tor
     return torch.from_numpy(host).to(device=device)
 
 
-def make_engine(layers: LayerSelection, run: RunOptions, model: nn.Module, trace: Trace,
-                n_samples: int, *, inputs_wrt: bool = True) -> JacobianEngine:
-    """The engine for the layers (and end-to-end Jacobian) `layers` selects."""
-    return JacobianEngine(model, trace, layers=trace.layers if inputs_wrt else [],
-                          end_to_end=layers.end_to_end and inputs_wrt, n_samples=n_samples,
-                          strict=run.strict_rules, mode=run.mode)
-
-
-def product_batch_size(run: RunOptions, inputs: Inputs) -> int:
+def product_batch_size(run: RunOptions, inputs: Inputs, d_in: int, d_out: int) -> int:
     """Samples per batch for product pipelines: as asked, else what the budget allows for
     ~64 vectors of the larger side per sample."""
     if run.batch_size:
         return run.batch_size
     budget, _ = memory_budget(inputs.device, run.max_memory)
-    per_sample = 64 * max(math.prod(inputs.trace.input_shape),
-                          math.prod(inputs.trace.output_shape)) * 8
+    per_sample = 64 * max(d_in, d_out) * 8
     return max(1, min(4096, budget // per_sample))

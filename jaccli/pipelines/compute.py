@@ -11,16 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.engine import JacobianEngine
 from ..engine.structures import Matrix, Structured
 from ..errors import OutOfMemoryError, UsageError, is_out_of_memory
+from ..graph.params import select_parameters
 from ..io.data import DataSource
 from ..io.results.writer import ResultsWriter
 from ..params.jacobians import ParamInfo, param_jacobians, select_params
 from ..params.objectives import check_targets, objective
 from ..reports.summary import EntrySummary, Summary
 from ..settings import ComputeSettings
-from ..tracing.recorder import ForwardRecorder, run_model
 from .common import (
     Inputs,
     check_independence,
@@ -28,11 +27,10 @@ from .common import (
     load,
     load_inputs,
     load_targets,
-    make_engine,
     provenance,
     to_tensor,
-    trace_model,
 )
+from .engines import Engine, GraphRun, make_engine
 from .planner import Plan, PlanEntry, check_disk, make_plan
 from .resources import (
     check_trace_fits,
@@ -47,13 +45,25 @@ FLATTENED = "(flattened)"
 
 
 @dataclass
-class ParamSetup:
-    """What `--wrt params` differentiates: the parameters, the objective, the targets."""
+class ParamTarget:
+    """One selected parameter: qualified name, shape, owner's type, and how it is done."""
 
-    params: list[ParamInfo]
+    name: str
+    shape: tuple[int, ...]
+    owner: str
+    rule: str
+
+
+@dataclass
+class ParamSetup:
+    """What `--wrt params` differentiates: the parameters, the objective, the targets.
+    modules: the module-level selection when the run has no operator graph."""
+
+    params: list[ParamTarget]
     objective: Callable
     targets: DataSource | None
     outputs: int  # C: per-sample outputs of the objective (1 for a scalar)
+    modules: list[ParamInfo] | None = None
 
 
 @dataclass
@@ -62,7 +72,7 @@ class Prepared:
 
     settings: ComputeSettings
     inputs: Inputs
-    engine: JacobianEngine
+    engine: Engine
     plan: Plan
     param_setup: ParamSetup | None = None
 
@@ -77,10 +87,9 @@ def prepare(settings: ComputeSettings) -> Prepared:
     if "inputs" in s.wrt and not s.layers.include_layers and not s.layers.end_to_end:
         raise UsageError("nothing to compute: --no-layers and --no-end-to-end together")
     guard_output(s.output, s.model, s.data, s.params.targets)
-    inputs = load_inputs(s.model, s.data, s.run, s.layers)
-    engine = make_engine(s.layers, s.run, inputs.model, inputs.trace, len(inputs.data),
-                         inputs_wrt="inputs" in s.wrt)
-    setup = _param_setup(s, inputs) if "params" in s.wrt else None
+    inputs = load_inputs(s.model, s.data, s.run)
+    engine = make_engine(inputs, s.layers, s.run, inputs_wrt="inputs" in s.wrt)
+    setup = _param_setup(s, inputs, engine) if "params" in s.wrt else None
     budget, source = memory_budget(inputs.device, s.run.max_memory)
     plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
                      device=inputs.device, budget=budget, budget_source=source, store=s.store,
@@ -105,7 +114,7 @@ def _smaller_output(settings: ComputeSettings) -> list[str]:
     return options + ["--compression gzip", "`jaccli spectrum` (spectra, not Jacobians)"]
 
 
-def _param_setup(settings: ComputeSettings, inputs: Inputs) -> ParamSetup:
+def _param_setup(settings: ComputeSettings, inputs: Inputs, engine: Engine) -> ParamSetup:
     options = settings.params
     if options.loss is not None and options.targets is None:
         raise UsageError("--loss needs --targets FILE")
@@ -126,7 +135,28 @@ def _param_setup(settings: ComputeSettings, inputs: Inputs) -> ParamSetup:
     with torch.no_grad():
         value = fn(output, example_targets)
     outputs = 1 if value.ndim == 1 else value.shape[1]
-    return ParamSetup(select_params(inputs.model, options.patterns), fn, targets, outputs)
+    if isinstance(engine, GraphRun):
+        graph = engine.graph
+        chosen = select_parameters(graph, options.patterns)
+        order = {name: i for i, (name, _) in enumerate(inputs.model.named_parameters())}
+        params = [ParamTarget(q, tuple(graph.state[node][1].shape), _owner(inputs, q),
+                              "per-op rules")
+                  for q, node in sorted(chosen.items(), key=lambda c: order.get(c[0], 1e9))]
+        return ParamSetup(params, fn, targets, outputs)
+    modules = select_params(inputs.model, options.patterns)
+    params = [ParamTarget(p.name, p.shape, type(p.module).__name__,
+                          "outer product" if p.structured else "generic") for p in modules]
+    return ParamSetup(params, fn, targets, outputs, modules)
+
+
+def _owner(inputs: Inputs, qualified: str) -> str:
+    """The class of the module holding parameter `qualified`, when the module tree says."""
+    owner = qualified.rpartition(".")[0]
+    try:
+        module = inputs.model.get_submodule(owner) if owner else inputs.model
+    except AttributeError:
+        return "?"
+    return getattr(module, "original_name", None) or type(module).__name__
 
 
 def _param_entries(settings: ComputeSettings, setup: ParamSetup | None,
@@ -134,9 +164,8 @@ def _param_entries(settings: ComputeSettings, setup: ParamSetup | None,
     if setup is None:
         return []
     itemsize = torch.empty((), dtype=dtype).element_size()
-    entries = [PlanEntry(p.name, f"param of {type(p.module).__name__}", p.shape,
-                         (setup.outputs,), "outer product" if p.structured else "generic",
-                         "dense", "-" if p.structured else "rev",
+    entries = [PlanEntry(p.name, f"param of {p.owner}", p.shape, (setup.outputs,), p.rule,
+                         "dense", "rev" if p.rule == "generic" else "-",
                          setup.outputs * math.prod(p.shape) * itemsize, param_shape=p.shape)
                for p in setup.params]
     if settings.params.flatten:
@@ -173,8 +202,8 @@ def inspect_model(settings: ComputeSettings, input_shape: tuple[int, ...] | None
                      source)
     model = loaded.module.to(device=device, dtype=dtype).requires_grad_(False)
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
-    trace = trace_model(settings.layers, loaded, model, example)
-    engine = make_engine(settings.layers, settings.run, model, trace, n_samples)
+    inputs = Inputs(settings.model, loaded, None, model, device, dtype, example)
+    engine = make_engine(inputs, settings.layers, settings.run, n_samples=n_samples)
     return make_plan(engine, n_samples=n_samples, dtype=dtype, device=device, budget=2**62,
                      budget_source="not applied by inspect", store=settings.store,
                      batch_size=settings.run.batch_size or 1)
@@ -198,8 +227,6 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
     p = prepared or prepare(settings)
     plan, inputs, output = p.plan, p.inputs, settings.output
     data = inputs.data
-    recorder = (ForwardRecorder(inputs.model, inputs.loaded.hookable, inputs.trace.positions)
-                if p.engine.needs_records else None)
     norms = {e.name: np.full(len(data), np.nan) for e in plan.entries}
     seconds = dict.fromkeys(norms, 0.0)
     layers = settings.layers
@@ -208,7 +235,7 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
         attrs=provenance(settings.command_line, inputs, tf32=bool(
             settings.run.tf32 and inputs.device.type == "cuda"), store=settings.store,
             granularity=layers.granularity if layers.include_layers else "",
-            chain=plan.chain),
+            chain=plan.chain, engine=plan.engine, engine_note=plan.engine_note),
         compression=output.compression, compression_level=output.compression_level)
         if output.path is not None else nullcontext())
     batching = _Batching(plan.batch_size)
@@ -217,7 +244,7 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
                           np.float64 if inputs.dtype == torch.float64 else np.float32)
         try:
             for start, x in _batches(data, batching, inputs):
-                for part in _compute_batch(p, recorder, start, x, batching):
+                for part in _compute_batch(p, start, x, batching):
                     part_start, count, results, spent = part
                     for name, value in spent.items():
                         seconds[name] += value
@@ -239,7 +266,7 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
         model=str(settings.model.path), model_format=inputs.loaded.source,
         data=str(settings.data.path), n_samples=len(data), device=plan.device,
         dtype=plan.dtype, granularity=layers.granularity, batch_size=batching.size,
-        chain=plan.chain, entries=entries,
+        chain=plan.chain, entries=entries, engine=plan.engine,
         skipped=[{"name": s.name, "type": s.type_name, "reason": s.skip_reason or ""}
                  for s in plan.skipped],
         output=str(output.path) if output.path else None,
@@ -257,7 +284,7 @@ def _batches(data: DataSource, batching: _Batching, inputs: Inputs
         start = stop
 
 
-def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x: torch.Tensor,
+def _compute_batch(p: Prepared, start: int, x: torch.Tensor,
                    batching: _Batching
                    ) -> Iterator[tuple[int, int, dict[str, Structured], dict[str, float]]]:
     """Yield `(start, count, Jacobians, seconds)` for the batch `x` (B, *in_shape).
@@ -265,22 +292,15 @@ def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x:
     When memory runs out, the batch is halved (for the rest of the run too) and retried.
     """
     try:
-        begin = time.perf_counter()
-        records = {}
-        if recorder is not None:
-            _, calls = run_model(recorder, x)
-            records = {r.site: r for r in calls}
-        forward = time.perf_counter() - begin
-        results = p.engine.compute(x, records, chunk_size=p.plan.chunk_size)
-        spent = dict(p.engine.last_seconds)
+        results = p.engine.compute(x, chunk_size=p.plan.chunk_size) if p.engine.entries \
+            else {}
+        spent = {name: p.engine.last_seconds.get(name, 0.0) for name in results}
         if p.param_setup is not None:
             begin = time.perf_counter()
             params = _param_batch(p, start, x)
             each = (time.perf_counter() - begin) / len(params)
             results |= params
             spent |= dict.fromkeys(params, each)
-        # The one forward pass is shared by all entries: charge it to them equally.
-        spent = {name: seconds + forward / len(results) for name, seconds in spent.items()}
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
@@ -295,8 +315,8 @@ def _compute_batch(p: Prepared, recorder: ForwardRecorder | None, start: int, x:
         torch.cuda.empty_cache()
     half = x.shape[0] // 2
     batching.size = min(batching.size, half)
-    yield from _compute_batch(p, recorder, start, x[:half], batching)
-    yield from _compute_batch(p, recorder, start + half, x[half:], batching)
+    yield from _compute_batch(p, start, x[:half], batching)
+    yield from _compute_batch(p, start + half, x[half:], batching)
 
 
 def _param_batch(p: Prepared, start: int, x: torch.Tensor) -> dict[str, Structured]:
@@ -306,9 +326,14 @@ def _param_batch(p: Prepared, start: int, x: torch.Tensor) -> dict[str, Structur
     if setup.targets is not None:
         targets = torch.from_numpy(np.array(setup.targets.read(start, start + x.shape[0])))
         targets = targets.to(x.device)
-    jacobians = param_jacobians(p.inputs.model, x, setup.objective, targets, setup.params)
-    result = {name: Matrix(jac.reshape(x.shape[0], setup.outputs, -1))
-              for name, jac in jacobians.items()}
+    if setup.modules is None:
+        jacobians = p.engine.engine.param_jacobians(x, setup.objective,
+                                                    [q.name for q in setup.params], targets)
+    else:
+        jacobians = param_jacobians(p.inputs.model, x, setup.objective, targets,
+                                    setup.modules)
+    result = {p.name: Matrix(jacobians[p.name].reshape(x.shape[0], setup.outputs, -1))
+              for p in setup.params}
     if p.settings.params.flatten:  # one (B, C, D) matrix over all selected parameters
         result[FLATTENED] = Matrix(torch.cat([m.matrix for m in result.values()], dim=2))
     return result

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..io.models import ModelFormat
 from ..io.results.writer import ResultsWriter
 from ..params.hessian import (
     HessianSpectrum,
@@ -22,6 +23,7 @@ from ..params.jacobians import select_params
 from ..params.objectives import check_targets, per_sample_loss
 from ..reports.stats import aggregate
 from ..settings import HessianSettings
+from ..tracing.recorder import first_tensor
 from .common import (
     check_independence,
     guard_output,
@@ -41,9 +43,16 @@ def run_hessian(settings: HessianSettings) -> dict:
     inputs = load_inputs(settings.model, settings.data, settings.run)
     n = len(inputs.data)
     targets_source = load_targets(settings.targets, settings.targets_key, settings.data, n)
-    check_targets(settings.loss, targets_source.read(0, n), inputs.trace.output_shape)
+    with torch.no_grad():
+        output_shape = tuple(first_tensor(inputs.model(inputs.example[:1])).shape[1:])
+    check_targets(settings.loss, targets_source.read(0, n), output_shape)
+    if settings.wrt == "params" and inputs.loaded.format is ModelFormat.TORCHSCRIPT:
+        raise UsageError("hessian --wrt params needs a model torch.func can call with other "
+                         "parameters, which TorchScript cannot do; give the weights as a "
+                         "state_dict with --arch, or a torch.export (.pt2) archive")
     loss = per_sample_loss(settings.loss)
-    batch = product_batch_size(settings.run, inputs)
+    d_in = math.prod(inputs.data.sample_shape)
+    batch = product_batch_size(settings.run, inputs, d_in, math.prod(output_shape))
     check_independence(inputs, batch)
     x_all = to_tensor(inputs.data.read(0, n), inputs.device, inputs.dtype) \
         if settings.wrt == "inputs" else None  # the samples themselves are small
@@ -65,7 +74,7 @@ def run_hessian(settings: HessianSettings) -> dict:
                                     device=inputs.device, which=settings.which,
                                     density_probes=8 if settings.density else 0)
     else:  # one Hessian per sample: batch by batch, to bound memory
-        dim = math.prod(inputs.trace.input_shape)
+        dim = d_in
         parts = []
         for start in range(0, n, batch):
             stop = min(start + batch, n)

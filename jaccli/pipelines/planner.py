@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ..engine.engine import END_TO_END, JacobianEngine
 from ..engine.generic import verification_cost
 from ..errors import OutOfMemoryError, OutputError
 from ..io.results.encodings import stored_bytes
 from ..io.results.output_guard import free_space, output_cap
 from ..tracing.layers import Layer
 from ..units import format_bytes
+from .engines import Engine
 
 # A batch holds each per-sample Jacobian about three times over: as computed, as an
 # intermediate of a product or a copy, and as the host array being written.
@@ -28,11 +28,12 @@ GENERIC_ACTIVATIONS = 4
 
 @dataclass
 class PlanEntry:
-    """One Jacobian to compute: a layer's, or the model's end-to-end one (`layer` None).
+    """One Jacobian to compute: a layer's, the model's end-to-end one, or a parameter's.
 
     input_shape / output_shape: per-sample; the dense Jacobian is `(N, D_out, D_in)`.
-    structure: its exact compact form (docs/FORMAT.md); rule: how each module is handled.
+    structure: its exact compact form (docs/FORMAT.md); rule: how it is differentiated.
     bytes_per_sample: stored bytes per sample; shared_bytes: stored once for all samples.
+    members: the module names it spans; note: what else to know (several inputs, ...).
     """
 
     name: str
@@ -44,8 +45,10 @@ class PlanEntry:
     mode: str
     bytes_per_sample: int
     shared_bytes: int = 0
-    layer: Layer | None = None
     param_shape: tuple[int, ...] | None = None  # set for a parameter Jacobian
+    entry_kind: str = "layer"
+    members: tuple[str, ...] = ()
+    note: str = ""
 
     @property
     def d_in(self) -> int:
@@ -57,9 +60,7 @@ class PlanEntry:
 
     @property
     def kind(self) -> str:
-        if self.param_shape is not None:
-            return "param"
-        return "end_to_end" if self.layer is None else "layer"
+        return "param" if self.param_shape is not None else self.entry_kind
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Plan:
     chain_costs: dict[str, float] | None = None
     chunk_size: int | None = None
     disk: DiskCheck | None = None  # set when an output file is planned
+    engine: str = ""  # which engine (graph capture path, or hooks)
+    engine_note: str = ""  # why
 
     @property
     def bytes_per_sample(self) -> int:
@@ -106,11 +109,13 @@ class Plan:
             "n_batches": -(-self.n_samples // self.batch_size),
             "memory_budget_bytes": self.budget, "memory_budget_source": self.budget_source,
             "device": self.device, "dtype": self.dtype, "chain": self.chain, "store": self.store,
+            "engine": self.engine, "engine_note": self.engine_note,
             "generic_chunk_size": self.chunk_size,
             "bytes_per_sample": self.bytes_per_sample, "output_bytes": self.output_bytes,
             "end_to_end_chain_cost": self.chain_costs,
             "verification_cost": self.verification_cost,
             "entries": [{"name": e.name, "kind": e.kind, "type": e.type_name, "rule": e.rule,
+                         "note": e.note, "modules": list(e.members),
                          "structure": e.structure, "mode": e.mode,
                          "input_shape": list(e.input_shape), "output_shape": list(e.output_shape),
                          "d_in": e.d_in, "d_out": e.d_out,
@@ -152,41 +157,18 @@ def check_disk(plan: Plan, output: Path, *, max_output: int | None, compressed: 
     return check
 
 
-def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
+def make_plan(engine: Engine, *, n_samples: int, dtype: torch.dtype,
               device: torch.device, budget: int, budget_source: str, store: str = "compact",
               batch_size: int | None = None, extra: list[PlanEntry] | None = None,
               names: set[str] | None = None) -> Plan:
     """Plan a run of `engine` (plus `extra` entries, e.g. parameter Jacobians) over
     `n_samples` samples within `budget` bytes; `names` restricts it to those entries."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    trace = engine.trace
-    entries = []
-    for layer in engine.layers:
-        plans = engine.site_plans[layer.name]
-        structure = engine.structure(layer)
-        modes = {p.mode for p in plans if p.mode}
-        entries.append(PlanEntry(
-            layer.name, layer.type_name, layer.input_shape, layer.output_shape,
-            "+".join(p.rule_name for p in plans), structure, "/".join(sorted(modes)) or "-",
-            *stored_bytes(structure, layer.d_out, layer.d_in, itemsize, store), layer=layer))
-    chain_costs = None
-    if engine.end_to_end:
-        d_in, d_out = math.prod(trace.input_shape), math.prod(trace.output_shape)
-        structure = engine.end_to_end_structure
-        if engine.chain_plan is not None:
-            rule, mode = "chain product", "-"
-            chain_costs = {"chosen": engine.chain_plan.cost,
-                           "forward": engine.chain_plan.forward_cost,
-                           "reverse": engine.chain_plan.reverse_cost}
-        elif engine.e2e_from_chain:
-            rule = engine.end_to_end_method
-            mode = "rev" if rule.startswith("reverse") else "fwd"
-        else:
-            rule, mode = "generic", engine.mode if engine.mode != "auto" else (
-                "fwd" if d_in < d_out else "rev")
-        entries.append(PlanEntry(END_TO_END, "model", trace.input_shape, trace.output_shape,
-                                 rule, structure, mode,
-                                 *stored_bytes(structure, d_out, d_in, itemsize, store)))
+    entries = [PlanEntry(e.name, e.type_name, e.input_shape, e.output_shape, e.rule,
+                         e.structure, e.mode,
+                         *stored_bytes(e.structure, e.d_out, e.d_in, itemsize, store),
+                         entry_kind=e.kind, members=e.members, note=e.note)
+               for e in engine.entries]
     entries += extra or []
     if names is not None:
         entries = [e for e in entries if e.name in names]
@@ -206,8 +188,9 @@ def make_plan(engine: JacobianEngine, *, n_samples: int, dtype: torch.dtype,
     batch_size = max(1, min(batch_size, n_samples))
     chunk_size = _generic_chunk_size(entries, batch_size, itemsize, budget)
     return Plan(entries, n_samples, batch_size, budget, budget_source, str(device),
-                str(dtype).removeprefix("torch."), trace.chain, store,
-                list(trace.skipped), chain_costs, chunk_size)
+                str(dtype).removeprefix("torch."), engine.chain, store,
+                list(engine.skipped), engine.chain_costs, chunk_size, engine=engine.path,
+                engine_note=engine.note)
 
 
 def _generic_chunk_size(entries: list[PlanEntry], batch_size: int, itemsize: int,

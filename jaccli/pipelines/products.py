@@ -8,15 +8,14 @@ import time
 import numpy as np
 import torch
 
-from ..engine.engine import JacobianEngine
 from ..errors import ShapeMismatchError, UsageError
 from ..io.data import load_data
+from ..io.models import ModelFormat
 from ..io.results.writer import ResultsWriter
 from ..params.jacobians import param_jvp, param_vjp, select_params
 from ..params.objectives import objective
 from ..reports.stats import aggregate
-from ..settings import ProductSettings
-from ..tracing.recorder import ForwardRecorder, run_model
+from ..settings import LayerSelection, ProductSettings
 from .common import (
     Inputs,
     check_independence,
@@ -27,6 +26,7 @@ from .common import (
     provenance,
     to_tensor,
 )
+from .engines import END_TO_END, Engine, GraphRun, make_engine
 
 
 def run_products(settings: ProductSettings) -> dict:
@@ -38,30 +38,35 @@ def run_products(settings: ProductSettings) -> dict:
     inputs = load_inputs(s.model, s.data, s.run)
     n = len(inputs.data)
     started = time.perf_counter()
-    engine = layer = None
-    if s.wrt == "inputs":
-        engine, layer = _operator_engine(s, inputs)
-    params = select_params(inputs.model, s.params) if s.wrt == "params" else None
+    engine = make_engine(inputs, LayerSelection(end_to_end=s.layer is None), s.run)
+    name = _entry_name(s, engine)
+    entry = next((e for e in engine.entries if e.name == name), None) if name else None
+    params = _params(s, inputs, engine) if s.wrt == "params" else None
     vectors = _vectors(s, n)
-    batch = product_batch_size(s.run, inputs)
+    d_in, d_out = (entry.d_in, entry.d_out) if entry else (
+        math.prod(engine.input_shape), math.prod(engine.output_shape))
+    batch = product_batch_size(s.run, inputs, d_in, d_out)
     check_independence(inputs, batch)
     products = []
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         x = to_tensor(inputs.data.read(start, stop), inputs.device, inputs.dtype)
         v = vectors[start:stop] if vectors.shape[0] == n else vectors
-        products.append(_product(s, inputs, engine, layer, params, x, v).detach().cpu())
+        product = (_param_product(s, inputs, engine, params, x, v) if params is not None
+                   else _input_product(s, engine, entry, x, v))
+        products.append(product.detach().cpu())
     result = torch.cat(products).to(torch.float64).numpy()
     norms = np.linalg.norm(result.reshape(n, -1), axis=1)
     summary = {"schema": "jaccli/products-summary", "schema_version": 1,
                "command": s.direction, "wrt": s.wrt, "layer": s.layer or (
-                   "(end-to-end)" if s.wrt == "inputs" else "parameters"),
+                   END_TO_END if s.wrt == "inputs" else "parameters"),
                "model": str(s.model.path), "data": str(s.data.path), "n_samples": n,
                "shape": list(result.shape), "norm": aggregate(norms), "output": None,
-               "seconds": time.perf_counter() - started}
+               "engine": engine.path, "seconds": time.perf_counter() - started}
     if s.output.path is not None:
         with ResultsWriter(s.output.path, kind="products", sample_index=inputs.data.indices,
-                           attrs=provenance(s.command_line, inputs)) as writer:
+                           attrs=provenance(s.command_line, inputs, engine=engine.path)
+                           ) as writer:
             group = writer.create_group("product", parent="products", attrs={
                 "direction": s.direction, "wrt": s.wrt, "layer": summary["layer"]})
             group.create_dataset("product", data=result.astype(
@@ -72,19 +77,31 @@ def run_products(settings: ProductSettings) -> dict:
     return summary
 
 
-def _operator_engine(settings: ProductSettings, inputs: Inputs):
-    trace = inputs.trace
-    layer = None
-    if settings.layer is not None:
-        matches = [c for c in trace.all_layers if c.name == settings.layer]
-        if not matches:
-            raise UsageError(f"--layer {settings.layer} is not a layer; layers: "
-                             f"{', '.join(c.name for c in trace.all_layers)}")
-        layer = matches[0]
-    engine = JacobianEngine(inputs.model, trace, layers=[layer] if layer else [],
-                            end_to_end=layer is None, n_samples=len(inputs.data),
-                            mode=settings.run.mode)
-    return engine, layer
+def _entry_name(settings: ProductSettings, engine: Engine) -> str | None:
+    """The entry whose Jacobian is multiplied: `--layer`, or the end-to-end one."""
+    if settings.wrt == "params":
+        return None
+    if settings.layer is None:
+        return END_TO_END
+    names = [e.name for e in engine.entries if e.kind == "layer"]
+    if settings.layer not in names:
+        raise UsageError(f"--layer {settings.layer} is not a layer; layers: "
+                         f"{', '.join(names)}")
+    return settings.layer
+
+
+def _params(settings: ProductSettings, inputs: Inputs, engine: Engine):
+    """The selected parameters: graph names for a TorchScript model (torch.func cannot call
+    it), module parameters otherwise."""
+    if inputs.loaded.format is ModelFormat.TORCHSCRIPT:
+        if not isinstance(engine, GraphRun):
+            raise UsageError("--wrt params of a TorchScript model needs its operator graph, "
+                             f"and {engine.note}")
+        from ..graph.params import select_parameters
+
+        chosen = select_parameters(engine.graph, settings.params)
+        return [(q, tuple(engine.graph.state[node][1].shape)) for q, node in chosen.items()]
+    return select_params(inputs.model, settings.params)
 
 
 def _vectors(settings: ProductSettings, n: int) -> torch.Tensor:
@@ -105,35 +122,44 @@ def _vectors(settings: ProductSettings, n: int) -> torch.Tensor:
     return torch.from_numpy(array.reshape(n, -1))
 
 
-def _product(settings: ProductSettings, inputs, engine, layer, params, x, v) -> torch.Tensor:
+def _input_product(settings: ProductSettings, engine: Engine, entry, x, v) -> torch.Tensor:
     b = x.shape[0]
     v = v.to(device=x.device, dtype=x.dtype)
-    if params is not None:
-        fn = objective()
-        if settings.direction == "jvp":
-            sizes = [math.prod(p.shape) for p in params]
-            flat = v.reshape(-1)
-            if flat.numel() != sum(sizes):
-                raise ShapeMismatchError(f"--vectors has {flat.numel()} entries; the selected "
-                                         f"parameters have {sum(sizes)}")
-            tangents = {p.name: part.reshape(p.shape)
-                        for p, part in zip(params, torch.split(flat, sizes), strict=True)}
-            return param_jvp(inputs.model, x, fn, tangents)
-        u = v.expand(b, -1) if v.shape[0] == 1 else v
-        grads = param_vjp(inputs.model, x, fn, u, params=params)
-        return torch.cat([g.reshape(b, -1) for g in grads.values()], dim=1)
-    recorder = ForwardRecorder(inputs.model, inputs.loaded.hookable, inputs.trace.positions)
-    _, calls = run_model(recorder, x)
-    records = {r.site: r for r in calls}
-    apply_j, apply_jt = (engine.layer_operator(layer, records) if layer is not None
-                         else engine.end_to_end_operator(x, records))
-    d_in = layer.d_in if layer else math.prod(inputs.trace.input_shape)
-    d_out = layer.d_out if layer else math.prod(inputs.trace.output_shape)
-    expected = d_in if settings.direction == "jvp" else d_out
+    expected = entry.d_in if settings.direction == "jvp" else entry.d_out
     if v.shape[-1] != expected:
         raise ShapeMismatchError(f"--vectors have {v.shape[-1]} entries per sample; "
                                  f"{settings.direction} needs {expected}")
+    apply_j, apply_jt = engine.operator(entry.name, x)
     block = (v.expand(b, -1) if v.shape[0] == 1 else v)[:, :, None]
     return (apply_j if settings.direction == "jvp" else apply_jt)(block)[:, :, 0]
 
 
+def _param_product(settings: ProductSettings, inputs: Inputs, engine: Engine, params, x, v
+                   ) -> torch.Tensor:
+    """Parameter tangents (jvp) or output cotangents (vjp), per sample. A TorchScript model
+    goes through its operator graph (for jvp: its per-sample parameter Jacobians, contracted)."""
+    b = x.shape[0]
+    v = v.to(device=x.device, dtype=x.dtype)
+    shapes = [tuple(p.shape) if hasattr(p, "shape") else p[1] for p in params]
+    names = [p.name if hasattr(p, "name") else p[0] for p in params]
+    sizes = [math.prod(s) for s in shapes]
+    graph_only = inputs.loaded.format is ModelFormat.TORCHSCRIPT
+    if settings.direction == "jvp":
+        flat = v.reshape(-1)
+        if flat.numel() != sum(sizes):
+            raise ShapeMismatchError(f"--vectors has {flat.numel()} entries; the selected "
+                                     f"parameters have {sum(sizes)}")
+        tangents = dict(zip(names, torch.split(flat, sizes), strict=True))
+        if graph_only:
+            jac = engine.engine.param_jacobians(x, None, names)
+            return sum(jac[q].reshape(b, jac[q].shape[1], -1) @ t for q, t in tangents.items())
+        return param_jvp(inputs.model, x, objective(), {
+            q: t.reshape(s) for (q, t), s in zip(tangents.items(), shapes, strict=True)})
+    u = v.expand(b, -1) if v.shape[0] == 1 else v
+    if graph_only:
+        jac = engine.engine.param_jacobians(x, None, names)
+        grads = {q: torch.einsum("bc,bcp->bp", u, jac[q].reshape(b, u.shape[1], -1))
+                 for q in names}
+    else:
+        grads = param_vjp(inputs.model, x, objective(), u, params=params)
+    return torch.cat([g.reshape(b, -1) for g in grads.values()], dim=1)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..engine.structures import Structured
+from ..graph.storage import storable
 from ..io.results.background import BackgroundWriter
 from ..io.results.writer import ResultsWriter
 from .planner import Plan, PlanEntry
@@ -52,8 +53,8 @@ class ResultSink:
         self.norms[name][start:start + count] = frob
         if self.writer is None:
             return
-        encoding = "dense" if self.store == "dense" else jac.tag
-        tensors = {"jacobian": jac.dense(count)} if encoding == "dense" else jac.compact()
+        encoding, tensors = (("dense", {"jacobian": jac.dense(count)}) if self.store == "dense"
+                             else storable(jac, count))
         arrays = {key: _host(value, self.np_dtype) for key, value in tensors.items()}
         group = self.groups.get(name)
         if group is None:
@@ -69,7 +70,7 @@ class ResultSink:
         writer = self.writer
         group = writer.create_group(entry.name, parent=PARENTS[entry.kind], attrs={
             "type": entry.type_name, "param_shape": list(entry.param_shape or ()),
-            "modules": list(entry.layer.module_names) if entry.layer else [],
+            "modules": list(entry.members), "note": entry.note,
             "input_shape": list(entry.input_shape), "output_shape": list(entry.output_shape),
             "d_in": entry.d_in, "d_out": entry.d_out, "mode": entry.mode, "rule": entry.rule,
             "encoding": encoding})

@@ -3,13 +3,13 @@ size) -> engine -> spectra -> writer / summary."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..engine.engine import JacobianEngine
 from ..errors import UsageError
 from ..reports.spectrum_summary import SpectrumOutcome
 from ..settings import SpectrumSettings
@@ -18,16 +18,15 @@ from ..spectra.exact import Spectrum, exact_spectrum
 from ..spectra.lanczos import hutchinson_frobenius, top_singular_values
 from ..spectra.plan import SpectrumEntry, plan_spectra
 from ..spectra.quantities import all_quantities
-from ..tracing.recorder import ForwardRecorder, run_model
 from .common import (
     Inputs,
     check_independence,
     guard_output,
     load_inputs,
-    make_engine,
     provenance,
     to_tensor,
 )
+from .engines import Engine, make_engine
 from .planner import Plan, make_plan
 from .resources import memory_budget, tf32_mode
 from .spectrum_output import EntryResult, summarize, write_spectra
@@ -46,7 +45,7 @@ class SpectrumRun:
     settings: SpectrumSettings
     inputs: Inputs
     entries: list[SpectrumEntry]
-    engine: JacobianEngine
+    engine: Engine
     plan: Plan
     batch_size: int
 
@@ -57,13 +56,13 @@ def prepare_spectrum(settings: SpectrumSettings) -> SpectrumRun:
     if settings.top_k is not None and settings.top_k < 1:
         raise UsageError("--top-k must be at least 1")
     guard_output(settings.output, settings.model, settings.data)
-    inputs = load_inputs(settings.model, settings.data, settings.run, settings.layers)
+    inputs = load_inputs(settings.model, settings.data, settings.run)
     n = len(inputs.data)
     budget, source = memory_budget(inputs.device, settings.run.max_memory)
     itemsize = torch.empty((), dtype=inputs.dtype).element_size()
-    engine = make_engine(settings.layers, settings.run, inputs.model, inputs.trace, n)
-    entries = plan_spectra(engine, itemsize=itemsize, budget=budget, top_k=settings.top_k,
-                           exact=settings.exact)
+    engine = make_engine(inputs, settings.layers, settings.run)
+    entries = plan_spectra(engine.entries, itemsize=itemsize, budget=budget,
+                           top_k=settings.top_k, exact=settings.exact)
     structured = {e.name for e in entries if e.method == "structured"}
     plan = make_plan(engine, n_samples=n, dtype=inputs.dtype, device=inputs.device,
                      budget=budget, budget_source=source, store="compact",
@@ -82,57 +81,60 @@ def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun 
     started = time.perf_counter()
     run = run or prepare_spectrum(settings)
     inputs = run.inputs
-    data, trace = inputs.data, inputs.trace
+    data, engine = inputs.data, run.engine
     results = {e.name: EntryResult(e) for e in run.entries}
     structured = {e.name for e in run.entries if e.method == "structured"}
-    recorder = ForwardRecorder(inputs.model, inputs.loaded.hookable, inputs.trace.positions)
     cache: dict = {}
-    profile = (_Profile(run.engine) if settings.profile and trace.chain and trace.all_layers
-               else None)
+    layers = [e.name for e in engine.entries if e.kind == "layer"]
+    profile = (_Profile(engine, layers) if settings.profile and engine.chain and layers
+               and _all_layers(run) else None)
     with tf32_mode(settings.run.tf32):
         for start in range(0, len(data), run.batch_size):
             stop = min(start + run.batch_size, len(data))
             x = to_tensor(data.read(start, stop), inputs.device, inputs.dtype)
-            _, calls = run_model(recorder, x)
-            records = {r.site: r for r in calls}
-            jacobians = run.engine.compute(x, records, names=structured,
-                                           chunk_size=run.plan.chunk_size)
+            jacobians = engine.compute(x, names=structured, chunk_size=run.plan.chunk_size) \
+                if structured else {}
             for entry in run.entries:
                 begin = time.perf_counter()
-                spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, records,
-                                                       cache)
+                spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, cache)
                 results[entry.name].add(spectrum, quantities)
                 results[entry.name].seconds += time.perf_counter() - begin
             if profile is not None:
-                profile.add(x, records, budget=run.plan.budget)
+                profile.add(x, budget=run.plan.budget)
             if on_batch is not None:
                 on_batch(stop - start)
     profile_rows = profile.rows() if profile is not None else []
     summary, records, bounds = summarize(
         run.entries, results, profile_rows=profile_rows,
         profile_note=(profile.skipped if profile is not None
-                      else "" if trace.chain else "not a chain model: no cumulative Jacobians"),
-        chain=trace.chain, all_layers=len(trace.layers) == len(trace.all_layers),
+                      else "" if engine.chain else "not a chain model: no cumulative Jacobians"),
+        chain=engine.chain, all_layers=_all_layers(run),
         model=str(settings.model.path), data=str(settings.data.path),
         model_format=inputs.loaded.source, n_samples=len(data), device=run.plan.device,
         dtype=run.plan.dtype)
     if settings.output.path is not None:
         write_spectra(settings, summary, results, profile_rows, bounds, data.indices,
-                      provenance(settings.command_line, inputs, chain=trace.chain,
-                                 batch_size=run.batch_size))
+                      provenance(settings.command_line, inputs, chain=engine.chain,
+                                 batch_size=run.batch_size, engine=engine.path,
+                                 engine_note=engine.note))
         summary["output"] = str(settings.output.path)
     summary["seconds"] = time.perf_counter() - started
     return SpectrumOutcome(summary, records, data.indices, bounds)
 
 
-def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x, records,
+def _all_layers(run: SpectrumRun) -> bool:
+    """Whether every layer of the model is analysed (the chain bound needs them all)."""
+    return not run.settings.layers.patterns and run.settings.layers.include_layers
+
+
+def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
                     cache) -> tuple[Spectrum, dict[str, torch.Tensor]]:
     n = x.shape[0]
     settings = run.settings
     if entry.method == "fft":
-        module = entry.layer.modules[0]
+        module = entry.module
         if entry.name not in cache:
-            _, height, width = entry.layer.input_shape
+            _, height, width = entry.input_shape
             cache[entry.name] = conv2d_circular_singular_values(module.weight.to(x.dtype),
                                                                 height, width)[None]
         spectrum = Spectrum(cache[entry.name].expand(n, -1), True, "fft")
@@ -146,10 +148,7 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
             return Spectrum(values[:, :entry.k], False, spectrum.method, spectrum.note), \
                 quantities
         return _complete(spectrum, entry)
-    if entry.layer is not None:
-        apply_j, apply_jt = run.engine.layer_operator(entry.layer, records)
-    else:
-        apply_j, apply_jt = run.engine.end_to_end_operator(x, records)
+    apply_j, apply_jt = run.engine.operator(entry.name, x)
     result = top_singular_values(apply_j, apply_jt, n=n, d_in=entry.d_in, d_out=entry.d_out,
                                  k=entry.k, dtype=x.dtype, device=x.device, tol=settings.tol,
                                  max_steps=settings.max_steps)
@@ -174,25 +173,23 @@ def _complete(spectrum: Spectrum, entry: SpectrumEntry):
 class _Profile:
     """Dynamical-isometry profile: moments of σ² of the cumulative Jacobians J_{1:l}."""
 
-    def __init__(self, engine: JacobianEngine):
-        self.engine = engine
-        self.names = [layer.name for layer in engine.trace.all_layers]
-        self.sum_s2 = np.zeros(len(self.names))
-        self.sum_s4 = np.zeros(len(self.names))
-        self.count = np.zeros(len(self.names))
+    def __init__(self, engine: Engine, names: list[str]):
+        self.engine, self.names = engine, names
+        self.sum_s2 = np.zeros(len(names))
+        self.sum_s4 = np.zeros(len(names))
+        self.count = np.zeros(len(names))
         self.skipped = ""
 
-    def add(self, x, records, budget: int) -> None:
+    def add(self, x, budget: int) -> None:
         if self.skipped:
             return
-        d0 = self.engine.trace.all_layers[0].d_in
-        widest = max(layer.d_out for layer in self.engine.trace.all_layers)
-        need = 3 * x.shape[0] * widest * d0 * x.element_size()
+        widest = max(e.d_out for e in self.engine.entries if e.kind == "layer")
+        need = 3 * x.shape[0] * widest * math.prod(self.engine.input_shape) * x.element_size()
         if need > budget:
             self.skipped = (f"cumulative Jacobians need {need / 2**30:.1f} GiB per batch, over "
                             "the memory budget")
             return
-        for i, (_, block) in enumerate(self.engine.cumulative(x, records)):
+        for i, (_, block) in enumerate(self.engine.cumulative(x)):
             j = block.expand(x.shape[0], -1, -1)
             gram = j @ j.transpose(1, 2) if j.shape[1] <= j.shape[2] else \
                 j.transpose(1, 2) @ j

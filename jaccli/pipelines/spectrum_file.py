@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.structures import from_compact
 from ..errors import JaccliError, UsageError
+from ..graph.storage import from_compact
 from ..io.results import ResultGroup, Results
 from ..io.results.format import is_hdf5
 from ..reports.show import read_spectra

@@ -41,6 +41,7 @@ def _jacobians_summary(results: Results) -> Summary:
                    granularity=str(a.get("granularity", "")),
                    batch_size=int(a.get("batch_size", 0)), chain=bool(a.get("chain", False)),
                    entries=entries, output=str(results.path),
+                   engine=str(a.get("engine", "")),
                    output_bytes=results.path.stat().st_size,
                    seconds=float(a.get("seconds", 0.0)))
 

@@ -59,6 +59,7 @@ class Summary:
     output_bytes: int = 0
     seconds: float = 0.0
     command: str = "compute"
+    engine: str = ""  # which engine computed it (graph capture path, or hooks)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}

@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 
 from .lanczos import default_max_steps
-from .plan import SpectrumEntry
+from .plan import FACTORED, READ_OFF, SHARED_MAPS, SpectrumEntry
 
 _GEMM_SIZE = 384
 _DECOMPOSITION_SIZE = 160
@@ -61,19 +61,13 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
 def apply_cost(entry: SpectrumEntry) -> float:
     """Multiply-adds to apply one layer's Jacobian (or its transpose) to one vector: from the
     weights of a Linear or convolution, the size for elementwise maps, else dense."""
-    if entry.layer is None:
-        return float(entry.d_in) * entry.d_out
-    total = 0.0
-    for module in entry.layer.modules:
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
-            positions = entry.d_out // max(1, weight.shape[0])
-            total += weight.numel() * max(1, positions)
-        elif entry.structure in ("diagonal", "shared-diagonal", "selection"):
-            total += entry.d_out
-        else:
-            total += float(entry.d_in) * entry.d_out
-    return total
+    if entry.structure in READ_OFF:
+        return float(entry.d_out)
+    weight = getattr(entry.module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+        positions = entry.d_out // max(1, weight.shape[0])
+        return float(weight.numel() * max(1, positions))
+    return float(entry.d_in) * entry.d_out
 
 
 def predict_seconds(entry: SpectrumEntry, n_samples: int, rates: Rates, *,
@@ -83,16 +77,16 @@ def predict_seconds(entry: SpectrumEntry, n_samples: int, rates: Rates, *,
     m, n, r = entry.d_out, entry.d_in, min(entry.d_out, entry.d_in)
     structure = entry.structure
     if entry.method == "fft":
-        height_width = entry.d_in // max(1, entry.layer.modules[0].weight.shape[1])
-        c_out, c_in = entry.layer.modules[0].weight.shape[:2]
+        height_width = entry.d_in // max(1, entry.module.weight.shape[1])
+        c_out, c_in = entry.module.weight.shape[:2]
         return height_width * c_out * c_in * min(c_out, c_in) / rates.svd
     if entry.method == "lanczos":
         steps = min(max_steps or default_max_steps(entry.k, r), r)
         per_sample = steps * (2 * apply_cost(entry) / rates.gemm + steps * r / rates.gemm)
         return n_samples * per_sample
-    if structure in ("diagonal", "shared-diagonal", "selection"):
+    if structure in READ_OFF or structure in FACTORED:
         return n_samples * m * max(1.0, math.log2(max(m, 2))) / rates.gemm
-    if structure == "shared":
+    if structure in SHARED_MAPS:
         return m * n * r / rates.svd
     if structure == "row-scaled":
         small = min(m, n)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.structures import Diagonal, Matrix, RowScaled, Selection, Structured
+from ..engine.structures import Diagonal, RowScaled, Selection, Structured
 
 GRAM_NOTE = ("Gram matrix (float64): σ_i below σ_max·1e-7 lose relative accuracy "
              "(~1e-16·(σ_max/σ_i)²); pass --exact for svdvals of the dense matrices")
@@ -69,9 +69,15 @@ def exact_spectrum(jac: Structured, n: int, *, exact: bool = False,
         counts = torch.zeros(jac.batch, jac.n_in, dtype=jac.dtype, device=jac.index.device)
         counts.scatter_add_(1, jac.index, torch.ones_like(jac.index, dtype=jac.dtype))
         return Spectrum(_pad(_desc(counts.sqrt()), r), True, "selection")
-    if isinstance(jac, Matrix) and jac.shared:
+    if hasattr(jac, "singular_values"):  # identity, gather, Kronecker: from the structure
+        if not jac.shared:
+            return _flag(Spectrum(_pad(jac.singular_values(), r), True, jac.tag))
         if key not in cache:
-            cache[key] = _finite_only(torch.linalg.svdvals, jac.matrix, r)
+            cache[key] = _pad(jac.singular_values(), r)
+        return _flag(Spectrum(cache[key].expand(n, -1), True, jac.tag))
+    if getattr(jac, "shared", False):  # one matrix (or a map known by how it acts)
+        if key not in cache:
+            cache[key] = _finite_only(torch.linalg.svdvals, jac.dense(), r)
         return _flag(Spectrum(cache[key].expand(n, -1), True, "svd-shared"))
     if isinstance(jac, RowScaled) and not exact:
         return _flag(_row_scaled_gram(jac, r, cache, key))

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from ..engine.engine import JacobianEngine
-from ..tracing.layers import Layer
+from torch import nn
+
 from .conv_fft import fft_applicable
 
 DEFAULT_TOP_K = 10
 # Above this many multiply-adds, one shared SVD is left to the matrix-free path.
 MAX_SHARED_SVD_COST = 2e11
+# Structures whose singular values come from the structure itself (no decomposition, or
+# small factors' decompositions).
+READ_OFF = ("diagonal", "shared-diagonal", "selection", "identity", "gather", "shared-gather")
+FACTORED = ("kronecker", "shared-kronecker")
+SHARED_MAPS = ("shared", "shared-operator")
 
 
 @dataclass
@@ -21,7 +27,8 @@ class SpectrumEntry:
     method: "fft" (exact, circular convolutions), "structured" (exact, from the Jacobian's
         structure), or "lanczos" (matrix-free top-k with a Hutchinson Frobenius estimate).
     k: how many singular values are reported (`min(D_out, D_in)` when complete).
-    reason: why this method was chosen.
+    reason: why this method was chosen. module: the one module the Jacobian belongs to, when
+    it is a single module; input_shape: its per-sample input shape.
     """
 
     name: str
@@ -33,52 +40,45 @@ class SpectrumEntry:
     method: str
     k: int
     reason: str
-    layer: Layer | None = None
+    module: nn.Module | None = None
+    input_shape: tuple[int, ...] = ()
 
     @property
     def complete(self) -> bool:
         return self.method != "lanczos" and self.k == min(self.d_in, self.d_out)
 
 
-def plan_spectra(engine: JacobianEngine, *, itemsize: int, budget: int, top_k: int | None,
+def plan_spectra(entries: Sequence[Any], *, itemsize: int, budget: int, top_k: int | None,
                  exact: bool) -> list[SpectrumEntry]:
-    """One SpectrumEntry per layer of `engine` (and the end-to-end Jacobian): the method
-    that computes its spectrum for one sample within `budget` bytes. The batch size is chosen
-    afterwards so that a batch of the chosen methods fits."""
-    entries = []
-    targets: list[tuple[Layer | None, str]] = [(layer, engine.structure(layer))
-                                               for layer in engine.layers]
-    if engine.end_to_end:
-        targets.append((None, engine.end_to_end_structure))
-    for layer, structure in targets:
-        if layer is None:
-            d_in = math.prod(engine.trace.input_shape)
-            d_out = math.prod(engine.trace.output_shape)
-            name, kind, type_name = "(end-to-end)", "end_to_end", "model"
-        else:
-            d_in, d_out, name, kind, type_name = (layer.d_in, layer.d_out, layer.name, "layer",
-                                                  layer.type_name)
-        r = min(d_in, d_out)
-        method, reason = _choose(layer, structure, d_in, d_out, itemsize, budget, top_k, exact)
+    """One SpectrumEntry per planned Jacobian (anything with name, kind, type_name, d_in,
+    d_out, structure, module, input_shape): the method that computes its spectrum for one
+    sample within `budget` bytes. The batch size is chosen afterwards so that a batch of the
+    chosen methods fits."""
+    out = []
+    for e in entries:
+        r = min(e.d_in, e.d_out)
+        method, reason = _choose(e, itemsize, budget, top_k, exact)
         k = r if method != "lanczos" else min(top_k or DEFAULT_TOP_K, r)
         if top_k is not None and method != "lanczos":
             k = min(top_k, r)
-        entries.append(SpectrumEntry(name, kind, type_name, d_in, d_out, structure, method, k,
-                                     reason, layer))
-    return entries
+        out.append(SpectrumEntry(e.name, e.kind, e.type_name, e.d_in, e.d_out, e.structure,
+                                 method, k, reason, e.module, tuple(e.input_shape)))
+    return out
 
 
-def _choose(layer, structure, d_in, d_out, itemsize, budget, top_k, exact):
+def _choose(entry, itemsize: int, budget: int, top_k: int | None, exact: bool):
+    d_in, d_out, structure = entry.d_in, entry.d_out, entry.structure
     r, big = min(d_in, d_out), max(d_in, d_out)
-    if layer is not None and len(layer.modules) == 1 and fft_applicable(layer.modules[0],
-                                                                        layer.input_shape):
+    if entry.module is not None and fft_applicable(entry.module, tuple(entry.input_shape)):
         return "fft", "circular convolution: all singular values by FFT (Sedghi et al.)"
-    if structure in ("diagonal", "shared-diagonal", "selection"):
+    if structure in READ_OFF:
         return "structured", f"{structure}: singular values without a decomposition"
-    if structure == "shared":
+    if structure in FACTORED:
+        return "structured", f"{structure}: singular values of the small factors"
+    if structure in SHARED_MAPS:
         fits = 3 * d_in * d_out * itemsize <= budget and r * r * big <= MAX_SHARED_SVD_COST
         if fits:
-            return "structured", "shared: one SVD for all samples"
+            return "structured", "one shared matrix: one SVD for all samples"
         return "lanczos", "shared matrix too large to decompose within the memory budget"
     wants_top_k = top_k is not None and top_k < r / 4 and not exact
     if wants_top_k:

@@ -178,12 +178,12 @@ def test_an_infinite_condition_number_never_passes(tmp_path):
 
 def test_unconverged_lanczos_values_make_check_exit_5(tmp_path):
     spec = {"format": "jaccli-arch", "version": 1, "model": {"type": "Sequential", "children": [
-        {"type": "Linear", "args": [16, 16]}, {"type": "LayerNorm", "args": [16]}]}}
+        {"type": "Linear", "args": [4, 4]}, {"type": "Softmax", "kwargs": {"dim": 1}}]}}
     jaccli.save_model(jaccli.build_model(spec).eval(), spec, tmp_path / "m.safetensors")
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(3, 16)))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(3, 4, 4)))
     spectra = tmp_path / "s.h5"
-    # --top-k 2 sends the dense LayerNorm Jacobian to Lanczos; 2 Krylov vectors cannot
-    # resolve its top values.
+    # A softmax over the middle axis has no structured rule: its 16 x 16 Jacobian is dense,
+    # --top-k 2 sends it to Lanczos, and 2 Krylov vectors cannot resolve its top values.
     made = invoke("spectrum", tmp_path / "m.safetensors", tmp_path / "x.npy", "--top-k", "2",
                   "--max-steps", "2", "--layers", "1", "--no-end-to-end", "-o", spectra, "-q")
     assert made.exit_code == 0, made.output

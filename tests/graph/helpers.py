@@ -57,7 +57,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def call_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple]:
-    """Every module call's (module, args, kwargs), keyed `name` / `name@k` like jaccli's."""
+    """Every module call's (module, args, kwargs), keyed `name` (called once) or `name#k`
+    (the calls of a module called several times), like jaccli's."""
     calls: dict[str, tuple] = {}
     counts: dict[str, int] = {}
     handles = []
@@ -79,7 +80,13 @@ def call_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple]:
     finally:
         for h in handles:
             h.remove()
-    return calls
+    renamed = {}
+    for key, value in calls.items():
+        name = key.split("@")[0]
+        if counts.get(name, 1) > 1:
+            key = f"{name}#{key.split('@')[1] if '@' in key else 0}"
+        renamed[key] = value
+    return renamed
 
 
 def reference_layer(model: nn.Module, x: torch.Tensor, members: list[str],

@@ -49,7 +49,7 @@ def test_module_names_types_and_calls_come_from_the_model():
     frames = {f.call: f for n in graph.nodes.values() for f in n.stack}
     assert frames["layer1.0.conv1"].type == "Conv2d"
     assert frames["layer1.0"].type == "BasicBlock"
-    assert {"layer1.0.relu", "layer1.0.relu@1"} <= set(frames)  # one ReLU called twice
+    assert {"layer1.0.relu#0", "layer1.0.relu#1"} <= set(frames)  # one ReLU called twice
     params = set(graph.parameters())
     assert params == {k for k, _ in model.named_parameters()}
 

@@ -42,7 +42,7 @@ def test_a_module_called_twice_gives_two_layers():
     model, x, graph = _setup(SharedActivation(), 4)
     engine = GraphEngine(graph)
     names = [layer.name for layer in engine.layers]
-    assert names == ["inner.0", "inner.1.0", "act", "act@1", "out"]
+    assert names == ["inner.0", "inner.1.0", "act#0", "act#1", "out"]
     result = engine.compute(x)
     trace = Trace(graph, x)
     for layer in engine.layers:
@@ -78,9 +78,9 @@ def test_granularities_name_layers_after_modules_blocks_and_ops():
     graph = capture(model, torch.randn(1, *shape))
     blocks = {layer.name: layer.members for layer in GraphEngine(graph, granularity="block")
               .layers}
-    assert blocks["conv1"] == ["conv1", "bn1", "relu"]
-    assert blocks["layer1.0.conv2"] == ["layer1.0.conv2", "layer1.0.bn2"]  # then += identity
-    assert blocks["fc"] == ["fc"]
+    assert blocks["conv1+bn1+relu"] == ["conv1", "bn1", "relu"]
+    assert blocks["layer1.0.conv2+layer1.0.bn2"] == ["layer1.0.conv2", "layer1.0.bn2"]
+    assert blocks["fc"] == ["fc"]  # (conv2's block stops at bn2: then `+= identity`)
     ops = [layer.name for layer in GraphEngine(graph, granularity="op").layers]
     assert "layer1.0/add" in ops and "layer2.0/relu" in ops  # functional ops inside blocks
     assert "layer1.0.conv1/convolution" in ops and len(ops) == len(set(ops))
@@ -184,7 +184,7 @@ def test_routes_of_generic_ops_are_recorded():
 
 def test_call_inputs_numbers_calls_like_the_engine():
     model, x, _ = _setup(SharedActivation(), 4)
-    assert {"act", "act@1"} <= set(call_inputs(model, x))
+    assert {"act#0", "act#1"} <= set(call_inputs(model, x))
 
 
 @pytest.mark.parametrize("granularity", ["module", "block", "op"])

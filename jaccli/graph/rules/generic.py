@@ -4,8 +4,9 @@ Routes, tried in order: `vmap` over samples of `jacrev` or `jacfwd` (the cheaper
 when the op has fewer outputs than inputs), then the other, then a plain loop over samples
 with `torch.autograd.functional.jacobian`. The route taken is returned, because vmapped
 transforms are not always right: in torch 2.13 `vmap(jacrev)` through PReLU gives wrong
-numbers when the batch size equals D_out and fails otherwise. Keep every generic Jacobian
-going through `op_jacobian_generic`, so that it can be wrapped (e.g. to verify a route).
+numbers when the batch size equals D_out and fails otherwise: each vmapped route's result is
+checked on one sample against jvp/vjp probes run without vmap, and replaced by the next route
+when they disagree (the loop is the reference the probes come from).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import jacfwd, jacrev
 
+from ...engine.probes import probe_error, tolerance
+from ...errors import is_out_of_memory
+
 ROUTES = ("vmap-rev", "vmap-fwd", "loop")
+_GENERATOR = torch.Generator().manual_seed(0)  # which sample is checked: seeded
 
 
 def choose_mode(d_in: int, d_out: int) -> str:
@@ -43,9 +48,13 @@ def op_jacobian_generic(fn: Callable[..., tuple[torch.Tensor, ...]],
         transform = jacrev if route == "rev" else jacfwd
         try:
             jac = torch.vmap(transform(flat, argnums=wrt), in_dims=tuple(in_dims))(*args)
-            return jac.reshape(batch, -1, d_in), f"vmap-{route}"
-        except Exception:  # no batching rule, or an op forward mode cannot handle
+        except Exception as exc:  # no batching rule, or an op forward mode cannot handle
+            if is_out_of_memory(exc):
+                raise
             continue
+        jac = jac.reshape(batch, -1, d_in)
+        if _verified(flat, args, in_dims, wrt, jac):
+            return jac, f"vmap-{route}"
     rows = []
     for i in range(batch):
         sample = [a.select(d, i) for a, d in zip(args, in_dims, strict=True)]
@@ -56,6 +65,20 @@ def op_jacobian_generic(fn: Callable[..., tuple[torch.Tensor, ...]],
         rows.append(torch.autograd.functional.jacobian(of_wrt, sample[wrt])
                     .reshape(-1, d_in))
     return torch.stack(rows), "loop"
+
+
+def _verified(flat, args, in_dims, wrt: int, jac: torch.Tensor) -> bool:
+    """Whether a vmapped route's Jacobian agrees, for one sample drawn at random, with
+    jvp/vjp probes of that sample alone (no vmap): the check of `jaccli.engine.probes`."""
+    batch = jac.shape[0]
+    i = int(torch.randint(batch, (1,), generator=_GENERATOR))
+    sample = [a.select(d, i) for a, d in zip(args, in_dims, strict=True)]
+
+    def single(value: torch.Tensor) -> torch.Tensor:
+        return flat(*sample[:wrt], value, *sample[wrt + 1:])
+
+    result = probe_error(single, sample[wrt], (), jac[i], _GENERATOR)
+    return result.error <= tolerance(jac.dtype, jac.shape[2], jac.shape[1])
 
 
 def map_columns(fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor

@@ -10,6 +10,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,6 +39,8 @@ class LoadedModel:
     hookable: whether forward hooks fire on its submodules (False for TorchScript).
     module_types: qualified name -> layer type name, where the module object does not say
         (TorchScript and torch.export modules); other modules use their class name.
+    program / static_batch: for a .pt2 archive, its ExportedProgram and, when the batch was
+        not exported as dynamic, the one batch size `module` accepts.
     """
 
     module: nn.Module
@@ -47,6 +50,8 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
     hookable: bool = True
     module_types: dict[str, str] = field(default_factory=dict)
+    program: Any = None  # the torch.export program of a .pt2 archive, as saved
+    static_batch: int | None = None  # a program exported for this batch size only
 
     def type_name(self, qualified_name: str, module: nn.Module) -> str:
         if qualified_name in self.module_types:
@@ -132,21 +137,18 @@ def _load_export(path: Path, trust_pickle: bool) -> LoadedModel:
     user_inputs = set(program.graph_signature.user_inputs)
     shapes = [node.meta["val"].shape for node in program.graph.nodes
               if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta]
-    input_shape = None
+    input_shape, static_batch = None, None
     if len(shapes) == 1 and len(shapes[0]) >= 1:
         batch = shapes[0][0]
-        if isinstance(batch, int) and batch != 1:
-            raise ModelLoadError(
-                f"{path} was exported with a fixed batch size of {batch}; re-export with a "
-                "dynamic batch dimension: torch.export.export(model, (x,), "
-                "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+        static_batch = batch if isinstance(batch, int) else None
         input_shape = tuple(int(d) for d in shapes[0][1:])
     types = {}
     for node in program.graph.nodes:
         for qualified_name, type_path in node.meta.get("nn_module_stack", {}).values():
             types[qualified_name] = str(type_path).rsplit(".", 1)[-1]
     return LoadedModel(module, ModelFormat.EXPORT, "torch.export archive", path,
-                       input_shape=input_shape, module_types=types)
+                       input_shape=input_shape, module_types=types, program=program,
+                       static_batch=static_batch)
 
 
 def _load_safetensors(path: Path, arch: str | None, arch_path: str | Path | None) -> LoadedModel:

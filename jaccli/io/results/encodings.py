@@ -10,6 +10,9 @@ axis; shared datasets are stored once for all samples:
     diagonal         diagonal (N, D)
     row-scaled       row_scale (N, D_out), matrix (D_out, D_in) shared
     selection        selection (N, D_out) int64: the input each output copies
+    gather           gather_index (N, D_out) int64, gather_weight (N, D_out):
+                     row o holds gather_weight[o] at column gather_index[o], zeros elsewhere
+    shared-gather    gather_index (D_out,) int64, gather_weight (D_out,)      shared
 
 The writer, the reader, `spectrum` of a results file, `diff` and the planner all use this
 module (NumPy only, so reading results never imports torch).
@@ -126,6 +129,16 @@ def _selection(a, d_out, d_in, dtype):
     return out
 
 
+def _gather(a, d_out, d_in, dtype):
+    index = np.asarray(a["gather_index"], dtype=np.int64)
+    weight = np.asarray(a["gather_weight"], dtype=dtype)
+    if index.ndim == 1:  # shared
+        index, weight = index[None], weight[None]
+    out = np.zeros((len(index), d_out, d_in), dtype)
+    np.put_along_axis(out, index[:, :, None], weight[:, :, None], axis=2)
+    return out
+
+
 ENCODINGS: dict[str, Encoding] = {e.name: e for e in (
     Encoding("dense", (Field("jacobian", False, lambda o, i: (o, i)),), _dense),
     Encoding("shared", (Field("matrix", True, lambda o, i: (o, i)),), _shared),
@@ -136,7 +149,16 @@ ENCODINGS: dict[str, Encoding] = {e.name: e for e in (
                             Field("matrix", True, lambda o, i: (o, i))), _row_scaled),
     Encoding("selection", (Field("selection", False, lambda o, i: (o,), integer=True),),
              _selection),
+    Encoding("gather", (Field("gather_index", False, lambda o, i: (o,), integer=True),
+                        Field("gather_weight", False, lambda o, i: (o,))), _gather),
+    Encoding("shared-gather", (Field("gather_index", True, lambda o, i: (o,), integer=True),
+                               Field("gather_weight", True, lambda o, i: (o,))), _gather),
 )}
+# Structures stored in another structure's encoding: an identity as a diagonal of ones,
+# shared maps known only by how they act (or as Kronecker products) as their one matrix,
+# per-sample Kronecker products as dense matrices.
+STORED_AS = {"identity": "shared-diagonal", "shared-operator": "shared",
+             "shared-kronecker": "shared", "kronecker": "dense"}
 
 
 def encoding(name: str) -> Encoding:
@@ -150,7 +172,8 @@ def stored_bytes(structure: str, d_out: int, d_in: int, itemsize: int,
                  store: str = "compact") -> tuple[int, int]:
     """(bytes per sample, bytes shared by all samples) of one Jacobian on disk; a structure
     with no compact encoding, or `store="dense"`, is stored densely."""
-    name = structure if store == "compact" and structure in ENCODINGS else "dense"
+    name = STORED_AS.get(structure, structure)
+    name = name if store == "compact" and name in ENCODINGS else "dense"
     return ENCODINGS[name].stored_bytes(d_out, d_in, itemsize)
 
 
