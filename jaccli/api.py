@@ -16,7 +16,7 @@ from .engine.engine import END_TO_END, JacobianEngine
 from .engine.generic import per_sample_jacobian
 from .engine.structures import Structured
 from .io.models import LoadedModel
-from .tracing.layers import Layer, trace_layers
+from .tracing.layers import trace_layers
 from .tracing.recorder import ForwardRecorder, first_tensor, run_model
 
 
@@ -26,12 +26,34 @@ def _unwrap(model: nn.Module | LoadedModel) -> tuple[nn.Module, bool, object]:
     return model, True, None
 
 
-def list_layers(model: nn.Module | LoadedModel, x: torch.Tensor, *, granularity: str = "module",
-                layers: Sequence[str] | None = None) -> list[Layer]:
-    """The layers jaccli finds in `model` when run on `x` (shape (N, *in_shape))."""
+def _engine(model: nn.Module | LoadedModel, x: torch.Tensor, *, granularity: str = "module",
+            layers: Sequence[str] | None = None, end_to_end: bool = True,
+            include_layers: bool = True, mode: str = "auto"):
+    """The engine the CLI would use for `model` at `x`: the operator graph, else hooks."""
+    from .pipelines.engines import GraphRun, HookRun, capture_graph
+
     module, hookable, type_name = _unwrap(model)
-    return trace_layers(module, x, type_name=type_name, hookable=hookable,
-                        granularity=granularity, patterns=layers).layers
+    loaded = model if isinstance(model, LoadedModel) else None
+    target = loaded.program if loaded is not None and loaded.program is not None else module
+    graph, note = capture_graph(target, x, x.device, x.dtype)
+    if graph is not None:
+        scripted = isinstance(module, torch.jit.ScriptModule)
+        return GraphRun(graph, granularity=granularity, patterns=list(layers or []) or None,
+                        include_layers=include_layers, end_to_end=end_to_end,
+                        module=None if scripted else module, samples=x.shape[0])
+    trace = trace_layers(module, x, type_name=type_name, hookable=hookable,
+                         granularity=granularity, patterns=layers)
+    return HookRun(module, trace, hookable=hookable,
+                   layers=trace.layers if include_layers else [], end_to_end=end_to_end,
+                   n_samples=x.shape[0], strict=False, mode=mode, note=note)
+
+
+def list_layers(model: nn.Module | LoadedModel, x: torch.Tensor, *, granularity: str = "module",
+                layers: Sequence[str] | None = None) -> list:
+    """The layers jaccli finds in `model` when run on `x` (shape (N, *in_shape)), as planned
+    entries: `.name`, `.type_name`, `.input_shape`, `.output_shape`, `.rule`, `.structure`."""
+    engine = _engine(model, x, granularity=granularity, layers=layers, end_to_end=False)
+    return [e for e in engine.entries if e.kind == "layer"]
 
 
 def layer_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
@@ -41,24 +63,32 @@ def layer_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
     """Per-sample Jacobian of every layer's output w.r.t. its input, from one forward pass.
 
     x: `(N, *in_shape)`. Returns `{layer name: (N, D_out, D_in)}` in execution order, plus
-    `"(end-to-end)"`: `(N, D_out_model, D_in_model)` when `end_to_end` is true (formed from the
-    layer Jacobians when the layers are a chain). With `structured=True` the values are the
-    exact compact forms (`jaccli.engine.structures`) instead of dense tensors.
+    `"(end-to-end)"`: `(N, D_out_model, D_in_model)` when `end_to_end` is true (accumulated
+    through the model's graph from the layer Jacobians). With `structured=True` the values are
+    the exact compact forms (`jaccli.engine.structures`, `jaccli.graph.structures`) instead of
+    dense tensors. With `create_graph=True` they are differentiable w.r.t. the parameters
+    (computed on module hooks, whose rules keep the autograd graph).
     The model should be in eval mode (`load_model` does that).
     """
+    if not create_graph:
+        engine = _engine(model, x, granularity=granularity, layers=layers,
+                         end_to_end=end_to_end, mode=mode)
+        with torch.no_grad():
+            result = engine.compute(x)
+        if structured:
+            return result
+        return {name: jac.dense(x.shape[0]) for name, jac in result.items()}
     module, hookable, type_name = _unwrap(model)
     trace = trace_layers(module, x, type_name=type_name, hookable=hookable,
                          granularity=granularity, patterns=layers)
     engine = JacobianEngine(module, trace, layers=trace.layers, end_to_end=end_to_end,
                             n_samples=x.shape[0], mode=mode)
-    with nullcontext() if create_graph else torch.no_grad():
-        _, calls = run_model(ForwardRecorder(module, hookable, trace.positions), x)
-        if create_graph:  # the recorder copies inputs without their graph: re-attach them
-            calls = _with_graph(module, x, calls)
-        result = engine.compute(x, {r.site: r for r in calls})
-        if structured:
-            return result
-        return {name: jac.dense(x.shape[0]) for name, jac in result.items()}
+    _, calls = run_model(ForwardRecorder(module, hookable, trace.positions), x)
+    calls = _with_graph(module, x, calls)  # the recorder's copies carry no graph
+    result = engine.compute(x, {r.site: r for r in calls})
+    if structured:
+        return result
+    return {name: jac.dense(x.shape[0]) for name, jac in result.items()}
 
 
 def _with_graph(module: nn.Module, x: torch.Tensor, calls):
@@ -119,19 +149,12 @@ def param_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
                    select_params(module, params))
 
 
-def _operators(module: nn.Module, x: torch.Tensor, layer: str | None):
-    trace = trace_layers(module, x[:2])  # shapes and structure only: two samples suffice
-    chosen = [c for c in trace.all_layers if c.name == layer] if layer else []
-    if layer and not chosen:
-        raise KeyError(f"no layer {layer!r}; layers: "
-                       f"{', '.join(c.name for c in trace.all_layers)}")
-    engine = JacobianEngine(module, trace, layers=chosen, end_to_end=layer is None,
-                            n_samples=x.shape[0])
-    _, calls = run_model(ForwardRecorder(module, positions=trace.positions), x)
-    records = {r.site: r for r in calls}
-    if layer:
-        return engine.layer_operator(chosen[0], records)
-    return engine.end_to_end_operator(x, records)
+def _operators(model, x: torch.Tensor, layer: str | None):
+    engine = _engine(model, x, end_to_end=layer is None, include_layers=layer is not None)
+    names = [e.name for e in engine.entries if e.kind == "layer"]
+    if layer and layer not in names:
+        raise KeyError(f"no layer {layer!r}; layers: {', '.join(names)}")
+    return engine.operator(layer or END_TO_END, x)
 
 
 def jvp(model: nn.Module | LoadedModel, x: torch.Tensor, v, *, layer: str | None = None,
@@ -148,7 +171,7 @@ def jvp(model: nn.Module | LoadedModel, x: torch.Tensor, v, *, layer: str | None
         from .params.objectives import objective
 
         return param_jvp(module, x, objective(), v)
-    apply_j, _ = _operators(module, x, layer)
+    apply_j, _ = _operators(model, x, layer)
     return apply_j(v.reshape(x.shape[0], -1, 1).to(x.dtype))[:, :, 0]
 
 
@@ -165,7 +188,7 @@ def vjp(model: nn.Module | LoadedModel, x: torch.Tensor, u: torch.Tensor, *,
         from .params.objectives import objective
 
         return param_vjp(module, x, objective(), u)
-    _, apply_jt = _operators(module, x, layer)
+    _, apply_jt = _operators(model, x, layer)
     return apply_jt(u.reshape(x.shape[0], -1, 1).to(x.dtype))[:, :, 0]
 
 

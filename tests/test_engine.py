@@ -15,17 +15,18 @@ def _check_all_layers(model, x, granularity="module"):
     x = x.double()
     jacobians = jaccli.layer_jacobians(model, x, granularity=granularity, end_to_end=True)
     for layer in jaccli.list_layers(model, x, granularity=granularity):
+        modules = [model.get_submodule(call.split("#")[0]) for call in layer.members]
         calls = []
-        handle = layer.modules[0].register_forward_pre_hook(
+        handle = modules[0].register_forward_pre_hook(
             lambda m, a, calls=calls: calls.append(a[0].clone()))
         model(x)
         handle.remove()
-        first_site = layer.sites[0]
-        occurrence = int(first_site.split("#")[1]) if "#" in first_site else 0
+        first_call = layer.members[0]
+        occurrence = int(first_call.split("#")[1]) if "#" in first_call else 0
         layer_input = calls[occurrence]
 
-        def layer_fn(xb, layer=layer):
-            for module in layer.modules:
+        def layer_fn(xb, modules=modules):
+            for module in modules:
                 xb = module(xb)
             return xb
 
@@ -262,3 +263,29 @@ def test_block_operators_equal_dense_products():
         u = torch.randn(3, jac.shape[1], 5, dtype=torch.float64)
         torch.testing.assert_close(apply_j(v), jac @ v, msg=name)
         torch.testing.assert_close(apply_jt(u), jac.transpose(1, 2) @ u, msg=name)
+
+
+def test_hook_fallback_sees_in_place_changes_between_modules():
+    """`h *= 2` between two modules keeps the tensor, not its value: the module-hook path (the
+    fallback when no graph can be captured) must not chain the layer Jacobians then."""
+    from jaccli.pipelines.engines import HookRun
+    from jaccli.tracing.layers import trace_layers
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            h *= 2
+            return self.b(h)
+
+    model = Scaled().double().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    trace = trace_layers(model, x)
+    assert not trace.chain
+    run = HookRun(model, trace, hookable=True, layers=trace.layers, end_to_end=True,
+                  n_samples=4, strict=False, mode="auto", note="test")
+    torch.testing.assert_close(run.compute(x)["(end-to-end)"].dense(4),
+                               reference_jacobian(model, x))

@@ -126,7 +126,9 @@ def trace_layers(model: nn.Module, example: torch.Tensor, *, type_name: Callable
         layer = _make_layer(group, type_name)
         (skipped if layer.skip_reason else layers).append(layer)
     selected = select_layers(layers, patterns)
-    chain = _is_chain(groups, layers, recorder.last_input, output)
+    # An output changed in place before the next module read it (`h *= 2`, `out += x`)
+    # keeps its identity but not its value: the product of layer Jacobians would be wrong.
+    chain = _is_chain(groups, layers, recorder.last_input, output) and not recorder.mutated
     return Trace(selected, tuple(example.shape[1:]), tuple(output.shape[1:]), chain, skipped,
                  layers, positions)
 

@@ -121,6 +121,8 @@ class ForwardRecorder:
         self._records, self._counts = [], {}
         self.last_input = x
         self.running: list[str] = []  # leaf modules entered and not yet returned
+        self.mutated = False  # some module's output was changed in place before being read
+        self._versions: dict[int, int] = {}  # id(output) -> its version when produced
         if self.positions is None:
             output = self._run_tracking_input(x)
         else:
@@ -169,6 +171,9 @@ class ForwardRecorder:
         pending = self._pending.get(id(module), [])
         copied = pending.pop() if pending else None
         first = args[0] if args else None
+        produced = first_tensor(output)
+        if produced is not None:
+            self._versions[id(produced)] = produced._version
         self._records.append(CallRecord(
             site=str(occurrence), module_name=name, module=module,
             input=copied if isinstance(first, torch.Tensor) else None,
@@ -182,6 +187,9 @@ class ForwardRecorder:
         def pre_hook(module, args, kwargs):
             self.running.append(names[id(module)])
             first = args[0] if args else None
+            produced = self._versions.get(id(first))
+            if produced is not None and first._version != produced:
+                self.mutated = True  # changed in place between two modules
             copy = first.detach().clone() if isinstance(first, torch.Tensor) else None
             self._pending.setdefault(id(module), []).append(copy)
 
