@@ -112,12 +112,15 @@ class DataSelection:
 
 @dataclass
 class LayerSelection:
-    """Which Jacobians: the layers (by granularity and name globs) and the end-to-end one."""
+    """Which Jacobians: the layers (by granularity and name globs) and the end-to-end one;
+    output: which output of a model returning several (a name or an index; None: all of
+    them, flattened and concatenated)."""
 
     granularity: str = Granularity.module.value
     patterns: list[str] | None = None
     include_layers: bool = True
     end_to_end: bool = True
+    output: str | None = None
 
     def __post_init__(self):
         self.granularity = choice(Granularity, self.granularity, "--granularity")
@@ -187,7 +190,7 @@ _GROUP_OPTIONS: dict[str, tuple[type, dict[str, str]]] = {
                              "limit": "limit"}),
     "layers": (LayerSelection, {"granularity": "granularity", "layers": "patterns",
                                 "include_layers": "include_layers",
-                                "end_to_end": "end_to_end"}),
+                                "end_to_end": "end_to_end", "model_output": "output"}),
     "run": (RunOptions, {"device": "device", "dtype": "dtype", "batch_size": "batch_size",
                          "max_memory": "max_memory", "mode": "mode",
                          "strict_rules": "strict_rules", "tf32": "tf32"}),

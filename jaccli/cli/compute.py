@@ -24,6 +24,7 @@ from .options import (
     LayersOpt,
     LimitOpt,
     MaxMemoryOpt,
+    ModelOutputOpt,
     ModeOpt,
     NoLayersOpt,
     OffsetOpt,
@@ -51,6 +52,7 @@ def compute(
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
     no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
+    model_output: ModelOutputOpt = None,
     batch_size: BatchSizeOpt = None, max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32, mode: ModeOpt = Mode.auto,
     store: StoreOpt = Store.compact, strict_rules: StrictRulesOpt = False, tf32: Tf32Opt = False,
@@ -127,6 +129,7 @@ def inspect(
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
     no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
+    model_output: ModelOutputOpt = None,
     dtype: DtypeOpt = Dtype.float32, device: DeviceOpt = "cpu",
     max_memory: Annotated[str | None, typer.Option(
         "--max-memory", help="Memory budget for the one traced sample, e.g. 2GiB.")] = None,

@@ -50,6 +50,10 @@ NoLayersOpt = Annotated[bool, typer.Option(
 EndToEndOpt = Annotated[bool, typer.Option(
     "--end-to-end/--no-end-to-end", help="Also compute the model's input→output Jacobian.",
     rich_help_panel="Layers")]
+ModelOutputOpt = Annotated[str | None, typer.Option(
+    "--model-output", help="For a model returning several outputs (a tuple or dict): the "
+                           "one to differentiate, by name or index (default: all, flattened "
+                           "and concatenated).", rich_help_panel="Layers")]
 # Compute
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute precision.",
                                          rich_help_panel="Compute")]

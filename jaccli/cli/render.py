@@ -90,6 +90,9 @@ def render_table(summary: Summary, console: Console) -> None:
                   f"{summary.batch_size}); {where}", highlight=False)
     for s in summary.skipped:
         console.print(f"skipped {s['name']} ({s['type']}): {s['reason']}", highlight=False)
+    for e in summary.entries:
+        if e.note:
+            console.print(f"{e.name}: {e.note}", highlight=False)
 
 
 def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
@@ -137,6 +140,9 @@ def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
                       highlight=False)
     for s in plan_dict["skipped"]:
         console.print(f"skipped {s['name']} ({s['type']}): {s['reason']}", highlight=False)
+    for e in plan_dict["entries"]:
+        if e.get("note"):
+            console.print(f"{e['name']}: {e['note']}", highlight=False)
 
 
 def _shape(shape: list[int]) -> str:

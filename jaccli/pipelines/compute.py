@@ -261,7 +261,7 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
     entries = [EntrySummary.from_norms(name=e.name, kind=e.kind, type_name=e.type_name,
                                        d_in=e.d_in, d_out=e.d_out, frobenius=norms[e.name],
                                        seconds=seconds[e.name], structure=e.structure,
-                                       rule=e.rule) for e in plan.entries]
+                                       rule=e.rule, note=e.note) for e in plan.entries]
     return Summary(
         model=str(settings.model.path), model_format=inputs.loaded.source,
         data=str(settings.data.path), n_samples=len(data), device=plan.device,

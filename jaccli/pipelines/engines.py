@@ -113,6 +113,14 @@ class GraphRun(Engine):
         plan = self.engine.plan()
         rows = plan.layers + ([plan.end_to_end] if plan.end_to_end else [])
         self.entries = [_entry(row, module) for row in rows]
+        names = list(graph.outputs)
+        if len(names) > 1 and self.entries and self.entries[-1].kind == "end_to_end":
+            chosen = [n for n, node in graph.outputs.items() if node in self.engine.outputs]
+            self.entries[-1].note = (
+                f"the model returns {len(names)} outputs ({', '.join(names)}): "
+                + (f"output {chosen[0]} is differentiated" if len(chosen) == 1 else
+                   "all are differentiated, flattened and concatenated in order "
+                   "(choose one with --model-output)"))
         self.chain = self.engine.is_chain()
         self.chain_costs = self.engine.chain_costs() if end_to_end else None
         self.input_shape = graph.input_shape
@@ -300,10 +308,14 @@ def make_engine(inputs, layers: LayerSelection, run: RunOptions, *, inputs_wrt: 
         module = None if loaded.format is ModelFormat.TORCHSCRIPT else inputs.model
         engine = GraphRun(inputs.graph, granularity=layers.granularity,
                           patterns=layers.patterns, include_layers=include,
-                          end_to_end=end_to_end, output=output, module=module,
+                          end_to_end=end_to_end, output=_output(output or layers.output),
+                          module=module,
                           samples=n_samples or len(inputs.data))
         _apply_run_options(engine, run)
         return engine
+    if layers.output is not None:
+        raise UsageError(f"--model-output needs the operator graph, and "
+                         f"{inputs.capture_note}")
     if layers.granularity == "op":
         raise UsageError(f"--granularity op needs the operator graph, and "
                          f"{inputs.capture_note}; use module or block")
@@ -318,6 +330,11 @@ def make_engine(inputs, layers: LayerSelection, run: RunOptions, *, inputs_wrt: 
                    n_samples=n_samples or len(inputs.data), strict=run.strict_rules,
                    mode=run.mode,
                    note=f"{inputs.capture_note}; module hooks instead")
+
+
+def _output(name: str | int | None) -> str | int | None:
+    """`--model-output`: an index when it is a number, else a name."""
+    return int(name) if isinstance(name, str) and name.isdigit() else name
 
 
 def _apply_run_options(engine: GraphRun, run: RunOptions) -> None:

@@ -103,6 +103,9 @@ def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun 
                 profile.add(x, budget=run.plan.budget)
             if on_batch is not None:
                 on_batch(stop - start)
+    for e in engine.entries:  # what the engine says about an entry (outputs, inputs used)
+        if e.note and e.name in results:
+            results[e.name].note = "; ".join(filter(None, [results[e.name].note, e.note]))
     profile_rows = profile.rows() if profile is not None else []
     summary, records, bounds = summarize(
         run.entries, results, profile_rows=profile_rows,

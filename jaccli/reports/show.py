@@ -34,7 +34,8 @@ def _jacobians_summary(results: Results) -> Summary:
         name=g.name, kind=g.kind, type_name=g.type_name, d_in=int(g.attrs["d_in"]),
         d_out=int(g.attrs["d_out"]), frobenius=np.asarray(g["frobenius"]),
         seconds=float(g.attrs.get("seconds", 0.0)), structure=g.encoding,
-        rule=str(g.attrs.get("rule", ""))) for g in results.groups()]
+        rule=str(g.attrs.get("rule", "")), note=str(g.attrs.get("note", "")))
+        for g in results.groups()]
     return Summary(model=str(a.get("model_path", "")), model_format=str(a.get("model_format", "")),
                    data=str(a.get("data_path", "")), n_samples=results.n_samples,
                    device=str(a.get("device", "")), dtype=str(a.get("dtype", "")),

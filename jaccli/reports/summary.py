@@ -27,17 +27,18 @@ class EntrySummary:
     nonfinite_samples: int = 0
     structure: str = "dense"
     rule: str = ""
+    note: str = ""
 
     @classmethod
     def from_norms(cls, *, name: str, kind: str, type_name: str, d_in: int, d_out: int,
                    frobenius: np.ndarray, seconds: float, structure: str = "dense",
-                   rule: str = "") -> EntrySummary:
+                   rule: str = "", note: str = "") -> EntrySummary:
         """Statistics of per-sample Frobenius norms `frobenius`, shape (N,)."""
         finite = frobenius[np.isfinite(frobenius)]
         return cls(name, kind, type_name, d_in, d_out, [len(frobenius), d_out, d_in],
                    float(finite.mean()) if finite.size else float("nan"),
                    float(finite.max()) if finite.size else float("nan"),
-                   float(seconds), int(len(frobenius) - finite.size), structure, rule)
+                   float(seconds), int(len(frobenius) - finite.size), structure, rule, note)
 
 
 @dataclass
