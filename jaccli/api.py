@@ -30,7 +30,8 @@ def _engine(model: nn.Module | LoadedModel, x: torch.Tensor, *, granularity: str
             layers: Sequence[str] | None = None, end_to_end: bool = True,
             include_layers: bool = True, mode: str = "auto"):
     """The engine the CLI would use for `model` at `x`: the operator graph, else hooks."""
-    from .pipelines.engines import GraphRun, HookRun, capture_graph
+    from .pipelines.engines import GraphRun, capture_graph
+    from .pipelines.hook_engine import HookRun
 
     module, hookable, type_name = _unwrap(model)
     loaded = model if isinstance(model, LoadedModel) else None

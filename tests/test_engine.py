@@ -268,7 +268,7 @@ def test_block_operators_equal_dense_products():
 def test_hook_fallback_sees_in_place_changes_between_modules():
     """`h *= 2` between two modules keeps the tensor, not its value: the module-hook path (the
     fallback when no graph can be captured) must not chain the layer Jacobians then."""
-    from jaccli.pipelines.engines import HookRun
+    from jaccli.pipelines.hook_engine import HookRun
     from jaccli.tracing.layers import trace_layers
 
     class Scaled(nn.Module):

@@ -6,7 +6,8 @@ from torch import nn
 
 from jaccli.errors import OutOfMemoryError
 from jaccli.graph import capture
-from jaccli.pipelines.engines import GraphRun, HookRun
+from jaccli.pipelines.engines import GraphRun
+from jaccli.pipelines.hook_engine import HookRun
 from jaccli.pipelines.planner import make_plan
 from jaccli.tracing.layers import trace_layers
 
