@@ -1,0 +1,286 @@
+"""Deployable formats on the operator graph: `.pt2` and TorchScript against the eager module.
+
+Every run is a whole command in its own process (`jaccli compute|spectrum|check ...`, or the
+peer script), timed by wall clock, with its peak resident memory (ru_maxrss) — what a user of
+the CLI waits for and pays. Cases (`--cases`):
+
+- `parity`: the sample CNN and the 784→1000→1000→1000→10 tanh MLP, per-layer Jacobians from
+  an eager module (trusted pickle), `.pt2` and TorchScript; target: within 1.2× of eager.
+- `mlp-script`: the MLP from `.pt2`, 64 samples, per-layer Jacobians to HDF5, against a
+  15-line `vmap(jacrev)`-per-leaf + h5py script; target: ≥ 5× faster.
+- `mtcnn`: an O-Net-shaped face network (conv → PReLU → max-pool ×3, dense, three heads) from
+  `.pt2`, 16 samples: compute, spectrum and check; target: each under 30 s.
+- `resnet`: a ResNet-18-shaped network (BatchNorm in eval) at 3×64×64 from `.pt2`, 32
+  samples: per-layer top-5 singular values; target: under 2 minutes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import FORMAT_CASES, Case, Row, header, parse_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs one jaccli command in this process and reports its peak RSS on stderr's last line.
+_RUN_JACCLI = """
+import resource, sys
+from jaccli.cli import main
+code = 0
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code or 0
+print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(code)
+"""
+
+# The peer: what a user writes today — vmap(jacrev) of every leaf on its recorded input, h5py.
+_PEER_SCRIPT = """
+import resource, sys, h5py, torch
+from torch.func import jacrev, vmap
+model = torch.export.load(sys.argv[1]).module()
+import numpy as np
+x = torch.from_numpy(np.load(sys.argv[2]))
+inputs = {}
+leaves = {n: m for n, m in torch.load(sys.argv[4], weights_only=False).named_modules()
+          if not list(m.children())}
+eager = torch.load(sys.argv[4], weights_only=False).eval()
+hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
+         for n, m in eager.named_modules() if n in leaves]
+with torch.no_grad():
+    model(x)
+    eager(x)
+with h5py.File(sys.argv[3], "w") as f:
+    for name, m in eager.named_modules():
+        if name in inputs:
+            f[name] = vmap(jacrev(m))(inputs[name]).detach().numpy()
+print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def run(args: list[str], *, script: str = _RUN_JACCLI) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one command in a fresh process; fails loudly."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    lines = done.stderr.strip().splitlines()
+    if done.returncode not in (0, 1) or not lines or not lines[-1].startswith("MAXRSS"):
+        raise SystemExit(f"benchmark command failed ({done.returncode}): {' '.join(args)}\n"
+                         f"{done.stderr[-2000:]}")
+    if done.returncode == 1 and args[0] != "check":
+        raise SystemExit(f"jaccli {' '.join(args)} exited 1: {done.stderr[-2000:]}")
+    return seconds, int(lines[-1].split()[1]) * 1024
+
+
+def mlp() -> nn.Module:
+    widths = [784, 1000, 1000, 1000, 10]
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+class ONet(nn.Module):
+    """MTCNN O-Net shapes at 3×48×48: PReLU conv stack, a dense layer, three heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3), nn.PReLU(32), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(32, 64, 3), nn.PReLU(64), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(64, 64, 3), nn.PReLU(64), nn.MaxPool2d(2, 2, ceil_mode=True),
+            nn.Conv2d(64, 128, 2), nn.PReLU(128))
+        self.dense = nn.Linear(1152, 256)
+        self.prelu = nn.PReLU(256)
+        self.cls, self.box, self.landmarks = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(
+            256, 10)
+
+    def forward(self, x):
+        h = self.prelu(self.dense(self.features(x).flatten(1)))
+        return torch.softmax(self.cls(h), dim=1), self.box(h), self.landmarks(h)
+
+
+class Basic(nn.Module):
+    def __init__(self, c_in: int, c: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False),
+                                         nn.BatchNorm2d(c)) if stride != 1 or c_in != c
+                           else None)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def resnet18() -> nn.Module:
+    """torchvision's ResNet-18 layout (BasicBlock ×[2, 2, 2, 2], 64..512 channels)."""
+    blocks, c_in = [], 64
+    for c, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                      (512, 1)):
+        blocks.append(Basic(c_in, c, stride))
+        c_in = c
+    model = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                          nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1), *blocks,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def save_formats(model: nn.Module, shape: tuple[int, ...], folder: Path, name: str) -> dict:
+    """The model as a trusted pickle (eager), a dynamic-batch `.pt2` and TorchScript."""
+    example = torch.randn(2, *shape)
+    paths = {"eager": folder / f"{name}.pt", "pt2": folder / f"{name}.pt2",
+             "torchscript": folder / f"{name}_ts.pt"}
+    torch.save(model, paths["eager"])
+    program = torch.export.export(model, (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, paths["pt2"])
+    torch.jit.save(torch.jit.trace(model, example), paths["torchscript"])
+    return paths
+
+
+def data(folder: Path, name: str, n: int, shape: tuple[int, ...]) -> Path:
+    path = folder / f"{name}.npy"
+    np.save(path, torch.randn(n, *shape).numpy())
+    return path
+
+
+def compute_args(model: Path, x: Path, out: Path, fmt: str) -> list[str]:
+    return ["compute", str(model), str(x), "-o", str(out),
+            *(["--trust-pickle"] if fmt == "eager" else [])]
+
+
+def case_parity(folder: Path, quick: bool) -> Case:
+    case = Case("Format parity: per-layer Jacobians from eager, `.pt2` and TorchScript")
+    import jaccli
+
+    cnn = jaccli.load_model(ROOT / "sample_models" / "digits_cnn.safetensors").module
+    models = [("sample CNN", cnn.eval(), (1, 8, 8), 360), ("MLP 784→1000³→10", mlp(), (784,),
+                                                           64)]
+    for title, model, shape, n in models:
+        n = min(n, 16) if quick else n
+        paths = save_formats(model, shape, folder, title.split()[0])
+        x = data(folder, "parity", n, shape)
+        eager = None
+        for fmt, path in paths.items():
+            seconds, peak = run(compute_args(path, x, folder / "out.h5", fmt))
+            eager = eager or (seconds, peak)
+            case.rows.append(Row(f"{title}, {fmt}", seconds, peak_bytes=peak,
+                                 note=f"{seconds / eager[0]:.2f}× the eager time, "
+                                      f"{peak / eager[1]:.2f}× its peak"))
+    case.notes.append("each row is a whole `jaccli compute` process (start-up, load, capture, "
+                      "compute, write); target: `.pt2` and TorchScript within 1.2× of eager")
+    return case
+
+
+def case_mlp_script(folder: Path, quick: bool) -> Case:
+    n = 16 if quick else 64
+    case = Case(f"MLP 784→1000³→10 from `.pt2`, {n} samples, per-layer Jacobians to HDF5")
+    paths = save_formats(mlp(), (784,), folder, "mlp")
+    x = data(folder, "mlp", n, (784,))
+    ours, ours_peak = run(compute_args(paths["pt2"], x, folder / "out.h5", "pt2"))
+    case.rows.append(Row("jaccli compute model.pt2 (compact store)", ours, peak_bytes=ours_peak))
+    dense, dense_peak = run([*compute_args(paths["pt2"], x, folder / "out.h5", "pt2"),
+                             "--store", "dense"])
+    case.rows.append(Row("jaccli compute model.pt2 --store dense", dense, peak_bytes=dense_peak))
+    peer, peer_peak = run([str(paths["pt2"]), str(x), str(folder / "peer.h5"),
+                           str(paths["eager"])], script=_PEER_SCRIPT)
+    case.rows.append(Row("vmap(jacrev) per leaf + h5py script", peer, peak_bytes=peer_peak))
+    case.notes.append(_agreement(folder / "out.h5", folder / "peer.h5"))
+    case.notes.append("target: jaccli ≥ 5× faster than the script (both whole processes)")
+    return case
+
+
+def _agreement(ours: Path, peer: Path) -> str:
+    """Largest relative difference between jaccli's and the script's layer Jacobians."""
+    import h5py
+
+    import jaccli
+
+    worst = 0.0
+    with jaccli.open_results(ours) as results, h5py.File(peer) as theirs:
+        for name in theirs:
+            expected = theirs[name][:].reshape(results.layer(name).jacobian.shape)
+            got = np.asarray(results.layer(name).jacobian)
+            worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
+    if worst > 1e-4:
+        raise SystemExit(f"jaccli and the vmap(jacrev) script disagree: {worst:.1e}")
+    return f"jaccli and the script agree on every layer: max relative difference {worst:.1e}"
+
+
+def case_mtcnn(folder: Path, quick: bool) -> Case:
+    n = 4 if quick else 16
+    case = Case(f"O-Net-shaped face network (3×48×48, three heads) from `.pt2`, {n} samples")
+    torch.manual_seed(0)
+    model = ONet().eval()
+    for m in model.modules():
+        if isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.1, 0.4)
+    paths = save_formats(model, (3, 48, 48), folder, "onet")
+    x = data(folder, "onet", n, (3, 48, 48))
+    for command, extra in (("compute", ["-o", str(folder / "onet.h5")]),
+                           ("spectrum", ["-o", str(folder / "onet_spec.h5")]),
+                           ("check", ["--max-spectral-norm", "1e6"])):
+        seconds, peak = run([command, str(paths["pt2"]), str(x), *extra])
+        case.rows.append(Row(f"jaccli {command}", seconds, peak_bytes=peak))
+    case.notes.append("target: each under 30 s on the 2-core CPU")
+    return case
+
+
+def case_resnet(folder: Path, quick: bool) -> Case:
+    n, size = (4, 32) if quick else (32, 64)
+    case = Case(f"ResNet-18-shaped network at 3×{size}×{size} from `.pt2`, {n} samples: "
+                "per-layer top-5 singular values")
+    torch.manual_seed(0)
+    paths = save_formats(resnet18(), (3, size, size), folder, "resnet18")
+    x = data(folder, "resnet18", n, (3, size, size))
+    seconds, peak = run(["spectrum", str(paths["pt2"]), str(x), "--top-k", "5",
+                         "-o", str(folder / "resnet_spec.h5")])
+    case.rows.append(Row("jaccli spectrum --top-k 5", seconds, peak_bytes=peak))
+    case.notes.append("target: under 2 minutes on the 2-core CPU")
+    return case
+
+
+def main() -> None:
+    args, cases, device = parse_args(__doc__.splitlines()[0], FORMAT_CASES)
+    if not cases:
+        return
+    title = header("Formats, ", device, args.quick)
+    print(title, flush=True)
+    report = [title]
+    runners = {"parity": case_parity, "mlp-script": case_mlp_script, "mtcnn": case_mtcnn,
+               "resnet": case_resnet}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in cases:
+            torch.manual_seed(0)
+            text = runners[name](Path(tmp), args.quick).markdown()
+            print(text, flush=True)
+            report.append(text)
+    if args.output:
+        args.output.write_text("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
