@@ -190,6 +190,7 @@ def test_signal_while_writing_removes_the_partial_file(work, name, code, says):
     (work / "out.h5").write_bytes(b"previous results")
     process = _run_python("""
         import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
         import jaccli.pipelines.sink as sink
         submit = sink.ResultSink.submit
         def submit_then_signal(self, *args):

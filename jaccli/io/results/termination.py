@@ -66,7 +66,14 @@ def signals_as_exceptions() -> Iterator[None]:
         signal.signal(signum, _handler)
     try:
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    except BaseException:
+        _restore(previous)
         _pending.clear()
+        raise
+    _restore(previous)
+    deliver_pending()  # a signal held during the block's last HDF5 call is not dropped
+
+
+def _restore(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
