@@ -18,6 +18,7 @@ from ..errors import ShapeMismatchError
 from ..io.data import DataSource, load_data
 from ..io.hashing import sha256_file
 from ..io.models import LoadedModel, load_model
+from ..io.models.retarget import retarget_dtype
 from ..io.results.output_guard import check_output
 from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions
 from ..tracing.independence import check_sample_independence, distinct_rows
@@ -55,6 +56,7 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) 
     data.match_input_shape(loaded.input_shape)
     data.check_finite()
     model = frozen(loaded.module.to(device=device, dtype=dtype))
+    retarget_dtype(model, dtype)  # dtypes baked into an exported graph follow --dtype
     example = to_tensor(data.read(0, min(len(data), TRACE_SAMPLES)), device, dtype)
     return Inputs(source, loaded, data, model, device, dtype, example)
 
