@@ -79,6 +79,9 @@ def spectrum(
     device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32, tf32: Tf32Opt = False,
     compression: CompressionOpt = Compression.none,
     json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print, per layer, the method, its predicted time on this machine "
+                          "and its memory, then stop.")] = False,
 ) -> None:
     """Singular values, norms, condition numbers and ranks of every Jacobian, per sample.
 
@@ -109,6 +112,13 @@ def spectrum(
             from ..pipelines.spectrum import prepare_spectrum, run_spectrum
 
             prepared = prepare_spectrum(settings)
+            if dry_run:
+                from ..pipelines.spectrum_cost import spectrum_dry_run
+                from .render_spectrum import render_spectrum_plan
+
+                plan = spectrum_dry_run(prepared)
+                emit_json(plan, quiet) if json_output else render_spectrum_plan(plan, out)
+                return
             with progress_bar(len(prepared.inputs.data),
                               False if quiet else progress) as on_batch:
                 summary = run_spectrum(settings, on_batch=on_batch, run=prepared).summary
