@@ -42,3 +42,17 @@ def test_dry_run_table_prints_every_layer():
     result = runner.invoke(app, ["spectrum", MLP, DATA, "--limit", "4", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "predicted total" in result.stdout and "exact structured" in result.stdout
+
+
+def test_progress_reports_each_layer_and_every_sample():
+    from jaccli.pipelines.spectrum import run_spectrum
+    from jaccli.settings import SpectrumSettings
+
+    settings = SpectrumSettings.from_options(model=MLP, data=DATA, limit=6, batch_size=4,
+                                             profile=False)
+    calls = []
+    run_spectrum(settings, on_batch=lambda n, note=None: calls.append((n, note)))
+    notes = [note for _, note in calls]
+    layers = len(notes) // 2  # two batches: 4 + 2 samples
+    assert notes[:layers] == notes[layers:] and notes[0].startswith(f"layer 1/{layers} ")
+    assert abs(sum(n for n, _ in calls) - 6) < 1e-9

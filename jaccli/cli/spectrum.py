@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -119,8 +120,13 @@ def spectrum(
                 plan = spectrum_dry_run(prepared)
                 emit_json(plan, quiet) if json_output else render_spectrum_plan(plan, out)
                 return
-            with progress_bar(len(prepared.inputs.data),
-                              False if quiet else progress) as on_batch:
+            shown = False if quiet else progress
+            label = "computing"
+            if shown or (shown is None and sys.stderr.isatty()):  # an ETA from the start
+                from ..pipelines.spectrum_cost import spectrum_dry_run
+
+                label = f"predicted {spectrum_dry_run(prepared)['seconds']:.3g} s"
+            with progress_bar(len(prepared.inputs.data), shown, label) as on_batch:
                 summary = run_spectrum(settings, on_batch=on_batch, run=prepared).summary
         if plot is not None:
             summary["plots"] = [str(p) for p in write_plots(summary, plot)]
