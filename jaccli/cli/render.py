@@ -32,9 +32,10 @@ def emit_json(document: Any, quiet: bool = False) -> None:
 
 
 @contextmanager
-def progress_bar(total: int, enabled: bool | None):
+def progress_bar(total: int, enabled: bool | None, label: str = "computing"):
     """A Rich progress bar over samples on stderr, shown when `enabled` (None: when stderr
-    is a terminal); yields the per-batch callback, or None."""
+    is a terminal); yields the callback `(samples done, note=None)`, or None. A note (e.g.
+    the layer being decomposed) replaces `label` in front of the bar."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -49,11 +50,13 @@ def progress_bar(total: int, enabled: bool | None):
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("computing"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("samples"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("compute", total=total)
-        yield lambda n: progress.advance(task, n)
+        task = progress.add_task(label, total=total)
+        yield lambda n, note=None: progress.update(task, advance=n,
+                                                   description=note or label)
 
 
 def _frobenius_mean(e) -> str:

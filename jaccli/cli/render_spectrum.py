@@ -162,3 +162,22 @@ def write_plots(summary: dict, directory: Path) -> list[Path]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def render_spectrum_plan(plan: dict, console: Console) -> None:
+    """Print `spectrum --dry-run`: per Jacobian its method, predicted time and memory."""
+    from ..units import format_bytes
+
+    table = Table()
+    for column, justify in (("layer", "left"), ("D_in → D_out", "right"), ("structure", "left"),
+                            ("method", "left"), ("predicted", "right"), ("memory", "right")):
+        table.add_column(column, justify=justify)
+    for e in plan["entries"]:
+        table.add_row(e["name"], f"{e['d_in']} → {e['d_out']}", e["structure"], e["method"],
+                      f"{e['seconds']:.3g} s", format_bytes(e["batch_bytes"]),
+                      end_section=e["kind"] == "end_to_end")
+    console.print(table)
+    console.print(f"{plan['n_samples']} samples, batch size {plan['batch_size']}, memory "
+                  f"budget {format_bytes(plan['memory_budget_bytes'])}, {plan['device']}, "
+                  f"{plan['dtype']}; predicted total {plan['seconds']:.3g} s", highlight=False)
+    console.print(plan["note"], highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -79,6 +80,9 @@ def spectrum(
     device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32, tf32: Tf32Opt = False,
     compression: CompressionOpt = Compression.none,
     json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print, per layer, the method, its predicted time on this machine "
+                          "and its memory, then stop.")] = False,
 ) -> None:
     """Singular values, norms, condition numbers and ranks of every Jacobian, per sample.
 
@@ -109,8 +113,20 @@ def spectrum(
             from ..pipelines.spectrum import prepare_spectrum, run_spectrum
 
             prepared = prepare_spectrum(settings)
-            with progress_bar(len(prepared.inputs.data),
-                              False if quiet else progress) as on_batch:
+            if dry_run:
+                from ..pipelines.spectrum_cost import spectrum_dry_run
+                from .render_spectrum import render_spectrum_plan
+
+                plan = spectrum_dry_run(prepared)
+                emit_json(plan, quiet) if json_output else render_spectrum_plan(plan, out)
+                return
+            shown = False if quiet else progress
+            label = "computing"
+            if shown or (shown is None and sys.stderr.isatty()):  # an ETA from the start
+                from ..pipelines.spectrum_cost import spectrum_dry_run
+
+                label = f"predicted {spectrum_dry_run(prepared)['seconds']:.3g} s"
+            with progress_bar(len(prepared.inputs.data), shown, label) as on_batch:
                 summary = run_spectrum(settings, on_batch=on_batch, run=prepared).summary
         if plot is not None:
             summary["plots"] = [str(p) for p in write_plots(summary, plot)]

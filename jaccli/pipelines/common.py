@@ -18,9 +18,11 @@ from ..errors import ShapeMismatchError
 from ..io.data import DataSource, load_data
 from ..io.hashing import sha256_file
 from ..io.models import LoadedModel, load_model
+from ..io.models.retarget import retarget_dtype
 from ..io.results.output_guard import check_output
 from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions
 from ..tracing.independence import check_sample_independence, distinct_rows
+from .integer_inputs import refuse_integer_input
 from .resources import memory_budget, resolve_device, resolve_dtype
 
 TRACE_SAMPLES = 4  # the example batch layers are traced on
@@ -55,7 +57,10 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) 
     data.match_input_shape(loaded.input_shape)
     data.check_finite()
     model = frozen(loaded.module.to(device=device, dtype=dtype))
-    example = to_tensor(data.read(0, min(len(data), TRACE_SAMPLES)), device, dtype)
+    retarget_dtype(model, dtype)  # dtypes baked into an exported graph follow --dtype
+    rows = data.read(0, min(len(data), TRACE_SAMPLES))
+    refuse_integer_input(model, rows, selection.path, device, dtype)
+    example = to_tensor(rows, device, dtype)
     return Inputs(source, loaded, data, model, device, dtype, example)
 
 

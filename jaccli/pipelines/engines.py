@@ -182,6 +182,10 @@ def capture_graph(model, example: torch.Tensor, device: torch.device, dtype: tor
         return None, f"the operator graph could not be captured ({first_line(exc)})"
     graph.state = {name: (qualified, _moved(value, device, dtype))
                    for name, (qualified, value) in graph.state.items()}
+    for node in graph.nodes.values():  # tensors the program creates follow --dtype too
+        made = node.kwargs.get("dtype")
+        if isinstance(made, torch.dtype) and made.is_floating_point and made != dtype:
+            node.kwargs = {**node.kwargs, "dtype": dtype}
     return graph, graph.capture_note
 
 

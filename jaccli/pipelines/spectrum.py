@@ -77,7 +77,8 @@ def prepare_spectrum(settings: SpectrumSettings) -> SpectrumRun:
 
 def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun | None = None
                  ) -> SpectrumOutcome:
-    """Compute the spectra; write them if an output is set."""
+    """Compute the spectra; write them if an output is set. `on_batch(samples, note=...)` is
+    called after each Jacobian of each batch with that Jacobian's share of the batch."""
     started = time.perf_counter()
     run = run or prepare_spectrum(settings)
     inputs = run.inputs
@@ -94,15 +95,16 @@ def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun 
             x = to_tensor(data.read(start, stop), inputs.device, inputs.dtype)
             jacobians = engine.compute(x, names=structured, chunk_size=run.plan.chunk_size) \
                 if structured else {}
-            for entry in run.entries:
+            for i, entry in enumerate(run.entries):
                 begin = time.perf_counter()
                 spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, cache)
                 results[entry.name].add(spectrum, quantities)
                 results[entry.name].seconds += time.perf_counter() - begin
+                if on_batch is not None:  # a share of the batch per layer decomposed
+                    on_batch((stop - start) / len(run.entries),
+                             note=f"layer {i + 1}/{len(run.entries)} {entry.name}")
             if profile is not None:
                 profile.add(x, budget=run.plan.budget)
-            if on_batch is not None:
-                on_batch(stop - start)
     for e in engine.entries:  # what the engine says about an entry (outputs, inputs used)
         if e.note and e.name in results:
             results[e.name].note = "; ".join(filter(None, [results[e.name].note, e.note]))
