@@ -47,8 +47,8 @@ def read_shard(path: Path) -> Shard:
         index = results.sample_index
         attrs = dict(results.attrs)
     if len(index) == 0 or not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
-        raise UsageError(f"{path} does not hold one contiguous run of samples, so it is not "
-                         f"a shard; give the files written with --shard")
+        raise ResultsFormatError(f"{path} does not hold one contiguous run of samples, so "
+                                 f"it is not a shard; give the files written with --shard")
     return Shard(path, int(index[0]), int(index[-1]) + 1, attrs)
 
 
@@ -61,16 +61,17 @@ def check_tiling(shards: list[Shard]) -> list[Shard]:
             if key in PER_SHARD:
                 continue
             if not _same(first.attrs.get(key), shard.attrs.get(key)):
-                raise UsageError(
+                raise ResultsFormatError(
                     f"{shard.path} and {first.path} come from different runs: {key} is "
                     f"{shard.attrs.get(key)!r} vs {first.attrs.get(key)!r}; merge only the "
                     f"shards of one run")
-    for before, after in zip(shards, shards[1:]):
+    for before, after in zip(shards, shards[1:], strict=False):
         if after.start > before.stop:
-            raise UsageError(f"samples {before.stop}..{after.start - 1} are missing between "
-                             f"{before.path} and {after.path}; compute that shard first")
+            raise ResultsFormatError(f"samples {before.stop}..{after.start - 1} are missing "
+                                     f"between {before.path} and {after.path}; compute that "
+                                     f"shard first")
         if after.start < before.stop:
-            raise UsageError(f"{before.path} and {after.path} overlap: both hold samples "
+            raise ResultsFormatError(f"{before.path} and {after.path} overlap: both hold samples "
                              f"{after.start}..{min(before.stop, after.stop) - 1}; give each "
                              f"sample range once")
     return shards
@@ -139,7 +140,7 @@ def _write(master: h5py.File, shards: list[Shard], sources: list[h5py.File], fol
         if shared or item.ndim == 0:
             for source in sources[1:]:
                 if not np.array_equal(source[name][()], item[()]):
-                    raise UsageError(f"{name} differs between {shards[0].path} and "
+                    raise ResultsFormatError(f"{name} differs between {shards[0].path} and "
                                      f"{source.filename}: the shards are not of one model")
             master.create_dataset(name, data=item[()])
         elif copy:
@@ -170,7 +171,7 @@ def _copy(master, name, item, sources, total) -> None:
 def _virtual(master, name, item, shards, sources, folder, total) -> None:
     layout = h5py.VirtualLayout(shape=(total, *item.shape[1:]), dtype=item.dtype)
     row = 0
-    for shard, source in zip(shards, sources):
+    for shard, source in zip(shards, sources, strict=True):
         data = source[name]
         if data.shape[0] != shard.stop - shard.start or data.shape[1:] != item.shape[1:]:
             raise ResultsFormatError(f"{shard.path} is damaged: {name} has shape "
