@@ -123,3 +123,13 @@ def test_too_many_shards_is_refused(files):
     result = invoke("compute", files / "mlp.safetensors", files / "x.npy", "--limit", 2,
                     "--shard", "2/3", "-o", files / "o.h5")
     assert result.exit_code != 0 and "too few for 3 shards" in result.output
+
+
+
+def test_merge_refuses_spectra_files(files):
+    out = files / "spec.h5"
+    result = invoke("spectrum", files / "mlp.safetensors", files / "x.npy", "--limit", 4,
+                    "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    result = invoke("merge", out, "-o", files / "m.h5")
+    assert result.exit_code == 1 and "only files written by jaccli compute" in result.output

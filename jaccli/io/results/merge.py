@@ -46,6 +46,10 @@ def read_shard(path: Path) -> Shard:
     with open_results(path) as results:
         index = results.sample_index
         attrs = dict(results.attrs)
+    if attrs.get("kind") != "jacobians":
+        raise ResultsFormatError(
+            f"{path} is a {attrs.get('kind')!r} file; merge joins only files written by "
+            f"jaccli compute (spectra files hold aggregates over samples that are not joined)")
     if len(index) == 0 or not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
         raise ResultsFormatError(f"{path} does not hold one contiguous run of samples, so "
                                  f"it is not a shard; give the files written with --shard")
