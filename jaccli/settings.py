@@ -9,6 +9,7 @@ The CLI builds these once from its option groups; Python callers build them dire
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -105,9 +106,28 @@ class DataSelection:
     key: str | None = None
     offset: int = 0
     limit: int | None = None
+    shard: str | tuple[int, int] | None = None  # "i/n": shard i of n of the selected samples
 
     def __post_init__(self):
         self.path = None if self.path is None else Path(self.path)
+        if isinstance(self.shard, str):
+            self.shard = parse_shard(self.shard)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard 3/16` -> (3, 16): shard 3 (counted from 0) of 16."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or int(match[2]) < 1 or int(match[1]) >= int(match[2]):
+        raise UsageError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 3/16")
+    return int(match[1]), int(match[2])
+
+
+def shard_range(n_samples: int, index: int, count: int) -> tuple[int, int]:
+    """Samples [start, stop) of shard `index` of `count` contiguous shards of `n_samples`,
+    balanced by count: the first `n_samples % count` shards get one sample more."""
+    base, extra = divmod(n_samples, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
 
 
 @dataclass
@@ -187,7 +207,7 @@ _GROUP_OPTIONS: dict[str, tuple[type, dict[str, str]]] = {
     "model": (ModelSource, {"model": "path", "arch": "arch", "arch_path": "arch_path",
                             "trust_pickle": "trust_pickle"}),
     "data": (DataSelection, {"data": "path", "key": "key", "offset": "offset",
-                             "limit": "limit"}),
+                             "limit": "limit", "shard": "shard"}),
     "layers": (LayerSelection, {"granularity": "granularity", "layers": "patterns",
                                 "include_layers": "include_layers",
                                 "end_to_end": "end_to_end", "model_output": "output"}),

@@ -36,6 +36,10 @@ OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="First sample to
                                         rich_help_panel="Data")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use at most N samples.",
                                               rich_help_panel="Data")]
+ShardOpt = Annotated[str | None, typer.Option(
+    "--shard", help="Use shard I of N contiguous, balanced shards of the selected samples, "
+                    "e.g. 3/16 (for job arrays; join the outputs with `jaccli merge`).",
+    rich_help_panel="Data")]
 # Layers
 GranularityOpt = Annotated[Granularity, typer.Option(
     "--granularity", help="module: every leaf module is a layer; block: an affine/conv module "

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import ShapeMismatchError
+from ..errors import ShapeMismatchError, UsageError
 from ..io.data import DataSource, load_data
 from ..io.hashing import sha256_file
 from ..io.models import LoadedModel, load_model
 from ..io.models.retarget import retarget_dtype
 from ..io.results.output_guard import check_output
-from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions
+from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions, shard_range
 from ..tracing.independence import check_sample_independence, distinct_rows
 from .integer_inputs import refuse_integer_input
 from .resources import memory_budget, resolve_device, resolve_dtype
@@ -54,6 +54,8 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) 
     loaded = load(source)
     data = load_data(selection.path, key=selection.key, offset=selection.offset,
                      limit=selection.limit)
+    if selection.shard is not None:
+        data = shard_of(data, selection)
     data.match_input_shape(loaded.input_shape)
     data.check_finite()
     model = frozen(loaded.module.to(device=device, dtype=dtype))
@@ -62,6 +64,17 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) 
     refuse_integer_input(model, rows, selection.path, device, dtype)
     example = to_tensor(rows, device, dtype)
     return Inputs(source, loaded, data, model, device, dtype, example)
+
+
+def shard_of(data, selection: DataSelection):
+    """The contiguous shard `selection.shard` = (i, n) of the samples --offset/--limit chose."""
+    index, count = selection.shard
+    start, stop = shard_range(len(data), index, count)
+    if stop == start:
+        raise UsageError(f"--shard {index}/{count}: only {len(data)} samples are selected, "
+                         f"too few for {count} shards; use fewer shards")
+    return load_data(selection.path, key=selection.key, offset=selection.offset + start,
+                     limit=stop - start)
 
 
 def check_independence(inputs: Inputs, batch_size: int) -> None:
