@@ -189,3 +189,24 @@ def test_kernel_moves_less_for_wider_networks():
     changes = [_relative_change(w) for w in (16, 64, 256)]
     assert changes[0] > changes[1] > changes[2]
     assert changes[2] < 0.5 * changes[0]
+
+
+def test_exported_program_gives_the_eager_kernel(tmp_path):
+    """A .pt2 archive (dynamic batch) loaded by jaccli: same kernel as the reference."""
+    torch.manual_seed(0)
+    model = randomised(cnn())
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    batch = torch.export.Dim("batch", min=2)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    path = tmp_path / "cnn.pt2"
+    torch.export.save(program, path)
+    loaded = jaccli.load_model(path)
+    torch.testing.assert_close(jaccli.ntk(loaded, x), reference_ntk(model, x),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_diagonal_blocks(case):
+    model, x, _ = case
+    expected = reference_ntk(model, x)
+    torch.testing.assert_close(jaccli.ntk(model, x, diagonal=True),
+                               torch.einsum("nncd->ncd", expected), rtol=1e-9, atol=1e-10)
