@@ -227,18 +227,27 @@ def ntk(model: nn.Module | LoadedModel, x1: torch.Tensor, x2: torch.Tensor | Non
     the parameters). Computed without an autograd graph (not differentiable).
     """
     from .errors import UsageError
-    from .graph.ntk import ntk_factors, param_routes
-    from .params.ntk import contract, gram_costs
     from .pipelines.engines import GraphRun
 
     mode = "diagonal" if diagonal else "trace" if trace else "full"
     engine = _engine(model, x1, end_to_end=False, include_layers=False)
     if not isinstance(engine, GraphRun):
         raise UsageError(f"ntk needs the operator graph, and {engine.note}")
-    routes = param_routes(engine.engine)
+    total, parts = ntk_kernel(engine.engine, x1, x2, mode)
+    return (total, parts) if per_layer else total
+
+
+def ntk_kernel(engine, x1: torch.Tensor, x2: torch.Tensor | None, mode: str
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Θ and its per-layer parts for a captured `GraphEngine` (mode: `full`, `trace`,
+    `diagonal`); the route of each linear weight by the cost model of `jaccli.params.ntk`."""
+    from .graph.ntk import ntk_factors, param_routes
+    from .params.ntk import contract, gram_costs
+
+    routes = param_routes(engine)
     with torch.no_grad():
-        first = ntk_factors(engine.engine, x1, routes)
-        second = first if x2 is None or diagonal else ntk_factors(engine.engine, x2, routes)
+        first = ntk_factors(engine, x1, routes)
+        second = first if x2 is None or mode == "diagonal" else ntk_factors(engine, x2, routes)
         parts: dict[str, torch.Tensor] = {}
         for route in routes:
             how = "jacobian"
@@ -248,8 +257,7 @@ def ntk(model: nn.Module | LoadedModel, x1: torch.Tensor, x2: torch.Tensor | Non
                 how = min(costs, key=lambda cost: cost.pair_flops).route
             block = contract(first[route.name], second[route.name], mode, how)
             parts[route.layer] = block if route.layer not in parts else parts[route.layer] + block
-    total = sum(parts.values())
-    return (total, parts) if per_layer else total
+    return sum(parts.values()), parts
 
 
 def _output_shape(module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
