@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from jaccli.errors import UsageError
-from jaccli.params.ntk_hooks import hook_ntk
+from jaccli.params.ntk_hooks import hook_factors, hook_ntk
 
 
 def reference_jacobians(model, x):
@@ -164,3 +164,25 @@ def test_samples_off_axis_zero_are_refused():
 
     with pytest.raises(UsageError, match="axis 0"):
         hook_ntk(SeqFirst().double().eval(), torch.randn(3, 2, 4, dtype=torch.float64))
+
+
+def test_every_hookable_format_gives_the_kernel_of_the_saved_model(model_files, mlp):
+    """Loaded from each file format (a .pt2 archive: its unflattened module, whose layers
+    run the generic route, or the Gram route when named Linear), the kernel is the saved
+    module's."""
+    import jaccli
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expected = sum(reference_parts(mlp.double(), x).values())
+    for name, spec in model_files.items():
+        loaded = jaccli.load_model(spec["path"], **spec["kwargs"])
+        if not loaded.hookable:  # TorchScript: no hooks, no functional_call
+            continue
+        module = loaded.module.double()
+        close(sum(hook_ntk(module, x).values()), expected)
+        linear = frozenset(n for n, m in module.named_modules()
+                           if loaded.type_name(n, m) == "Linear")
+        assert len(linear) == 3, name
+        factors = hook_factors(module, x, linear)
+        assert [f.kind for k, f in factors.items() if k.endswith("weight")] == ["gram"] * 3
+        close(sum(hook_ntk(module, x, linear=linear).values()), expected)

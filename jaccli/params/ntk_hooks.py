@@ -140,9 +140,12 @@ def _owned(layers: dict[str, nn.Module], fired: list[str]) -> dict[str, dict]:
     return owned
 
 
-def hook_factors(model: nn.Module, x: torch.Tensor) -> dict[str, HookFactor]:
+def hook_factors(model: nn.Module, x: torch.Tensor, linear: frozenset[str] = frozenset()
+                 ) -> dict[str, HookFactor]:
     """Every parameter's factors for samples `x (N, *in_shape)`: `{qualified name: factor}`
-    (parameters the outputs do not depend on are left out: they contribute zero)."""
+    (parameters the outputs do not depend on are left out: they contribute zero).
+    linear: names of modules known to be `nn.Linear` although their class does not say so
+    (a .pt2 archive's unflattened modules; `LoadedModel.type_name` knows)."""
     layers = _layers(model)
     if not layers:
         raise UsageError("the model has no parameters: its NTK is zero")
@@ -157,9 +160,9 @@ def hook_factors(model: nn.Module, x: torch.Tensor) -> dict[str, HookFactor]:
         cots = [[next(grads) for _ in call.probes] for call in calls[name]]
         for call, gs in zip(calls[name], cots, strict=True):
             _check_batch(name, call, gs, n)
-        if _is_linear(module):
-            linear = _linear(name, module, calls[name], cots)
-            found |= {prefix + k: f for k, f in linear.items()}
+        if _is_linear(module) or name in linear and _linear_params(module):
+            pair = _linear(name, module, calls[name], cots)
+            found |= {prefix + k: f for k, f in pair.items()}
             continue
         for call, gs in zip(calls[name], cots, strict=True):
             for key, jac in _generic(module, owned[name], call, gs, n).items():
@@ -177,13 +180,21 @@ def _check_batch(name: str, call: _Call, gs: list[torch.Tensor], n: int) -> None
                          f"input and output (e.g. batch_first=True for attention)")
 
 
-def _linear(name: str, module: nn.Linear, calls: list[_Call], cots) -> dict[str, HookFactor]:
+def _linear_params(module: nn.Module) -> bool:
+    """Exactly a 2-D `weight` and optionally a 1-D `bias`, as a Linear layer has."""
+    params = dict(module.named_parameters())
+    weight, bias = params.get("weight"), params.get("bias")
+    return weight is not None and weight.dim() == 2 and set(params) <= {"weight", "bias"} and (
+        bias is None or bias.shape == weight.shape[:1])
+
+
+def _linear(name: str, module: nn.Module, calls: list[_Call], cots) -> dict[str, HookFactor]:
     n = calls[0].args[0].shape[0]
-    a = torch.cat([c.args[0].reshape(n, -1, module.in_features) for c in calls], 1)
-    g = torch.cat([gs[0].reshape(n, gs[0].shape[1], -1, module.out_features)
-                   for gs in cots], 2)
+    d_out, d_in = module.weight.shape
+    a = torch.cat([c.args[0].reshape(n, -1, d_in) for c in calls], 1)
+    g = torch.cat([gs[0].reshape(n, gs[0].shape[1], -1, d_out) for gs in cots], 2)
     found = {"weight": HookFactor("gram", name, inputs=a, cotangents=g)}
-    if module.bias is not None:
+    if getattr(module, "bias", None) is not None:
         found["bias"] = HookFactor("jacobian", name, g.sum(2))
     return found
 
@@ -216,15 +227,16 @@ def _generic(module: nn.Module, params: dict, call: _Call, gs: list[torch.Tensor
 
 
 def hook_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
-             mode: str = "full") -> dict[str, torch.Tensor]:
+             mode: str = "full", linear: frozenset[str] = frozenset()
+             ) -> dict[str, torch.Tensor]:
     """Θ_l per layer by the hook route: `{layer: (N, M, C, C)}` (`mode="trace"`: `(N, M)`,
     `"diagonal"`: `(N, C, C)` of Θ(xᵢ, xᵢ)); Σ over layers is Θ. Layer: the module owning
     the parameter (`(model)` at the top). A linear weight takes the cheaper of the Gram and
-    Jacobian routes (`jaccli.params.ntk.gram_costs`)."""
+    Jacobian routes (`jaccli.params.ntk.gram_costs`). linear: as for `hook_factors`."""
     from .ntk import contract, gram_costs
 
-    first = hook_factors(model, x1)
-    second = first if x2 is None or mode == "diagonal" else hook_factors(model, x2)
+    first = hook_factors(model, x1, linear)
+    second = first if x2 is None or mode == "diagonal" else hook_factors(model, x2, linear)
     parts: dict[str, torch.Tensor] = {}
     for name, factor in first.items():
         route = "jacobian"
