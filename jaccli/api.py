@@ -224,16 +224,26 @@ def ntk(model: nn.Module | LoadedModel, x1: torch.Tensor, x2: torch.Tensor | Non
     x1: `(N, *in_shape)`, x2: `(M, *in_shape)` (default x1). Returns `(N, M, C, C)`, or
     `(N, M)` with `trace=True` (Σ_c Θ_cc), or `(N, C, C)` with `diagonal=True` (Θ(xᵢ, xᵢ));
     with `per_layer=True`, `(Θ, {layer: Θ_l})` with Σ_l Θ_l = Θ (layer: the module owning
-    the parameters). Computed without an autograd graph (not differentiable).
+    the parameters). Computed without an autograd graph (not differentiable). A model whose
+    graph cannot be captured takes the hook route (`jaccli.params.ntk_hooks`).
     """
     from .errors import UsageError
     from .pipelines.engines import GraphRun
 
     mode = "diagonal" if diagonal else "trace" if trace else "full"
     engine = _engine(model, x1, end_to_end=False, include_layers=False)
-    if not isinstance(engine, GraphRun):
-        raise UsageError(f"ntk needs the operator graph, and {engine.note}")
-    total, parts = ntk_kernel(engine.engine, x1, x2, mode)
+    if isinstance(engine, GraphRun):
+        total, parts = ntk_kernel(engine.engine, x1, x2, mode)
+        return (total, parts) if per_layer else total
+    module, hookable, _ = _unwrap(model)
+    if not hookable:
+        raise UsageError(f"ntk needs the operator graph or module hooks, and {engine.note}")
+    from .params.ntk_hooks import hook_ntk
+
+    linear = frozenset(name for name, m in module.named_modules()
+                       if isinstance(model, LoadedModel) and model.type_name(name, m) == "Linear")
+    parts = hook_ntk(module, x1, x2, mode=mode, linear=linear)
+    total = sum(parts.values())
     return (total, parts) if per_layer else total
 
 

@@ -186,3 +186,29 @@ def test_every_hookable_format_gives_the_kernel_of_the_saved_model(model_files, 
         factors = hook_factors(module, x, linear)
         assert [f.kind for k, f in factors.items() if k.endswith("weight")] == ["gram"] * 3
         close(sum(hook_ntk(module, x, linear=linear).values()), expected)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.export cannot capture it, hooks still work."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.PReLU(), nn.Linear(6, 2))
+
+    def forward(self, x):
+        if float(x.detach().sum()) > 1e9:  # never taken, but export has to choose
+            return x[:, :2]
+        return self.body(x)
+
+
+def test_the_api_falls_back_to_hooks_without_a_graph():
+    import jaccli
+
+    model = Branchy().double().eval()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    expected = reference_parts(model, x, y)
+    theta, parts = jaccli.ntk(model, x, y, per_layer=True)
+    close(theta, sum(expected.values()))
+    assert sorted(parts) == sorted(expected)
+    close(jaccli.ntk(model, x, trace=True),
+          torch.einsum("nmcc->nm", sum(reference_parts(model, x).values())))
