@@ -16,13 +16,15 @@ JACOBIAN_CASES = ("mlp-layers", "mlp-e2e", "cnn", "samples", "pipeline")
 SPECTRA_CASES = ("spectra-all", "spectra-topk")
 PARAMS_CASES = ("params-mlp", "params-cnn", "products")
 FORMAT_CASES = ("parity", "mlp-script", "mtcnn", "resnet")
+NTK_CASES = ("ntk-cnn", "ntk-mlp")
 
 
 def selected_cases(requested: list[str] | None, known: tuple[str, ...]) -> list[str]:
     """The requested cases this script runs (all of them by default); unknown names fail."""
     if not requested:
         return list(known)
-    everything = JACOBIAN_CASES + SPECTRA_CASES + PARAMS_CASES + FORMAT_CASES
+    everything = (JACOBIAN_CASES + SPECTRA_CASES + PARAMS_CASES + FORMAT_CASES
+                  + NTK_CASES)
     unknown = set(requested) - set(everything)
     if unknown:
         raise SystemExit(f"unknown benchmark case(s): {', '.join(sorted(unknown))}; choose "

@@ -21,6 +21,7 @@ _EXPORTS = {
     "LoadedModel": "io.models", "Results": "io.results", "build_model": "io.models",
     "end_to_end_jacobian": "api", "layer_jacobians": "api", "list_layers": "api",
     "jacobian": "api", "param_jacobians": "api", "jvp": "api", "vjp": "api", "hvp": "api",
+    "ntk": "api",
     "load_data": "io.data", "load_model": "io.models", "open_results": "io.results",
     "run_compute": "pipelines.compute", "run_spectrum": "pipelines.spectrum",
     "save_model": "io.models",

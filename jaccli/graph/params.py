@@ -115,31 +115,58 @@ def generic_param_vjp(diff: Differentiator, unit: Unit, parameter: str, u: torch
         return torch.stack(rows)
 
 
+def upstream_of(graph: OpGraph, units: dict[str, Unit], parameters: dict[str, str]
+                ) -> set[str]:
+    """The units reading one of `parameters`, or computed from such a unit's output: the
+    only ones a reverse pass for parameter derivatives has to reach."""
+    found: set[str] = set()
+    for name, unit in units.items():  # topological order
+        if any(s in found for s in unit.inputs) or any(
+                _reads(graph, unit.nodes, p) for p in parameters.values()):
+            found.add(name)
+    return found
+
+
+def walk_back(diff: Differentiator, units: dict[str, Unit], outputs: list[str],
+              cotangents: list[torch.Tensor], wanted: set[str] | None = None):
+    """Yield `(unit, u)` in reverse topological order: the cotangent block `(B, k, *output)`
+    of every unit the outputs depend on (of those in `wanted`, when given), once all of its
+    consumers have been pulled back; each block is dropped once yielded and pulled back."""
+    cot: dict[str, torch.Tensor] = {}
+    for name, c in zip(outputs, cotangents, strict=True):
+        cot[name] = c if name not in cot else cot[name] + c
+    for name in reversed(list(units)):
+        if name not in cot:
+            continue
+        unit, u = units[name], cot.pop(name)
+        yield unit, u
+        for source in unit.inputs:
+            if source in units and (wanted is None or source in wanted):
+                part = diff.vjp(unit, source, u)
+                cot[source] = part if source not in cot else cot[source] + part
+
+
+def param_vjp(diff: Differentiator, unit: Unit, parameter: str, u: torch.Tensor
+              ) -> torch.Tensor:
+    """`uᵀ ∂unit/∂P` per sample `(B, k, *P.shape)`: the rule's closed form, else generic."""
+    part = _structured(diff, unit, parameter, u)
+    return generic_param_vjp(diff, unit, parameter, u) if part is None else part
+
+
 def param_vjps(diff: Differentiator, units: dict[str, Unit], outputs: list[str],
                cotangents: list[torch.Tensor], parameters: dict[str, str]
                ) -> dict[str, torch.Tensor]:
     """Per-sample `uᵀ ∂s/∂P` for cotangent blocks `(B, k, *output)` on each output node:
     `{qualified name: (B, k, *P.shape)}`."""
     graph = diff.graph
-    cot: dict[str, torch.Tensor] = {}
-    for name, c in zip(outputs, cotangents, strict=True):
-        cot[name] = c if name not in cot else cot[name] + c
     result: dict[str, torch.Tensor] = {}
-    for name in reversed(list(units)):
-        if name not in cot:
-            continue
-        unit = units[name]
+    wanted = upstream_of(graph, units, parameters)
+    for unit, u in walk_back(diff, units, outputs, cotangents, wanted):
         for qualified, parameter in parameters.items():
             if not _reads(graph, unit.nodes, parameter):
                 continue
-            part = _structured(diff, unit, parameter, cot[name])
-            if part is None:
-                part = generic_param_vjp(diff, unit, parameter, cot[name])
+            part = param_vjp(diff, unit, parameter, u)
             result[qualified] = part if qualified not in result else result[qualified] + part
-        for source in unit.inputs:
-            if source in units or source == graph.input:
-                part = diff.vjp(unit, source, cot[name])
-                cot[source] = part if source not in cot else cot[source] + part
     k = cotangents[0].shape[1]
     for qualified, parameter in parameters.items():
         if qualified not in result:  # unused by the selected outputs

@@ -1,0 +1,113 @@
+"""The empirical NTK's algebra: one parameter's block of Θ from its factors, and the cost model.
+
+Θ(x, x') = Σ_P J_P(x) J_P(x')ᵀ, `(C, C)` per pair of samples. A factor is either a per-sample
+Jacobian J `(N, C, P)` (then the block is J₁ J₂ᵀ), or a linear weight's input a `(N, T, i)` and
+output cotangents G `(N, C, T, o)`, with J = Σ_t G_t ⊗ a_t never formed by the `gram` route:
+
+    Θ(i, j)[c, d] = Σ_{t,s} (a_it · a_js) (G_ict · G_jds)      (T = 1: (aᵢ·aⱼ)(Gᵢ Gⱼᵀ))
+
+Modes: `full` `(N₁, N₂, C, C)`, `trace` Σ_c Θ_cc `(N₁, N₂)`, `diagonal` Θ(i, i) `(N, C, C)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("full", "trace", "diagonal")
+
+
+@dataclass
+class Cost:
+    """Multiply-adds per pair of samples and bytes per sample of one route."""
+
+    route: str
+    pair_flops: float
+    sample_bytes: float
+
+
+def gram_costs(tokens: int, d_in: int, d_out: int, outputs: int, mode: str, itemsize: int
+               ) -> list[Cost]:
+    """The two ways of a linear weight: Gram factors, or forming J `(C, o·i)` per sample."""
+    t, i, o, c = tokens, d_in, d_out, outputs
+    cc = c if mode == "trace" else c * c
+    gram = t * t * i + (t * c * o + t * t * cc if t > 1 else cc * o)
+    jac = cc * o * i + t * c * o * i  # contraction, plus forming J (per sample, amortised)
+    return [Cost("gram", gram, itemsize * t * (i + c * o)),
+            Cost("jacobian", jac, itemsize * c * o * i)]
+
+
+def jacobian_cost(numel: int, outputs: int, mode: str, itemsize: int) -> Cost:
+    cc = outputs if mode == "trace" else outputs * outputs
+    return Cost("jacobian", cc * numel, itemsize * outputs * numel)
+
+
+def choose(costs: list[Cost], memory: float, samples: int) -> Cost:
+    """The cheapest route whose factors for `samples` samples fit in `memory` bytes (else
+    the one needing least memory)."""
+    fitting = [c for c in costs if c.sample_bytes * samples <= memory]
+    if not fitting:
+        return min(costs, key=lambda c: c.sample_bytes)
+    return min(fitting, key=lambda c: c.pair_flops)
+
+
+def as_jacobian(factor) -> torch.Tensor:
+    """J `(N, C, P)` of a factor (formed from a, G for a linear weight: Σ_t G_t ⊗ a_t)."""
+    if factor.kind == "jacobian":
+        return factor.jacobian
+    g, a = factor.cotangents, factor.inputs
+    n, c = g.shape[:2]
+    return torch.einsum("ncto,nti->ncoi", g, a).reshape(n, c, -1)
+
+
+def contract(first, second, mode: str, route: str = "gram") -> torch.Tensor:
+    """One parameter's block of Θ between the samples of two factors (`second` is ignored
+    for `diagonal`). route: `gram` or `jacobian` for a linear weight's factors."""
+    if first.kind == "jacobian" or route == "jacobian":
+        j1 = as_jacobian(first)
+        j2 = j1 if mode == "diagonal" or second is first else as_jacobian(second)
+        return _jacobian_block(j1, j2, mode)
+    return _gram_block(first.inputs, first.cotangents, second.inputs, second.cotangents, mode)
+
+
+def _jacobian_block(j1: torch.Tensor, j2: torch.Tensor, mode: str) -> torch.Tensor:
+    n1, c, _ = j1.shape
+    n2 = j2.shape[0]
+    if mode == "diagonal":
+        return j1 @ j1.transpose(1, 2)
+    if mode == "trace":
+        return torch.einsum("icp,jcp->ij", j1, j2)
+    flat = j1.reshape(n1 * c, -1) @ j2.reshape(n2 * c, -1).T
+    return flat.reshape(n1, c, n2, c).transpose(1, 2)
+
+
+def _gram_block(a1, g1, a2, g2, mode: str) -> torch.Tensor:
+    """a `(N, T, i)`, g `(N, C, T, o)`."""
+    if mode == "diagonal":
+        a2, g2 = a1, g1
+    if a1.shape[1] == 1:  # one position: (aᵢ·aⱼ)(Gᵢ Gⱼᵀ)
+        x1, x2, h1, h2 = a1[:, 0], a2[:, 0], g1[:, :, 0], g2[:, :, 0]
+        if mode == "diagonal":
+            return (x1 * x1).sum(1)[:, None, None] * (h1 @ h1.transpose(1, 2))
+        gram = x1 @ x2.T
+        if mode == "trace":
+            return gram * torch.einsum("ico,jco->ij", h1, h2)
+        n1, c, _ = h1.shape
+        n2 = h2.shape[0]
+        outer = (h1.reshape(n1 * c, -1) @ h2.reshape(n2 * c, -1).T).reshape(n1, c, n2, c)
+        return gram[:, :, None, None] * outer.transpose(1, 2)
+    if mode == "diagonal":
+        gram = a1 @ a1.transpose(1, 2)  # (N, T, T)
+        weighted = torch.einsum("nts,ndso->ndto", gram, g1)
+        return torch.einsum("ncto,ndto->ncd", g1, weighted)
+    rows = []
+    for i in range(a1.shape[0]):  # one row of samples at a time: memory N₂·T² + N₂·C·T·o
+        gram = torch.einsum("ta,jsa->jts", a1[i], a2)  # (N₂, T, T)
+        if mode == "trace":
+            weighted = torch.einsum("jts,jcso->jcto", gram, g2)
+            rows.append(torch.einsum("cto,jcto->j", g1[i], weighted))
+        else:
+            weighted = torch.einsum("jts,jdso->jdto", gram, g2)
+            rows.append(torch.einsum("cto,jdto->jcd", g1[i], weighted))
+    return torch.stack(rows)
