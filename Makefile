@@ -29,7 +29,7 @@ demo: install  ## compute Jacobians of the shipped sample models (CPU, seconds)
 		--limit 100 -o $(OUT)/digits_cnn_jacobians.h5
 
 test: install  ## run the whole test suite
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 lint: install  ## ruff: lint rules and import order
 	$(BIN)/ruff check .

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test worker, inherited by the jaccli processes tests start: the workers
+    # already fill the cores, and idle OpenMP threads spinning beside them cost more than
+    # they give on the small tensors of tests.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    # xdist passes its terminal's width to workers as COLUMNS; tests that want a width set it.
+    os.environ.pop("COLUMNS", None)
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +20,9 @@ import torch
 from torch import nn
 
 import jaccli
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"

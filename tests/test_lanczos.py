@@ -263,16 +263,16 @@ def test_lanczos_top_k_agrees_with_scipy_svds_and_reports_residuals():
 
 def test_lanczos_converges_on_a_conv_layer_too_large_to_materialize():
     torch.manual_seed(5)
-    conv = nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular", bias=False).double()
+    conv = nn.Conv2d(32, 32, 3, padding=1, padding_mode="circular", bias=False).double()
     conv.requires_grad_(False)
-    x = torch.zeros(1, 64, 32, 32, dtype=F64)  # J is 65536 x 65536: 32 GiB dense
+    x = torch.zeros(1, 32, 32, 32, dtype=F64)  # J is 32768 x 32768: 8 GiB dense
     from jaccli.engine.rules import rule_for
 
     rule = rule_for(conv)
     result = top_singular_values(
         lambda v: rule.jvp(conv, x, v[:, :, 0].reshape(x.shape)).reshape(1, -1, 1),
         lambda u: rule.vjp(conv, x, u[:, :, 0].reshape(x.shape)).reshape(1, -1, 1),
-        n=1, d_in=65536, d_out=65536, k=1, block=1, dtype=F64, device=CPU,
+        n=1, d_in=32768, d_out=32768, k=1, block=1, dtype=F64, device=CPU,
         tol=1e-10, max_steps=200)
     exact = conv2d_circular_singular_values(conv.weight.detach(), 32, 32)[:1]
     torch.testing.assert_close(result.values[0], exact, rtol=1e-8, atol=0)
