@@ -31,12 +31,12 @@ class CallLayout:
         return {self.wrt, *self.held}
 
     def passed(self) -> tuple[str, ...]:
-        """The arguments one call passes, in order: up to the last one given."""
-        given = {self.wrt, *self.held, *self.constants}
-        return self.names[:max(self.names.index(name) for name in given) + 1]
+        """The arguments one call passes, in order: all of them, defaults spelled out (the
+        TorchScript converter needs every one)."""
+        return self.names
 
     def arguments(self, x, held: tuple) -> list:
-        """The positional arguments of one call (`passed()`), with `x` and `held` in place."""
+        """The positional arguments of one call, with `x` and `held` in place."""
         values = {self.wrt: x, **dict(zip(self.held, held, strict=True)), **self.constants}
         return [values[name] if name in values else self.defaults[name]
                 for name in self.passed()]

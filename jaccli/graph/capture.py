@@ -80,12 +80,13 @@ class _Call:
             return None
         layout, out = self.layout, []
         for name in layout.passed():
+            value = layout.constants.get(name, layout.defaults.get(name))
             if name == layout.wrt:
                 out.append("input")
             elif name in layout.held:
                 out.append("held")
-            else:
-                out.append(("constant", layout.constants.get(name, layout.defaults.get(name))))
+            elif value is not None:  # None is no program input
+                out.append(("constant", value))
         return tuple(out)
 
 

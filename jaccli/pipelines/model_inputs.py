@@ -57,10 +57,15 @@ def held_tensor(rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> t
 def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
     """The call of `loaded`'s forward that `source` (`inputs`, `constants`, `wrt_input`)
     asks for, with `data` giving DATA's samples; None when none of them is given."""
-    if not (source.inputs or source.constants or source.wrt_input is not None):
-        return None
     arguments = forward_arguments(loaded)
     names = tuple(a.name for a in arguments)
+    if not (source.inputs or source.constants or source.wrt_input is not None):
+        needed = [a.name for a in arguments[1:] if a.default is NO_DEFAULT]
+        if needed:
+            raise UsageError(f"the forward of {Path(loaded.path).name} takes "
+                             f"{', '.join(names)}: give {needed[0]} with --input "
+                             f"{needed[0]}=FILE or --const {needed[0]}=VALUE")
+        return None
     if not names:
         raise UsageError(f"the forward arguments of {loaded.path} cannot be read; --input, "
                          "--const and --wrt need them")
@@ -102,9 +107,8 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
     defaults = {a.name: a.default for a in arguments if a.default is not NO_DEFAULT}
     held = tuple(n for n in names if n in per_sample and n != wrt)
     layout = CallLayout(names, wrt, held, constants, defaults)
-    missing = [n for n in layout.passed() if n not in per_sample and n not in constants
+    missing = [n for n in names if n not in per_sample and n not in constants
                and n not in defaults]
-    missing += [a.name for a in arguments[len(layout.passed()):] if a.default is NO_DEFAULT]
     if missing:
         raise UsageError(f"the forward's argument {missing[0]} has no value: give it with "
                          f"--input {missing[0]}=FILE or --const {missing[0]}=VALUE")

@@ -29,9 +29,13 @@ def forward_arguments(loaded) -> list[Argument]:
         schema = loaded.module.forward.schema.arguments[1:]
         return [Argument(a.name, a.default_value if a.has_default_value() else NO_DEFAULT)
                 for a in schema]
-    target = loaded.program.module() if loaded.program is not None else loaded.module
+    if loaded.program is not None:  # the user inputs' placeholders carry the names
+        from torch.export.graph_signature import InputKind
+
+        return [Argument(spec.arg.name) for spec in loaded.program.graph_signature.input_specs
+                if spec.kind == InputKind.USER_INPUT]
     try:
-        parameters = inspect.signature(target.forward).parameters.values()
+        parameters = inspect.signature(loaded.module.forward).parameters.values()
     except (TypeError, ValueError):
         return []
     return [Argument(p.name, p.default) for p in parameters
