@@ -302,3 +302,49 @@ def test_bad_calls_fail_in_one_line(folder):
     tokens = [*_source(folder, "tokens", "state_dict", None), folder / "x4.npy"]
     _refused(folder, ["compute", *tokens, "--input", f"ids={folder / 'ids.npy'}", "--wrt",
                       "ids"], 1, "integer input")
+
+
+def test_parameter_jacobians_with_a_held_input(folder):
+    """--wrt params with y held: per-sample d output / d b.weight, through the graph."""
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    source = _source(folder, "gated", "state_dict", None)
+    out = folder / "params.h5"
+    result = _run(["compute", *source, folder / "x.npy", "--input", f"y={folder / 'more.npz'}:y",
+                   "--wrt", "params", "--params", "b.weight", "--dtype", "float64", "-q",
+                   "-o", out])
+    assert result.exit_code == 0, result.output
+    model = _model("gated").double()
+    weight = dict(model.named_parameters())["b.weight"].detach()
+    expected = []
+    for i in range(N):
+        def one(w, i=i):
+            params = {**dict(model.named_parameters()), "b.weight": w}
+            return torch.func.functional_call(model, params, (x[i:i + 1], y[i:i + 1]))[0]
+
+        expected.append(torch.autograd.functional.jacobian(one, weight).reshape(2, -1).numpy())
+    with h5py.File(out) as f:
+        got = f["params/b.weight/jacobian"][:].reshape(N, 2, -1)
+    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-10, atol=1e-14)
+
+
+def test_check_and_shards_take_the_same_rows_of_every_input(folder):
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    source = _source(folder, "gated", "state_dict", None)
+    inputs = ["--input", f"y={folder / 'more.npz'}:y", "--dtype", "float64"]
+    expected = _reference(_model("gated").double(), [x, y], 0)
+    out = folder / "shard.h5"
+    result = _run(["compute", *source, folder / "x.npy", *inputs, "--offset", "1",
+                   "--shard", "1/2", "-q", "-o", out])
+    assert result.exit_code == 0, result.output
+    with jaccli.open_results(out) as results:
+        rows = results.sample_index
+        got = results.jacobian("end_to_end")
+    assert list(rows) == [3, 4]
+    np.testing.assert_allclose(got, expected[rows], rtol=1e-12)
+    norms = np.linalg.norm(expected, ord=2, axis=(1, 2))
+    for bound, code in ((norms.max() * 1.01, 0), (norms.max() * 0.99, 1)):
+        result = _run(["check", *source, folder / "x.npy", *inputs, "--max-spectral-norm",
+                       str(bound), "--layers", "(end-to-end)"])
+        assert result.exit_code == code, result.output
