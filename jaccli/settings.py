@@ -87,15 +87,20 @@ def choice(kind: type[Enum], value: str | Enum | None, option: str) -> str | Non
 
 @dataclass
 class ModelSource:
-    """Where the model comes from: the file, and what is needed to read it."""
+    """Where the model comes from: the file, what is needed to read it, and for a forward of
+    several arguments `--input NAME=FILE[:KEY]`s, `--const NAME=VALUE`s and `--wrt NAME`."""
 
     path: Path
     arch: str | None = None
     arch_path: Path | None = None
     trust_pickle: bool = False
+    inputs: tuple[str, ...] = ()
+    constants: tuple[str, ...] = ()
+    wrt_input: str | None = None
 
     def __post_init__(self):
         self.path = Path(self.path)
+        self.inputs, self.constants = tuple(self.inputs or ()), tuple(self.constants or ())
 
 
 @dataclass
@@ -201,11 +206,11 @@ class ParamOptions:
         self.targets = None if self.targets is None else Path(self.targets)
 
 
-
 # Option name -> field of its group, for each group a command's settings may hold.
 _GROUP_OPTIONS: dict[str, tuple[type, dict[str, str]]] = {
     "model": (ModelSource, {"model": "path", "arch": "arch", "arch_path": "arch_path",
-                            "trust_pickle": "trust_pickle"}),
+                            "trust_pickle": "trust_pickle", "input": "inputs",
+                            "const": "constants", "wrt_input": "wrt_input"}),
     "data": (DataSelection, {"data": "path", "key": "key", "offset": "offset",
                              "limit": "limit", "shard": "shard"}),
     "layers": (LayerSelection, {"granularity": "granularity", "layers": "patterns",

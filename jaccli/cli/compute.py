@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..settings import Compression, Dtype, Granularity, Loss, Mode, Store, Wrt
+from ..settings import Compression, Dtype, Granularity, Loss, Mode, Store
 from .errors import guarded
 from .options import (
     ArchOpt,
@@ -15,10 +15,12 @@ from .options import (
     BatchSizeOpt,
     CompressionLevelOpt,
     CompressionOpt,
+    ConstOpt,
     DeviceOpt,
     DtypeOpt,
     EndToEndOpt,
     GranularityOpt,
+    InputOpt,
     JsonOpt,
     KeyOpt,
     LayersOpt,
@@ -50,6 +52,7 @@ def compute(
                                               ".safetensors, .h5/.hdf5, .pt or .csv.")],
     output: OutputOpt = None,
     arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    input: InputOpt = None, const: ConstOpt = None,
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     shard: ShardOpt = None,
     granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
@@ -66,9 +69,10 @@ def compute(
                              "system, less a margin).", rich_help_panel="Output")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (layers, modes, sizes, batch size) and stop.")] = False,
-    wrt: Annotated[list[Wrt] | None, typer.Option(
-        "--wrt", help="Differentiate w.r.t. inputs (default) and/or params (repeatable).",
-        rich_help_panel="Parameters")] = None,
+    wrt: Annotated[list[str] | None, typer.Option(
+        "--wrt", help="Differentiate w.r.t. inputs (default) and/or params (repeatable); "
+                      "or NAME: w.r.t. that input of the model's forward (see --input), "
+                      "the others held fixed.", rich_help_panel="Parameters")] = None,
     params: ParamsOpt = None,
     output_index: Annotated[int | None, typer.Option(
         "--output-index", min=0, help="Differentiate this (flattened) output entry only.",

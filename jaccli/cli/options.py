@@ -3,6 +3,7 @@ its settings object (`jaccli.settings`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from enum import Enum
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..settings import Compression, Dtype, Granularity, Mode, Store, Wrt
+from ..settings import Compression, Dtype, Granularity, Mode, Store
 
 # Options that shape what the CLI prints, not what is computed.
 PRESENTATION = frozenset({"json_output", "quiet", "progress", "dry_run", "plot"})
@@ -28,6 +29,21 @@ TrustPickleOpt = Annotated[bool, typer.Option(
                            "module (torch.save(model)), pickled or custom-object payloads in "
                            "torch.export/TorchScript archives. Only for files you trust.",
     rich_help_panel="Model")]
+# Model inputs beyond DATA (a forward taking several arguments)
+InputOpt = Annotated[list[str] | None, typer.Option(
+    "--input", metavar="NAME=FILE[:KEY]",
+    help="Another per-sample input of the model's forward, by argument name or position, "
+         "from a data file (same samples as DATA; KEY picks an array in a multi-array "
+         "file). Held fixed unless --wrt names it. Repeatable.", rich_help_panel="Model")]
+ConstOpt = Annotated[list[str] | None, typer.Option(
+    "--const", metavar="NAME=VALUE",
+    help="A constant argument of the model's forward: a number, true/false, or a tensor "
+         "file (.npy/.pt/...; the same for every sample). Repeatable.",
+    rich_help_panel="Model")]
+WrtInputOpt = Annotated[str | None, typer.Option(
+    "--wrt", metavar="NAME",
+    help="The forward argument the Jacobians are taken with respect to (default: the one "
+         "DATA gives); the other inputs are held fixed.", rich_help_panel="Model")]
 # Data
 KeyOpt = Annotated[str | None, typer.Option(
     "--key", help="Array to use in .npz/.safetensors/.h5/.pt files holding several.",
@@ -97,7 +113,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Progress bar on stderr (default: only on a terminal).")]
 # Parameters
-WrtOneOpt = Annotated[Wrt, typer.Option("--wrt", help="inputs or params.")]
+WrtOneOpt = Annotated[str, typer.Option(
+    "--wrt", help="inputs, params, or the name of the model input to differentiate "
+                  "(see --input).")]
 ParamsOpt = Annotated[list[str] | None, typer.Option(
     "--params", help="Glob on parameter names (repeatable), e.g. 'features.*.weight'.",
     rich_help_panel="Parameters")]
@@ -115,6 +133,8 @@ def settings_from(kind: type, ctx: typer.Context, *, exclude: tuple[str, ...] = 
     options = {name: value for name, value in options.items() if value is not None}
     if "no_layers" in options:
         options["include_layers"] = not options.pop("no_layers")
+    if "wrt" in options:
+        options |= _wrt_input(options.pop("wrt"), kind)
     for size in ("max_memory", "max_output"):
         if options.get(size) is not None:
             options[size] = parse_size(options[size])
@@ -122,9 +142,26 @@ def settings_from(kind: type, ctx: typer.Context, *, exclude: tuple[str, ...] = 
     return kind.from_options(**options, command_line=command_line())
 
 
+def _wrt_input(wrt: str | list[str], kind: type) -> dict[str, Any]:
+    """`--wrt inputs|params` stay `wrt` (where the command has it); `--wrt NAME` becomes
+    `wrt_input`: NAME is the model input differentiated, and that is `--wrt inputs`."""
+    from ..errors import UsageError
+
+    values = wrt if isinstance(wrt, list) else [wrt]
+    names = [w for w in values if w not in ("inputs", "params")]
+    if len(names) > 1:
+        raise UsageError(f"--wrt {names[0]} and --wrt {names[1]}: Jacobians are taken with "
+                         "respect to one model input at a time")
+    kinds = [w for w in values if w in ("inputs", "params")] + (["inputs"] if names else [])
+    out = {"wrt_input": names[0]} if names else {}
+    if "wrt" in {f.name for f in dataclasses.fields(kind)}:
+        out["wrt"] = list(dict.fromkeys(kinds)) if isinstance(wrt, list) else kinds[0]
+    return out
+
+
 # Options that only mean something when a model is run, not for a results file.
 MODEL_ONLY = ("arch", "arch_path", "trust_pickle", "key", "granularity", "max_memory", "tf32",
-              "profile", "tol", "max_steps", "probes")
+              "profile", "tol", "max_steps", "probes", "input", "const", "wrt")
 
 
 def given(ctx: typer.Context) -> set[str]:

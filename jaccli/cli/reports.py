@@ -12,9 +12,11 @@ from .errors import EXIT_GATE_ERROR, guarded
 from .options import (
     ArchOpt,
     ArchPathOpt,
+    ConstOpt,
     DeviceOpt,
     DtypeOpt,
     GranularityOpt,
+    InputOpt,
     JsonOpt,
     KeyOpt,
     LimitOpt,
@@ -22,6 +24,7 @@ from .options import (
     OffsetOpt,
     QuietOpt,
     TrustPickleOpt,
+    WrtInputOpt,
     for_results_file,
     settings_from,
 )
@@ -106,6 +109,7 @@ def check(
                          "present. Command-line bounds win.", rich_help_panel="Bounds")
     ] = None,
     arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    input: InputOpt = None, const: ConstOpt = None, wrt: WrtInputOpt = None,
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     granularity: GranularityOpt = Granularity.module, max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,

@@ -113,15 +113,23 @@ def _output_names(program: ExportedProgram, count: int) -> list[str]:
 
 
 def build_graph(program: ExportedProgram, *, static_batch: int | None, capture_path: str,
-                capture_note: str, parameters: dict[str, torch.Tensor] | None = None
-                ) -> OpGraph:
-    """The op graph of a functional (decomposed) program with one tensor input.
+                capture_note: str, parameters: dict[str, torch.Tensor] | None = None,
+                roles: tuple | None = None) -> OpGraph:
+    """The op graph of a functional (decomposed) program with one differentiated tensor input.
 
-    parameters: see `_state` (for programs converted from TorchScript)."""
+    parameters: see `_state` (for programs converted from TorchScript). roles: for a program
+    with several user inputs, what each one is: `"input"` (the one differentiated),
+    `"held"` (a per-sample tensor held fixed: a batch-shaped node, batch axis 0) or
+    `("constant", value)` (a value without batch axis: a constant node)."""
     state, user_inputs = _state(program, parameters)
-    if len(user_inputs) != 1:
+    roles = roles or ("input",)
+    if len(user_inputs) != len(roles):
         raise UnsupportedModuleError(
-            f"the model takes {len(user_inputs)} tensor inputs; jaccli needs exactly one")
+            f"the model takes {len(user_inputs)} inputs; give the ones after the first with "
+            "--input NAME=FILE or --const NAME=VALUE" if len(roles) == 1 else
+            f"the program has {len(user_inputs)} inputs for {len(roles)} arguments")
+    role_of = dict(zip(user_inputs, roles, strict=True))
+    primary = next(n for n, r in role_of.items() if r == "input")
     nodes: dict[str, OpNode] = {}
     depends: dict[str, tuple[bool, bool]] = {}  # name -> (reads input values, reads the batch)
     symbol = None
@@ -133,6 +141,10 @@ def build_graph(program: ExportedProgram, *, static_batch: int | None, capture_p
                 kind, _, value = state[name]
                 nodes[name] = OpNode(name, kind, shape=tuple(value.shape), dtype=value.dtype)
                 depends[name] = (False, False)
+                continue
+            if role_of[name] != "input":
+                nodes[name] = _extra_input(name, role_of[name], val, symbol, static_batch)
+                depends[name] = (False, nodes[name].kind == BATCH_SHAPED)
                 continue
             if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
                 raise UnsupportedModuleError(
@@ -157,13 +169,33 @@ def build_graph(program: ExportedProgram, *, static_batch: int | None, capture_p
                 nodes[name] = node
         elif fx_node.op == "output":
             outputs = _outputs(program, fx_node, nodes)
-    graph = OpGraph(nodes, user_inputs[0], outputs,
+    graph = OpGraph(nodes, primary, outputs,
                     {n: (q, v) for n, (_, q, v) in state.items()},
-                    nodes[user_inputs[0]].shape, symbol, static_batch, capture_path,
-                    capture_note, program)
+                    nodes[primary].shape, symbol, static_batch, capture_path,
+                    capture_note, program,
+                    held=tuple(n for n, r in role_of.items() if r == "held"))
     hierarchy.repair_regenerated(graph)
     hierarchy.assign_calls(graph)
     return graph
+
+
+def _extra_input(name: str, role, val, symbol: str | None, static_batch: int | None) -> OpNode:
+    """A user input that is not differentiated: a held per-sample tensor (batch-shaped, its
+    batch axis 0) or a constant (its value kept in `args`)."""
+    if role != "held":
+        value = role[1]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        return OpNode(name, CONSTANT, args=(value,), shape=shape,
+                      dtype=getattr(value, "dtype", None))
+    if symbol is None and static_batch is None:
+        shape = tuple(val.shape)  # the differentiated input comes later: its symbol is axis 0's
+        symbol = str(shape[0].node.expr) if isinstance(shape[0], torch.SymInt) else None
+    axis, shape = _batch_layout(val.shape, symbol, static_batch)
+    if axis != 0:
+        raise UnsupportedModuleError(
+            f"the input {name} held fixed must have the batch first and a static per-sample "
+            f"shape, got {tuple(val.shape)}")
+    return OpNode(name, BATCH_SHAPED, shape=shape, batch_axis=0, dtype=val.dtype)
 
 
 def _op_node(fx_node, nodes, depends, symbol, static_batch) -> OpNode | None:

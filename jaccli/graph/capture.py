@@ -18,6 +18,7 @@ In-place ops are functionalized (`run_decompositions({})`) in every path.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,23 +26,75 @@ from torch.export import Dim, ExportedProgram
 
 from ..errors import ModelLoadError, UnsupportedModuleError, UsageError
 from .build import build_graph
+from .call_layout import CallLayout
 from .hierarchy import FRAMES_META, frames_from_torchscript, raw_frames
 from .opgraph import OpGraph
 from .trace import evaluate
 
 
-def capture(model, example: torch.Tensor) -> OpGraph:
-    """The op graph of `model` for inputs shaped like `example (B, *in_shape)`, any B >= 1."""
+def capture(model, example: torch.Tensor, *, layout: CallLayout | None = None,
+            held: tuple[torch.Tensor, ...] = ()) -> OpGraph:
+    """The op graph of `model` for inputs shaped like `example (B, *in_shape)`, any B >= 1.
+
+    layout / held: for a model taking more than one argument, how it is called and example
+    values `(B, ...)` of the per-sample tensors held fixed (`layout.held`): they become
+    program inputs with the same dynamic batch axis, the constants are baked in, and the
+    graph's input is `layout.wrt`."""
     if not isinstance(example, torch.Tensor) or example.ndim < 1 or example.shape[0] < 1:
         raise UsageError("the example input must be a tensor with a batch axis first")
+    call = _Call(layout, tuple(held))
     if isinstance(model, torch.jit.ScriptModule):
-        return _from_torchscript(model, example)
+        return _from_torchscript(model, example, call)
     if isinstance(model, ExportedProgram):
-        return _from_program(model, example)
+        return _from_program(model, example, call)
     if isinstance(model, nn.Module):
-        return _from_module(model, example)
+        return _from_module(model, example, call)
     raise UsageError(f"cannot capture a {type(model).__name__}: give an nn.Module, an "
                      "ExportedProgram or a TorchScript module")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """How the captured program is called: `layout` (None: one tensor argument) and the
+    example held tensors."""
+
+    layout: CallLayout | None = None
+    held: tuple[torch.Tensor, ...] = ()
+
+    def arguments(self, x: torch.Tensor, rows: slice | None = None) -> tuple:
+        """Example arguments with `x`, the held tensors cut to `rows` (or grown like x)."""
+        if self.layout is None:
+            return (x,)
+        held = tuple(h[rows] if rows is not None else _like(h, x.shape[0]) for h in self.held)
+        return tuple(self.layout.arguments(x, held))
+
+    def dynamic_shapes(self, batch: Dim) -> tuple:
+        if self.layout is None:
+            return ({0: batch},)
+        return tuple({0: batch} if name in self.layout.batched() else None
+                     for name in self.layout.passed())
+
+    def roles(self) -> tuple | None:
+        """Per program user input: `input`, `held`, or `("constant", value)`."""
+        if self.layout is None:
+            return None
+        layout, out = self.layout, []
+        for name in layout.passed():
+            value = layout.constants.get(name, layout.defaults.get(name))
+            if name == layout.wrt:
+                out.append("input")
+            elif name in layout.held:
+                out.append("held")
+            elif value is not None:  # None is no program input
+                out.append(("constant", value))
+        return tuple(out)
+
+
+def _like(held: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first `batch` rows of `held`, its last row repeated when it has fewer."""
+    if held.shape[0] >= batch:
+        return held[:batch]
+    return torch.cat([held, held[-1:].expand(batch - held.shape[0], *held.shape[1:])])
 
 
 def _two_or_more(example: torch.Tensor) -> torch.Tensor:
@@ -59,19 +112,22 @@ def _functional(program: ExportedProgram) -> ExportedProgram:
     return program.run_decompositions({})
 
 
-def _export_dynamic(module: nn.Module, example: torch.Tensor) -> ExportedProgram:
-    return torch.export.export(module, (_two_or_more(example),),
-                               dynamic_shapes=({0: Dim("batch")},), strict=False)
+def _export_dynamic(module: nn.Module, example: torch.Tensor,
+                    call: _Call = _Call()) -> ExportedProgram:
+    return torch.export.export(module, call.arguments(_two_or_more(example)),
+                               dynamic_shapes=call.dynamic_shapes(Dim("batch")), strict=False)
 
 
-def _from_module(model: nn.Module, example: torch.Tensor, *, parameters=None,
-                 paths=("export-dynamic", "export-static"), origin="the model") -> OpGraph:
+def _from_module(model: nn.Module, example: torch.Tensor, call: _Call = _Call(), *,
+                 parameters=None, paths=("export-dynamic", "export-static"),
+                 origin="the model") -> OpGraph:
     try:
-        program = _export_dynamic(model, example)
+        program = _export_dynamic(model, example, call)
         path, note, static = paths[0], f"{origin} exported with a dynamic batch axis", None
     except Exception as dynamic_error:  # any export failure has a fallback
         try:  # one sample at a time: every batch-axis guess is then exact
-            program = torch.export.export(model, (example[:1],), strict=False)
+            program = torch.export.export(model, call.arguments(example[:1], slice(0, 1)),
+                                          strict=False)
         except Exception as error:
             raise UnsupportedModuleError(
                 f"torch.export cannot capture {origin}: {_first_line(error)}") from error
@@ -81,7 +137,7 @@ def _from_module(model: nn.Module, example: torch.Tensor, *, parameters=None,
                 f"({_first_line(dynamic_error)}); exported for one sample and run one sample "
                 "at a time")
     return build_graph(_functional(program), static_batch=static, capture_path=path,
-                       capture_note=note, parameters=parameters)
+                       capture_note=note, parameters=parameters, roles=call.roles())
 
 
 def _user_input(program: ExportedProgram):
@@ -91,7 +147,11 @@ def _user_input(program: ExportedProgram):
     raise UnsupportedModuleError("the program has no tensor input")
 
 
-def _from_program(program: ExportedProgram, example: torch.Tensor) -> OpGraph:
+def _from_program(program: ExportedProgram, example: torch.Tensor, call: _Call) -> OpGraph:
+    if call.layout is not None:  # re-exported with the held inputs' batch axes dynamic too
+        return _from_module(_with_frames(program.module()), example, call,
+                            paths=("program-reexported", "program-static"),
+                            origin="the program")
     val = _user_input(program)
     if isinstance(val.shape[0], torch.SymInt):
         return build_graph(_functional(program), static_batch=None,
@@ -101,9 +161,7 @@ def _from_program(program: ExportedProgram, example: torch.Tensor) -> OpGraph:
     if tuple(val.shape[1:]) != tuple(example.shape[1:]):
         raise UsageError(f"the example's per-sample shape {tuple(example.shape[1:])} differs "
                          f"from the program's {tuple(val.shape[1:])}")
-    module = program.module(check_guards=False)
-    for node in module.graph.nodes:  # keep the module names through the re-export
-        node.meta.setdefault("custom", {})[FRAMES_META] = raw_frames(node.meta)
+    module = _with_frames(program.module(check_guards=False))
     try:
         reexported = _export_dynamic(module, example)
     except Exception as error:  # a static program still runs, B0 at a time
@@ -118,6 +176,13 @@ def _from_program(program: ExportedProgram, example: torch.Tensor) -> OpGraph:
         _functional(reexported), static_batch=None, capture_path="program-reexported",
         capture_note=(f"the program has a static batch of {static}; its shapes do not depend "
                       "on it, so it was re-exported with a dynamic batch axis"))
+
+
+def _with_frames(module):
+    """The program's module, each node keeping its module names through a re-export."""
+    for node in module.graph.nodes:
+        node.meta.setdefault("custom", {})[FRAMES_META] = raw_frames(node.meta)
+    return module
 
 
 def _checked_static(graph: OpGraph, example: torch.Tensor) -> OpGraph:
@@ -143,7 +208,8 @@ def _checked_static(graph: OpGraph, example: torch.Tensor) -> OpGraph:
     return graph
 
 
-def _from_torchscript(script: torch.jit.ScriptModule, example: torch.Tensor) -> OpGraph:
+def _from_torchscript(script: torch.jit.ScriptModule, example: torch.Tensor,
+                      call: _Call) -> OpGraph:
     """TorchScript graph -> FX (torch's TS2EP converter, recording each node's module
     hierarchy), then exported like an eager module."""
     from torch._export import converter as ts2ep
@@ -167,7 +233,7 @@ def _from_torchscript(script: torch.jit.ScriptModule, example: torch.Tensor) -> 
     buffer.seek(0)
     script = torch.jit.load(buffer)
     try:
-        conv = ts2ep.TS2EPConverter(script, (_two_or_more(example),))
+        conv = ts2ep.TS2EPConverter(script, call.arguments(_two_or_more(example)))
         lifted, attribute_names = ts2ep.get_block_to_lifted_attrs(conv.ts_graph)
         if conv.name_to_constant:
             raise UnsupportedModuleError("the TorchScript module holds script objects "
@@ -182,6 +248,6 @@ def _from_torchscript(script: torch.jit.ScriptModule, example: torch.Tensor) -> 
         raise ModelLoadError(f"cannot convert the TorchScript module to an op graph: "
                              f"{_first_line(error)} (torch's TS2EP converter)") from error
     parameters = {name: p.detach() for name, p in script.named_parameters()}
-    return _from_module(module, example, parameters=parameters,
+    return _from_module(module, example, call, parameters=parameters,
                         paths=("torchscript-dynamic", "torchscript-static"),
                         origin="the converted TorchScript module")

@@ -188,8 +188,8 @@ class GraphEngine:
                          acc.is_chain(layer.paths), layer.note)
 
     # ----------------------------------------------------------------- compute
-    def _differentiator(self, x: torch.Tensor) -> Differentiator:
-        diff = Differentiator(self.graph, self.units, Trace(self.graph, x), self._shared)
+    def _differentiator(self, x: torch.Tensor, held: tuple = ()) -> Differentiator:
+        diff = Differentiator(self.graph, self.units, Trace(self.graph, x, held), self._shared)
         self.routes = diff.routes
         return diff
 
@@ -205,13 +205,14 @@ class GraphEngine:
                                  sizes, trace.dtype, trace.x.device)
         return acc.accumulate(p, walk, sizes, self.samples)
 
-    def compute(self, x: torch.Tensor, names: set[str] | None = None
+    def compute(self, x: torch.Tensor, names: set[str] | None = None, held: tuple = ()
                 ) -> dict[str, Structured]:
         """Every layer's Jacobian (and `END_TO_END`) for a batch `x (B, *in_shape)`, or only
         those in `names`; `last_seconds` holds the time each took (the forward pass charged
-        to the first)."""
+        to the first). held: the values `(B, ...)` of the inputs held fixed (`graph.held`),
+        here and in every method taking a batch."""
         begin = time.perf_counter()
-        diff = self._differentiator(x)
+        diff = self._differentiator(x, held)
         result, self.last_seconds = {}, {}
         wanted = [layer for layer in self.layers if names is None or layer.name in names]
         for layer in wanted:
@@ -229,10 +230,10 @@ class GraphEngine:
         self.last_seconds[name] = now - begin
         return now
 
-    def cumulative(self, x: torch.Tensor):
+    def cumulative(self, x: torch.Tensor, held: tuple = ()):
         """Yield `(layer name, J_{1:l})` for each layer: the Jacobian of its output w.r.t. the
         model input, `(B | 1, D_l, D_in)` (the depth profile of a chain model)."""
-        diff = self._differentiator(x)
+        diff = self._differentiator(x, held)
         for layer in self.layers:
             p = acc.paths(self.units, self.graph.input, layer.output)
             jac = self._jacobian(diff, p)
@@ -288,21 +289,22 @@ class GraphEngine:
 
         return JacobianOperator(d_in, sum(d_outs), apply, apply_t)
 
-    def layer_operator(self, name: str, x: torch.Tensor) -> JacobianOperator:
+    def layer_operator(self, name: str, x: torch.Tensor, held: tuple = ()) -> JacobianOperator:
         """J of layer `name` as a matrix-free operator, at the batch `x`."""
         layers = {layer.name: layer for layer in self.layers}
         if name not in layers:
             raise UsageError(f"no layer {name!r}; the layers are: {', '.join(layers)}")
-        return self._operator(self._differentiator(x), [layers[name].paths])
+        return self._operator(self._differentiator(x, held), [layers[name].paths])
 
-    def end_to_end_operator(self, x: torch.Tensor) -> JacobianOperator:
+    def end_to_end_operator(self, x: torch.Tensor, held: tuple = ()) -> JacobianOperator:
         """The model input -> selected output(s) Jacobian as a matrix-free operator."""
-        return self._operator(self._differentiator(x), self._paths())
+        return self._operator(self._differentiator(x, held), self._paths())
 
     # ----------------------------------------------------------------- parameters
     def param_jacobians(self, x: torch.Tensor, objective: Callable | None = None,
                         param_names: Sequence[str] | None = None,
-                        targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        targets: torch.Tensor | None = None, held: tuple = ()
+                        ) -> dict[str, torch.Tensor]:
         """Per-sample Jacobians of `objective(output, targets)` w.r.t. parameters.
 
         objective: `(B, *out) -> (B, C)` or `(B,)` (default: the outputs flattened); with
@@ -310,7 +312,7 @@ class GraphEngine:
         Returns `{qualified name: (B, C, *shape)}`, or `(B, *shape)` for a scalar objective.
         """
         parameters = select_parameters(self.graph, param_names)
-        diff = self._differentiator(x)
+        diff = self._differentiator(x, held)
         values = [diff.trace.values[o] for o in self.outputs]
         out = values[0] if len(values) == 1 else torch.cat(
             [v.reshape(v.shape[0], -1) for v in values], dim=1)

@@ -6,7 +6,8 @@ Node kinds:
     activation     a floating tensor computed from the input's values (differentiated)
     batch-value    a non-floating tensor computed from the input's values (max-pool indices)
     batch-shaped   a tensor whose values do not depend on the input but whose shape has the
-                   batch in it (`zeros(1, B, H)` initial RNN states, expanded class tokens)
+                   batch in it (`zeros(1, B, H)` initial RNN states, expanded class tokens,
+                   a per-sample model input held fixed and what is computed from it alone)
     derived        a tensor computed from parameters and constants only (`W.t()`)
     symbolic       a Python scalar that depends on the batch size (`x.size(0)`)
     scalar         a Python scalar constant
@@ -110,6 +111,8 @@ class OpGraph:
     state: placeholder node -> (qualified state_dict name, tensor) for parameters, buffers
     and constants. static_batch: None for a dynamic batch; else the fixed batch size B0 of a
     program run B0 samples at a time. capture_path / capture_note: how it was captured, why.
+    held: the placeholders of the per-sample model inputs held fixed (batch-shaped nodes),
+    in the order a trace takes their values.
     """
 
     nodes: dict[str, OpNode]
@@ -122,6 +125,7 @@ class OpGraph:
     capture_path: str
     capture_note: str
     program: Any = None
+    held: tuple[str, ...] = ()
     consumers: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

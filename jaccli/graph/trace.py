@@ -52,13 +52,17 @@ def state_value(graph: OpGraph, name: str, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
 
 
-def evaluate(graph: OpGraph, x: torch.Tensor) -> dict[str, object]:
-    """Every node's value for x (one run of the program as it is)."""
-    env: dict[str, object] = {}
+def evaluate(graph: OpGraph, x: torch.Tensor, held: tuple[torch.Tensor, ...] = ()
+             ) -> dict[str, object]:
+    """Every node's value for x (one run of the program as it is); held: the values of the
+    inputs held fixed (`graph.held`), `(B, ...)` each."""
+    env: dict[str, object] = dict(zip(graph.held, held, strict=True))
     for node in graph.nodes.values():
+        if node.name in env:
+            continue
         if node.kind == INPUT:
             env[node.name] = x
-        elif node.kind in STATE:
+        elif node.kind in STATE and node.name in graph.state:
             env[node.name] = state_value(graph, node.name, x.dtype)
         elif node.kind == CONSTANT:
             env[node.name] = node.args[0]
@@ -86,28 +90,35 @@ def take_chunk(t: torch.Tensor, axis: int, start: int, count: int, size: int) ->
 
 
 class Trace:
-    """The values of every node for a batch `x (B, *in_shape)`.
+    """The values of every node for a batch `x (B, *in_shape)` and the inputs held fixed
+    `held` (`graph.held`, each `(B, ...)`).
 
     values: node -> value (tensors with a batch axis hold all B samples). sample_scalars:
     the value of each batch-dependent scalar for ONE sample (used when replaying an op on a
     single sample: `view(x, [B, 48])` becomes `view(x, [1, 48])`).
     """
 
-    def __init__(self, graph: OpGraph, x: torch.Tensor):
+    def __init__(self, graph: OpGraph, x: torch.Tensor, held: tuple[torch.Tensor, ...] = ()):
         if tuple(x.shape[1:]) != graph.input_shape:
             raise ModelRunError(f"the input's per-sample shape {tuple(x.shape[1:])} differs "
                                 f"from the captured one {graph.input_shape}")
+        held = tuple(held)
+        if len(held) != len(graph.held) or any(h.shape[0] != x.shape[0] for h in held):
+            raise ModelRunError(f"the model takes {len(graph.held)} input(s) held fixed with "
+                                f"the {x.shape[0]} samples; got "
+                                f"{[tuple(h.shape) for h in held]}")
         self.graph, self.x, self.batch, self.dtype = graph, x, x.shape[0], x.dtype
         self.unit_batch = graph.static_batch or 1
         if graph.static_batch is None:
-            self.values = evaluate(graph, x)
+            self.values = evaluate(graph, x, held)
         else:
-            self.values = self._evaluate_chunks(x)
+            self.values = self._evaluate_chunks(x, held)
         self.sample_scalars = self._sample_scalars()
 
-    def _evaluate_chunks(self, x: torch.Tensor) -> dict[str, object]:
+    def _evaluate_chunks(self, x: torch.Tensor, held: tuple) -> dict[str, object]:
         size = self.graph.static_batch
-        runs = [evaluate(self.graph, take_chunk(x, 0, start, count, size))
+        runs = [evaluate(self.graph, take_chunk(x, 0, start, count, size),
+                         tuple(take_chunk(h, 0, start, count, size) for h in held))
                 for start, count in pad_chunks(x.shape[0], size)]
         counts = [count for _, count in pad_chunks(x.shape[0], size)]
         values = dict(runs[0])

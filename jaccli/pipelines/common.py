@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ShapeMismatchError, UsageError
+from ..graph.call_layout import call as call_model
 from ..io.data import DataSource, load_data
 from ..io.hashing import sha256_file
 from ..io.models import LoadedModel, load_model
@@ -23,6 +24,7 @@ from ..io.results.output_guard import check_output
 from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions, shard_range
 from ..tracing.independence import check_sample_independence, distinct_rows
 from .integer_inputs import refuse_integer_input
+from .model_inputs import ModelCall, on_device, provenance_of, resolve_call
 from .resources import memory_budget, resolve_device, resolve_dtype
 
 TRACE_SAMPLES = 4  # the example batch layers are traced on
@@ -44,6 +46,24 @@ class Inputs:
     example: torch.Tensor  # the first few samples: what graphs and layers are traced on
     graph: Any = None  # the captured operator graph (`engines.make_engine` fills it in)
     capture_note: str = ""  # how it was captured, or why it could not be
+    call: ModelCall | None = None  # a forward taking several arguments: how it is called
+    held_example: tuple = ()  # the example's rows of the inputs held fixed
+
+    @property
+    def layout(self):
+        return None if self.call is None else self.call.layout
+
+    def held(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Rows `start:stop` of the inputs held fixed (none for a one-argument model)."""
+        if self.call is None:
+            return ()
+        return self.call.held_rows(start, stop, self.device, self.dtype)
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Samples `start:stop`: the differentiated input `(B, *in_shape)` and the inputs
+        held fixed."""
+        return to_tensor(self.data.read(start, stop), self.device, self.dtype), \
+            self.held(start, stop)
 
 
 def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) -> Inputs:
@@ -56,14 +76,22 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) 
                      limit=selection.limit)
     if selection.shard is not None:
         data = shard_of(data, selection)
-    data.match_input_shape(loaded.input_shape)
+    call = resolve_call(loaded, source, data)
+    if call is None or call.wrt is data:  # the declared shape is the first argument's
+        data.match_input_shape(loaded.input_shape)
     data.check_finite()
+    if call is not None:
+        data, call = call.wrt, on_device(call, device, dtype)
     model = frozen(loaded.module.to(device=device, dtype=dtype))
     retarget_dtype(model, dtype)  # dtypes baked into an exported graph follow --dtype
-    rows = data.read(0, min(len(data), TRACE_SAMPLES))
-    refuse_integer_input(model, rows, selection.path, device, dtype)
+    count = min(len(data), TRACE_SAMPLES)
+    rows = data.read(0, count)
+    if call is None:
+        refuse_integer_input(model, rows, selection.path, device, dtype)
     example = to_tensor(rows, device, dtype)
-    return Inputs(source, loaded, data, model, device, dtype, example)
+    held = call.held_rows(0, count, device, dtype) if call is not None else ()
+    return Inputs(source, loaded, data, model, device, dtype, example, call=call,
+                  held_example=held)
 
 
 def shard_of(data, selection: DataSelection):
@@ -84,8 +112,20 @@ def check_independence(inputs: Inputs, batch_size: int) -> None:
     if inputs.loaded.static_batch is not None:
         return
     n = min(batch_size, len(inputs.data))
-    rows = distinct_rows(np.asarray(inputs.data.read(0, n)))
-    check_sample_independence(inputs.model, to_tensor(rows, inputs.device, inputs.dtype))
+    rows = to_tensor(distinct_rows(np.asarray(inputs.data.read(0, n))), inputs.device,
+                     inputs.dtype)
+    if inputs.call is None:
+        check_sample_independence(inputs.model, rows)
+        return
+    held = inputs.held(0, n)
+
+    def by_index(index: torch.Tensor):  # the model on rows `index` of every input
+        i = index.long()
+        return call_model(inputs.model, inputs.layout, rows[i], tuple(h[i] for h in held))
+
+    # a batch of row numbers: slicing it slices every input alike
+    check_sample_independence(by_index, torch.arange(n, device=inputs.device,
+                                                     dtype=inputs.dtype))
 
 
 def load(source: ModelSource) -> LoadedModel:
@@ -134,7 +174,7 @@ def provenance(command_line: str, inputs: Inputs, **facts) -> dict:
         "model_sha256": sha256_file(inputs.source.path),
         "data_path": str(data.path), "data_key": data.key or "", "data_offset": data.offset,
         "data_sha256": data.sha256 or sha256_file(data.path), "n_samples": len(data),
-        **facts,
+        **provenance_of(inputs.call), **facts,
     }
 
 

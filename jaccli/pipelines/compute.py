@@ -13,6 +13,7 @@ import torch
 
 from ..engine.structures import Matrix, Structured
 from ..errors import OutOfMemoryError, UsageError, is_out_of_memory
+from ..graph.call_layout import call as call_model
 from ..graph.params import select_parameters
 from ..io.data import DataSource
 from ..io.results.writer import ResultsWriter
@@ -28,7 +29,6 @@ from .common import (
     load_inputs,
     load_targets,
     provenance,
-    to_tensor,
 )
 from .engines import Engine, GraphRun, make_engine
 from .planner import Plan, PlanEntry, check_disk, make_plan
@@ -125,9 +125,9 @@ def _param_setup(settings: ComputeSettings, inputs: Inputs, engine: Engine) -> P
         targets = load_targets(options.targets, options.targets_key, settings.data,
                                len(inputs.data))
     fn = objective(output_index=options.output_index, loss=options.loss)
-    example = to_tensor(inputs.data.read(0, 1), inputs.device, inputs.dtype)
+    example, held = inputs.batch(0, 1)
     with torch.no_grad():
-        output = inputs.model(example)
+        output = call_model(inputs.model, inputs.layout, example, held)
     example_targets = None
     if targets is not None:
         check_targets(options.loss, targets.read(0, len(targets)), tuple(output.shape[1:]))
@@ -243,8 +243,8 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
         sink = ResultSink(writer if output.path else None, plan, norms, settings.store,
                           np.float64 if inputs.dtype == torch.float64 else np.float32)
         try:
-            for start, x in _batches(data, batching, inputs):
-                for part in _compute_batch(p, start, x, batching):
+            for start, x, held in _batches(data, batching, inputs):
+                for part in _compute_batch(p, start, x, held, batching):
                     part_start, count, results, spent = part
                     for name, value in spent.items():
                         seconds[name] += value
@@ -275,29 +275,31 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
 
 
 def _batches(data: DataSource, batching: _Batching, inputs: Inputs
-             ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Batches of the current size (which shrinks for good after an out-of-memory retry)."""
+             ) -> Iterator[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """Batches `(start, x, held)` of the current size (which shrinks for good after an
+    out-of-memory retry); held: the rows of the inputs held fixed."""
     start = 0
     while start < len(data):
         stop = min(start + batching.size, len(data))
-        yield start, to_tensor(data.read(start, stop), inputs.device, inputs.dtype)
+        yield start, *inputs.batch(start, stop)
         start = stop
 
 
-def _compute_batch(p: Prepared, start: int, x: torch.Tensor,
+def _compute_batch(p: Prepared, start: int, x: torch.Tensor, held: tuple,
                    batching: _Batching
                    ) -> Iterator[tuple[int, int, dict[str, Structured], dict[str, float]]]:
-    """Yield `(start, count, Jacobians, seconds)` for the batch `x` (B, *in_shape).
+    """Yield `(start, count, Jacobians, seconds)` for the batch `x` (B, *in_shape) with the
+    inputs held fixed `held` (B, ...).
 
     When memory runs out, the batch is halved (for the rest of the run too) and retried.
     """
     try:
-        results = p.engine.compute(x, chunk_size=p.plan.chunk_size) if p.engine.entries \
-            else {}
+        results = p.engine.compute(x, chunk_size=p.plan.chunk_size, held=held) \
+            if p.engine.entries else {}
         spent = {name: p.engine.last_seconds.get(name, 0.0) for name in results}
         if p.param_setup is not None:
             begin = time.perf_counter()
-            params = _param_batch(p, start, x)
+            params = _param_batch(p, start, x, held)
             each = (time.perf_counter() - begin) / len(params)
             results |= params
             spent |= dict.fromkeys(params, each)
@@ -315,11 +317,13 @@ def _compute_batch(p: Prepared, start: int, x: torch.Tensor,
         torch.cuda.empty_cache()
     half = x.shape[0] // 2
     batching.size = min(batching.size, half)
-    yield from _compute_batch(p, start, x[:half], batching)
-    yield from _compute_batch(p, start + half, x[half:], batching)
+    yield from _compute_batch(p, start, x[:half], tuple(h[:half] for h in held), batching)
+    yield from _compute_batch(p, start + half, x[half:], tuple(h[half:] for h in held),
+                              batching)
 
 
-def _param_batch(p: Prepared, start: int, x: torch.Tensor) -> dict[str, Structured]:
+def _param_batch(p: Prepared, start: int, x: torch.Tensor, held: tuple
+                 ) -> dict[str, Structured]:
     """Per-sample parameter Jacobians of one batch, as `(B, C, D)` matrices."""
     setup = p.param_setup
     targets = None
@@ -328,7 +332,8 @@ def _param_batch(p: Prepared, start: int, x: torch.Tensor) -> dict[str, Structur
         targets = targets.to(x.device)
     if setup.modules is None:
         jacobians = p.engine.engine.param_jacobians(x, setup.objective,
-                                                    [q.name for q in setup.params], targets)
+                                                    [q.name for q in setup.params], targets,
+                                                    held)
     else:
         jacobians = param_jacobians(p.inputs.model, x, setup.objective, targets,
                                     setup.modules)

@@ -70,15 +70,18 @@ class Engine:
     last_seconds: dict[str, float]
 
     def compute(self, x: torch.Tensor, *, names: set[str] | None = None,
-                chunk_size: int | None = None) -> dict[str, Structured]:
-        """`{entry name: structured Jacobian}` for a batch `x (B, *in_shape)`."""
+                chunk_size: int | None = None, held: tuple = ()) -> dict[str, Structured]:
+        """`{entry name: structured Jacobian}` for a batch `x (B, *in_shape)`; held: the
+        values `(B, ...)` of the model inputs held fixed (graph engine only), here and in
+        every method taking a batch."""
         raise NotImplementedError
 
-    def operator(self, name: str, x: torch.Tensor) -> tuple[Apply, Apply]:
+    def operator(self, name: str, x: torch.Tensor, held: tuple = ()) -> tuple[Apply, Apply]:
         """`(V ↦ J V, U ↦ Jᵀ U)` for entry `name` at `x`, on blocks `(B, D, b)`."""
         raise NotImplementedError
 
-    def cumulative(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def cumulative(self, x: torch.Tensor, held: tuple = ()
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
         """`(layer, J_{1:l})`: each layer output's Jacobian w.r.t. the model input."""
         raise NotImplementedError
 
@@ -127,18 +130,18 @@ class GraphRun(Engine):
             sum(math.prod(s) for s in shapes),)
         self.last_seconds = {}
 
-    def compute(self, x, *, names=None, chunk_size=None):
-        result = self.engine.compute(x, names)
+    def compute(self, x, *, names=None, chunk_size=None, held=()):
+        result = self.engine.compute(x, names, held)
         self.last_seconds = dict(self.engine.last_seconds)
         return result
 
-    def operator(self, name, x):
-        op = (self.engine.end_to_end_operator(x) if name == END_TO_END
-              else self.engine.layer_operator(name, x))
+    def operator(self, name, x, held=()):
+        op = (self.engine.end_to_end_operator(x, held) if name == END_TO_END
+              else self.engine.layer_operator(name, x, held))
         return op.jvp, op.vjp
 
-    def cumulative(self, x):
-        yield from self.engine.cumulative(x)
+    def cumulative(self, x, held=()):
+        yield from self.engine.cumulative(x, held)
 
     def route_of(self, name):
         return self.engine.route_of(name)
@@ -168,14 +171,15 @@ def _entry(row: LayerPlan, module: nn.Module | None) -> EntryPlan:
                      row.note, leaf)
 
 
-def capture_graph(model, example: torch.Tensor, device: torch.device, dtype: torch.dtype
-                  ) -> tuple[OpGraph | None, str]:
+def capture_graph(model, example: torch.Tensor, device: torch.device, dtype: torch.dtype, *,
+                  layout=None, held: tuple = ()) -> tuple[OpGraph | None, str]:
     """The operator graph of `model` (module, ExportedProgram or ScriptModule), its state on
-    `device` in `dtype`; or None and why it could not be captured."""
+    `device` in `dtype`; or None and why it could not be captured. layout / held: how a
+    forward taking several arguments is called (`jaccli.graph.capture`)."""
     try:
         with warnings.catch_warnings():  # torch's own deprecation notices are not the user's
             warnings.simplefilter("ignore")
-            graph = capture(model, example)
+            graph = capture(model, example, layout=layout, held=held)
     except Exception as exc:  # export and conversion fail in many ways
         if is_out_of_memory(exc):
             raise
@@ -208,8 +212,9 @@ def make_engine(inputs, layers: LayerSelection, run: RunOptions, *, inputs_wrt: 
     end_to_end = layers.end_to_end and inputs_wrt
     if inputs.graph is None and not inputs.capture_note:
         target = loaded.program if loaded.program is not None else inputs.model
-        inputs.graph, inputs.capture_note = capture_graph(target, inputs.example,
-                                                          inputs.device, inputs.dtype)
+        inputs.graph, inputs.capture_note = capture_graph(
+            target, inputs.example, inputs.device, inputs.dtype,
+            layout=inputs.layout, held=inputs.held_example)
     if inputs.graph is not None:
         module = None if loaded.format is ModelFormat.TORCHSCRIPT else inputs.model
         engine = GraphRun(inputs.graph, granularity=layers.granularity,
@@ -219,6 +224,9 @@ def make_engine(inputs, layers: LayerSelection, run: RunOptions, *, inputs_wrt: 
                           samples=n_samples or len(inputs.data))
         _apply_run_options(engine, run)
         return engine
+    if inputs.call is not None:
+        raise UnsupportedModuleError(f"--input/--const/--wrt NAME need the operator graph, "
+                                     f"and {inputs.capture_note}")
     if layers.output is not None:
         raise UsageError(f"--model-output needs the operator graph, and "
                          f"{inputs.capture_note}")

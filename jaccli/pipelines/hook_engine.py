@@ -69,12 +69,13 @@ class HookRun(Engine):
                              x)
         return {r.site: r for r in calls}
 
-    def compute(self, x, *, names=None, chunk_size=None):
+    def compute(self, x, *, names=None, chunk_size=None, held=()):
+        # held is always empty: make_engine gives models with extra inputs the graph only
         result = self.engine.compute(x, self._records(x), names=names, chunk_size=chunk_size)
         self.last_seconds = dict(self.engine.last_seconds)
         return result
 
-    def operator(self, name, x):
+    def operator(self, name, x, held=()):
         records = self._records(x) if name == END_TO_END else self._all_records(x)
         if name == END_TO_END:
             return self.engine.end_to_end_operator(x, records)
@@ -86,7 +87,7 @@ class HookRun(Engine):
                              x)
         return {r.site: r for r in calls}
 
-    def cumulative(self, x):
+    def cumulative(self, x, held=()):
         yield from self.engine.cumulative(x, self._all_records(x))
 
     def route_of(self, name):

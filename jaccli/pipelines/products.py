@@ -24,7 +24,6 @@ from .common import (
     load_targets,
     product_batch_size,
     provenance,
-    to_tensor,
 )
 from .engines import END_TO_END, Engine, GraphRun, make_engine
 
@@ -34,6 +33,9 @@ def run_products(settings: ProductSettings) -> dict:
     s = settings
     if s.layer is not None and s.wrt == "params":
         raise UsageError("--layer goes with --wrt inputs")
+    if s.wrt == "params" and (s.model.inputs or s.model.constants):
+        raise UsageError("jvp/vjp --wrt params take models of one input; --input and --const "
+                         "go with --wrt inputs or --wrt NAME")
     guard_output(s.output, s.model, s.data, s.vectors)
     inputs = load_inputs(s.model, s.data, s.run)
     n = len(inputs.data)
@@ -50,10 +52,10 @@ def run_products(settings: ProductSettings) -> dict:
     products = []
     for start in range(0, n, batch):
         stop = min(start + batch, n)
-        x = to_tensor(inputs.data.read(start, stop), inputs.device, inputs.dtype)
+        x, held = inputs.batch(start, stop)
         v = vectors[start:stop] if vectors.shape[0] == n else vectors
         product = (_param_product(s, inputs, engine, params, x, v) if params is not None
-                   else _input_product(s, engine, entry, x, v))
+                   else _input_product(s, engine, entry, x, v, held))
         products.append(product.detach().cpu())
     result = torch.cat(products).to(torch.float64).numpy()
     norms = np.linalg.norm(result.reshape(n, -1), axis=1)
@@ -122,14 +124,15 @@ def _vectors(settings: ProductSettings, n: int) -> torch.Tensor:
     return torch.from_numpy(array.reshape(n, -1))
 
 
-def _input_product(settings: ProductSettings, engine: Engine, entry, x, v) -> torch.Tensor:
+def _input_product(settings: ProductSettings, engine: Engine, entry, x, v, held
+                   ) -> torch.Tensor:
     b = x.shape[0]
     v = v.to(device=x.device, dtype=x.dtype)
     expected = entry.d_in if settings.direction == "jvp" else entry.d_out
     if v.shape[-1] != expected:
         raise ShapeMismatchError(f"--vectors have {v.shape[-1]} entries per sample; "
                                  f"{settings.direction} needs {expected}")
-    apply_j, apply_jt = engine.operator(entry.name, x)
+    apply_j, apply_jt = engine.operator(entry.name, x, held)
     block = (v.expand(b, -1) if v.shape[0] == 1 else v)[:, :, None]
     return (apply_j if settings.direction == "jvp" else apply_jt)(block)[:, :, 0]
 

@@ -24,7 +24,6 @@ from .common import (
     guard_output,
     load_inputs,
     provenance,
-    to_tensor,
 )
 from .engines import Engine, make_engine
 from .planner import Plan, make_plan
@@ -92,19 +91,19 @@ def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun 
     with tf32_mode(settings.run.tf32):
         for start in range(0, len(data), run.batch_size):
             stop = min(start + run.batch_size, len(data))
-            x = to_tensor(data.read(start, stop), inputs.device, inputs.dtype)
-            jacobians = engine.compute(x, names=structured, chunk_size=run.plan.chunk_size) \
-                if structured else {}
+            x, held = inputs.batch(start, stop)
+            jacobians = engine.compute(x, names=structured, chunk_size=run.plan.chunk_size,
+                                       held=held) if structured else {}
             for i, entry in enumerate(run.entries):
                 begin = time.perf_counter()
-                spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, cache)
+                spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, held, cache)
                 results[entry.name].add(spectrum, quantities)
                 results[entry.name].seconds += time.perf_counter() - begin
                 if on_batch is not None:  # a share of the batch per layer decomposed
                     on_batch((stop - start) / len(run.entries),
                              note=f"layer {i + 1}/{len(run.entries)} {entry.name}")
             if profile is not None:
-                profile.add(x, budget=run.plan.budget)
+                profile.add(x, held, budget=run.plan.budget)
     for e in engine.entries:  # what the engine says about an entry (outputs, inputs used)
         if e.note and e.name in results:
             results[e.name].note = "; ".join(filter(None, [results[e.name].note, e.note]))
@@ -132,7 +131,7 @@ def _all_layers(run: SpectrumRun) -> bool:
     return not run.settings.layers.patterns and run.settings.layers.include_layers
 
 
-def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
+def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x, held,
                     cache) -> tuple[Spectrum, dict[str, torch.Tensor]]:
     n = x.shape[0]
     settings = run.settings
@@ -153,7 +152,7 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
             return Spectrum(values[:, :entry.k], False, spectrum.method, spectrum.note), \
                 quantities
         return _complete(spectrum, entry)
-    apply_j, apply_jt = run.engine.operator(entry.name, x)
+    apply_j, apply_jt = run.engine.operator(entry.name, x, held)
     result = top_singular_values(apply_j, apply_jt, n=n, d_in=entry.d_in, d_out=entry.d_out,
                                  k=entry.k, dtype=x.dtype, device=x.device, tol=settings.tol,
                                  max_steps=settings.max_steps)
@@ -185,7 +184,7 @@ class _Profile:
         self.count = np.zeros(len(names))
         self.skipped = ""
 
-    def add(self, x, budget: int) -> None:
+    def add(self, x, held, budget: int) -> None:
         if self.skipped:
             return
         widest = max(e.d_out for e in self.engine.entries if e.kind == "layer")
@@ -194,7 +193,7 @@ class _Profile:
             self.skipped = (f"cumulative Jacobians need {need / 2**30:.1f} GiB per batch, over "
                             "the memory budget")
             return
-        for i, (_, block) in enumerate(self.engine.cumulative(x)):
+        for i, (_, block) in enumerate(self.engine.cumulative(x, held)):
             j = block.expand(x.shape[0], -1, -1)
             gram = j @ j.transpose(1, 2) if j.shape[1] <= j.shape[2] else \
                 j.transpose(1, 2) @ j

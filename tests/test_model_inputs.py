@@ -1,0 +1,350 @@
+"""Models whose forward takes several arguments: `--input NAME=FILE[:KEY]`, `--const
+NAME=VALUE`, `--wrt NAME`. Jacobians w.r.t. the chosen input, the others held fixed, match
+float64 autograd per sample (torch.autograd.functional.jacobian) for eager (state_dict +
+--arch), `.pt2` and TorchScript models; bad calls fail in one line with no output file."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import jaccli
+from jaccli.cli import app
+
+runner = CliRunner()
+FACTORIES = '''
+import torch
+from torch import nn
+
+
+class Gated(nn.Module):
+    """forward(x (B, 5), y (B, 3)) -> (B, 2): a product of the two branches, gated."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.b = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x, y):
+        return self.out(torch.tanh(self.a(x)) * torch.sigmoid(self.b(y)) + 0.1 * self.b(y))
+
+
+class Scaled(nn.Module):
+    """forward(x (B, 4), shift (4,), scale: float, square: bool = False) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, shift, scale: float, square: bool = False):
+        h = torch.tanh(self.fc(x + shift)) * scale
+        return h * h if square else h
+
+
+class Tokens(nn.Module):
+    """forward(x (B, 4), ids (B, 3) int64) -> (B, 2): an embedding of ids gates x."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, ids):
+        return self.fc(torch.tanh(x * self.embed(ids).mean(1)))
+
+
+class Rate(nn.Module):
+    """forward(x (B, 6), sr: int) like silero-vad: the branch depends on the constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, sr: int):
+        if sr == 16000:
+            return torch.tanh(self.fc(x))
+        return self.fc(x) * 2.0
+
+
+def gated():
+    torch.manual_seed(0)
+    return Gated()
+
+
+def scaled():
+    torch.manual_seed(1)
+    return Scaled()
+
+
+def tokens():
+    torch.manual_seed(2)
+    return Tokens()
+
+
+def rate():
+    torch.manual_seed(3)
+    return Rate()
+'''
+N = 5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    (folder / "input_factories.py").write_text(FACTORIES)
+    rng = np.random.default_rng(0)
+    np.save(folder / "x.npy", rng.normal(size=(N, 5)))
+    np.savez(folder / "more.npz", y=rng.normal(size=(N, 3)), other=rng.normal(size=(N, 2)))
+    np.save(folder / "y_short.npy", rng.normal(size=(N - 1, 3)))
+    np.save(folder / "x4.npy", rng.normal(size=(N, 4)))
+    np.save(folder / "x6.npy", rng.normal(size=(N, 6)))
+    np.save(folder / "shift.npy", rng.normal(size=(4,)))
+    np.save(folder / "ids.npy", rng.integers(0, 7, size=(N, 3)))
+    return folder
+
+
+def _model(name):
+    namespace = {}
+    exec(compile(FACTORIES, "input_factories.py", "exec"), namespace)  # noqa: S102
+    return namespace[name]().eval()
+
+
+def _source(folder, name, fmt, example):
+    """The model file in `fmt` and the options that load it."""
+    model = _model(name)
+    if fmt == "state_dict":
+        torch.save(model.state_dict(), folder / f"{name}.pt")
+        return [folder / f"{name}.pt", "--arch", f"input_factories:{name}", "--arch-path",
+                folder]
+    if fmt == "pt2":
+        batch = torch.export.Dim("batch")
+        program = torch.export.export(model, example,
+                                      dynamic_shapes=tuple({0: batch} for _ in example))
+        torch.export.save(program, folder / f"{name}.pt2")
+        return [folder / f"{name}.pt2"]
+    torch.jit.save(torch.jit.script(model), folder / f"{name}.ts")
+    return [folder / f"{name}.ts"]
+
+
+def _reference(fn, inputs, wrt: int) -> np.ndarray:
+    """(N, D_out, D_in) Jacobians of fn(*inputs) w.r.t. inputs[wrt], per sample, float64."""
+    out = []
+    for i in range(inputs[wrt].shape[0]):
+        rows = [t[i:i + 1] for t in inputs]
+
+        def one(v, rows=rows):
+            args = list(rows)
+            args[wrt] = v[None]
+            return fn(*args)[0]
+
+        jac = torch.autograd.functional.jacobian(one, rows[wrt][0])
+        out.append(jac.reshape(-1, rows[wrt][0].numel()).numpy())
+    return np.stack(out)
+
+
+def _run(args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _end_to_end(path):
+    with jaccli.open_results(path) as results:
+        return results.jacobian("end_to_end")
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "pt2", "torchscript"])
+@pytest.mark.parametrize("wrt", [None, "x", "y", "1"])
+def test_two_inputs_match_autograd_wrt_either(folder, fmt, wrt):
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    source = _source(folder, "gated", fmt, (x[:2].float(), y[:2].float()))
+    out = folder / f"gated_{fmt}_{wrt}.h5"
+    result = _run(["compute", *source, folder / "x.npy", "--input",
+                   f"y={folder / 'more.npz'}:y", *(["--wrt", wrt] if wrt else []),
+                   "--dtype", "float64", "-q", "-o", out])
+    assert result.exit_code == 0, result.output
+    position = 1 if wrt in ("y", "1") else 0
+    expected = _reference(_model("gated").double(), [x, y], position)
+    got = _end_to_end(out)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-12 * max(1.0, np.abs(expected).max())
+    with h5py.File(out) as f:
+        record = json.loads(f.attrs["model_inputs"])
+        assert f.attrs["wrt_input"] == ("y" if position else "x")
+    assert record["arguments"] == ["x", "y"]
+    assert record["inputs"]["y"] == {"path": str(folder / "more.npz"), "key": "y",
+                                     "held": not position}
+    assert record["inputs"]["x"]["held"] is bool(position)
+
+
+def test_per_layer_jacobians_are_those_on_the_differentiated_path(folder):
+    """w.r.t. y, both calls of layer b have its weight as Jacobian, and layer a (reading x
+    only) is absent."""
+    source = _source(folder, "gated", "state_dict", None)
+    out = folder / "layers.h5"
+    result = _run(["compute", *source, folder / "x.npy", "--input",
+                   f"y={folder / 'more.npz'}:y", "--wrt", "y", "--dtype", "float64",
+                   "--store", "dense", "-q", "-o", out])
+    assert result.exit_code == 0, result.output
+    weight = _model("gated").b.weight.detach().double().numpy()
+    with jaccli.open_results(out) as results:
+        names = [g.name for g in results.groups()]
+        calls = [results.jacobian(name) for name in ("b#0", "b#1")]
+    assert "a" not in names
+    for got in calls:
+        np.testing.assert_allclose(got, np.broadcast_to(weight, (N, 4, 3)), rtol=0,
+                                   atol=1e-15)
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "torchscript"])
+def test_constants_number_tensor_and_bool(folder, fmt):
+    x = torch.from_numpy(np.load(folder / "x4.npy"))
+    shift = torch.from_numpy(np.load(folder / "shift.npy"))
+    source = _source(folder, "scaled", fmt, None)
+    for square in (False, True):
+        out = folder / f"scaled_{fmt}_{square}.h5"
+        result = _run(["compute", *source, folder / "x4.npy", "--const",
+                       f"shift={folder / 'shift.npy'}", "--const", "scale=2.5",
+                       *(["--const", "square=true"] if square else []), "--dtype", "float64",
+                       "-q", "-o", out])
+        assert result.exit_code == 0, result.output
+        model = _model("scaled").double()
+        expected = _reference(lambda v, m=model, s=square: m(v, shift, 2.5, s), [x], 0)
+        assert np.abs(_end_to_end(out) - expected).max() < 1e-12
+
+
+def test_torchscript_constant_argument_like_silero_vad(folder):
+    """forward(x, sr: int): the constant reaches the model (each value takes its branch)."""
+    x = torch.from_numpy(np.load(folder / "x6.npy"))
+    source = _source(folder, "rate", "torchscript", None)
+    model = _model("rate").double()
+    for sr in (16000, 8000):
+        out = folder / f"rate_{sr}.h5"
+        result = _run(["compute", *source, folder / "x6.npy", "--const", f"sr={sr}",
+                       "--dtype", "float64", "-q", "-o", out])
+        assert result.exit_code == 0, result.output
+        expected = _reference(lambda v, s=sr: model(v, s), [x], 0)
+        assert np.abs(_end_to_end(out) - expected).max() < 1e-12
+    _refused(folder, ["compute", *source, folder / "x6.npy"], 2, "takes x, sr",
+             "--const sr=VALUE")
+
+
+def test_integer_input_held_fixed(folder):
+    x = torch.from_numpy(np.load(folder / "x4.npy"))
+    ids = torch.from_numpy(np.load(folder / "ids.npy"))
+    source = _source(folder, "tokens", "state_dict", None)
+    out = folder / "tokens.h5"
+    result = _run(["compute", *source, folder / "x4.npy", "--input",
+                   f"ids={folder / 'ids.npy'}", "--dtype", "float64", "-q", "-o", out])
+    assert result.exit_code == 0, result.output
+    model = _model("tokens").double()
+    expected = _reference(lambda v, i: model(v, i), [x, ids], 0)
+    assert np.abs(_end_to_end(out) - expected).max() < 1e-12
+
+
+def test_spectrum_and_jvp_with_a_held_input(folder):
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    source = _source(folder, "gated", "state_dict", None)
+    inputs = ["--input", f"y={folder / 'more.npz'}:y", "--wrt", "y", "--dtype", "float64"]
+    jac = torch.from_numpy(_reference(_model("gated").double(), [x, y], 1))
+    out = folder / "spectra.h5"
+    result = _run(["spectrum", *source, folder / "x.npy", *inputs, "--no-layers", "-q",
+                   "-o", out])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["end_to_end/singular_values"][:],
+                                   torch.linalg.svdvals(jac).numpy(), rtol=1e-10)
+        assert f.attrs["wrt_input"] == "y"
+    v = np.random.default_rng(3).normal(size=(N, 3))
+    np.save(folder / "v.npy", v)
+    result = _run(["jvp", *source, folder / "x.npy", *inputs, "--vectors", folder / "v.npy",
+                   "-q", "-o", folder / "jvp.h5"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(folder / "jvp.h5") as f:
+        np.testing.assert_allclose(f["products/product/product"][:],
+                                   (jac @ torch.from_numpy(v)[:, :, None])[:, :, 0].numpy(),
+                                   rtol=1e-10)
+
+
+def _refused(folder, args, code, *words):
+    out = folder / "refused.h5"
+    result = _run([*args, "-o", out])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaccli: error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_bad_calls_fail_in_one_line(folder):
+    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    y = f"y={folder / 'more.npz'}:y"
+    _refused(folder, ["compute", *gated, "--input", f"z={folder / 'more.npz'}:y"], 2,
+             "no argument 'z'", "x, y")
+    _refused(folder, ["compute", *gated, "--input", y, "--wrt", "w"], 2, "x, y")
+    _refused(folder, ["compute", *gated, "--input", f"y={folder / 'y_short.npy'}"], 1,
+             "4 samples", "5")
+    _refused(folder, ["spectrum", *gated, "--input", f"y={folder / 'y_short.npy'}"], 1,
+             "4 samples")
+    _refused(folder, ["compute", *gated, "--input", "y"], 2, "NAME=FILE")
+    scaled = [*_source(folder, "scaled", "state_dict", None), folder / "x4.npy"]
+    shift = f"shift={folder / 'shift.npy'}"
+    _refused(folder, ["compute", *scaled, "--const", shift, "--const", "scale=2",
+                      "--wrt", "scale"], 2, "constant")
+    _refused(folder, ["compute", *scaled, "--const", shift], 2, "scale", "--const scale=")
+    _refused(folder, ["compute", *scaled, "--const", "shift=nothing.npy", "--const",
+                      "scale=2"], 2, "a number, true/false or a tensor file")
+    tokens = [*_source(folder, "tokens", "state_dict", None), folder / "x4.npy"]
+    _refused(folder, ["compute", *tokens, "--input", f"ids={folder / 'ids.npy'}", "--wrt",
+                      "ids"], 1, "integer input")
+
+
+def test_parameter_jacobians_with_a_held_input(folder):
+    """--wrt params with y held: per-sample d output / d b.weight, through the graph."""
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    source = _source(folder, "gated", "state_dict", None)
+    out = folder / "params.h5"
+    result = _run(["compute", *source, folder / "x.npy", "--input", f"y={folder / 'more.npz'}:y",
+                   "--wrt", "params", "--params", "b.weight", "--dtype", "float64", "-q",
+                   "-o", out])
+    assert result.exit_code == 0, result.output
+    model = _model("gated").double()
+    weight = dict(model.named_parameters())["b.weight"].detach()
+    expected = []
+    for i in range(N):
+        def one(w, i=i):
+            params = {**dict(model.named_parameters()), "b.weight": w}
+            return torch.func.functional_call(model, params, (x[i:i + 1], y[i:i + 1]))[0]
+
+        expected.append(torch.autograd.functional.jacobian(one, weight).reshape(2, -1).numpy())
+    with h5py.File(out) as f:
+        got = f["params/b.weight/jacobian"][:].reshape(N, 2, -1)
+    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-10, atol=1e-14)
+
+
+def test_check_and_shards_take_the_same_rows_of_every_input(folder):
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    source = _source(folder, "gated", "state_dict", None)
+    inputs = ["--input", f"y={folder / 'more.npz'}:y", "--dtype", "float64"]
+    expected = _reference(_model("gated").double(), [x, y], 0)
+    out = folder / "shard.h5"
+    result = _run(["compute", *source, folder / "x.npy", *inputs, "--offset", "1",
+                   "--shard", "1/2", "-q", "-o", out])
+    assert result.exit_code == 0, result.output
+    with jaccli.open_results(out) as results:
+        rows = results.sample_index
+        got = results.jacobian("end_to_end")
+    assert list(rows) == [3, 4]
+    np.testing.assert_allclose(got, expected[rows], rtol=1e-12)
+    norms = np.linalg.norm(expected, ord=2, axis=(1, 2))
+    for bound, code in ((norms.max() * 1.01, 0), (norms.max() * 0.99, 1)):
+        result = _run(["check", *source, folder / "x.npy", *inputs, "--max-spectral-norm",
+                       str(bound), "--layers", "(end-to-end)"])
+        assert result.exit_code == code, result.output
