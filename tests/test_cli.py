@@ -95,6 +95,14 @@ def test_inspect_lists_layers_without_data(tmp_path, cnn):
     assert result.exit_code == 0 and "features.0" in result.stdout
 
 
+def test_inspect_reads_torchscript_with_an_input_shape(tmp_path, mlp):
+    torch.jit.script(mlp).save(str(tmp_path / "mlp.ts"))
+    result = invoke("inspect", tmp_path / "mlp.ts", "--input-shape", "6", "--json")
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.stdout)["entries"]
+    assert (entries[0]["d_in"], entries[-1]["d_out"]) == (6, 3)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["compute", "{d}/missing.pt", "{d}/x.npy"], "model file not found"),
     (["compute", "{d}/mlp.safetensors", "{d}/missing.npy"], "data file not found"),

@@ -24,6 +24,7 @@ from ..settings import ComputeSettings
 from .common import (
     Inputs,
     check_independence,
+    frozen,
     guard_output,
     load,
     load_inputs,
@@ -200,7 +201,7 @@ def inspect_model(settings: ComputeSettings, input_shape: tuple[int, ...] | None
     budget, source = memory_budget(device, settings.run.max_memory)
     check_trace_fits(tuple(input_shape), torch.empty((), dtype=dtype).element_size(), budget,
                      source)
-    model = loaded.module.to(device=device, dtype=dtype).requires_grad_(False)
+    model = frozen(loaded.module.to(device=device, dtype=dtype))
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     inputs = Inputs(settings.model, loaded, None, model, device, dtype, example)
     engine = make_engine(inputs, settings.layers, settings.run, n_samples=n_samples)
