@@ -252,21 +252,13 @@ def ntk_kernel(engine, x1: torch.Tensor, x2: torch.Tensor | None, mode: str
     """Θ and its per-layer parts for a captured `GraphEngine` (mode: `full`, `trace`,
     `diagonal`); the route of each linear weight by the cost model of `jaccli.params.ntk`."""
     from .graph.ntk import ntk_factors, param_routes
-    from .params.ntk import contract, gram_costs
+    from .params.ntk import layer_parts
 
     routes = param_routes(engine)
     with torch.no_grad():
         first = ntk_factors(engine, x1, routes)
-        second = first if x2 is None or mode == "diagonal" else ntk_factors(engine, x2, routes)
-        parts: dict[str, torch.Tensor] = {}
-        for route in routes:
-            how = "jacobian"
-            if route.kind == "gram":
-                c = first[route.name].cotangents.shape[1]
-                costs = gram_costs(route.tokens, route.d_in, route.d_out, c, mode, 8)
-                how = min(costs, key=lambda cost: cost.pair_flops).route
-            block = contract(first[route.name], second[route.name], mode, how)
-            parts[route.layer] = block if route.layer not in parts else parts[route.layer] + block
+        second = None if x2 is None or mode == "diagonal" else ntk_factors(engine, x2, routes)
+        parts = layer_parts(first, second, mode)
     return sum(parts.values()), parts
 
 

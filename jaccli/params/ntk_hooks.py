@@ -27,18 +27,7 @@ from torch.func import functional_call, vjp, vmap
 
 from ..errors import UsageError
 from ..tracing.recorder import first_tensor
-
-
-@dataclass
-class HookFactor:
-    """One parameter's factors: `jacobian (N, C, P)`, or for a linear weight (`gram`)
-    `inputs (N, T, i)` and `cotangents (N, C, T, o)`; `layer` is the module it belongs to."""
-
-    kind: str
-    layer: str
-    jacobian: torch.Tensor | None = None
-    inputs: torch.Tensor | None = None
-    cotangents: torch.Tensor | None = None
+from .ntk import Factor, layer_of, layer_parts
 
 
 @dataclass
@@ -141,7 +130,7 @@ def _owned(layers: dict[str, nn.Module], fired: list[str]) -> dict[str, dict]:
 
 
 def hook_factors(model: nn.Module, x: torch.Tensor, linear: frozenset[str] = frozenset()
-                 ) -> dict[str, HookFactor]:
+                 ) -> dict[str, Factor]:
     """Every parameter's factors for samples `x (N, *in_shape)`: `{qualified name: factor}`
     (parameters the outputs do not depend on are left out: they contribute zero).
     linear: names of modules known to be `nn.Linear` although their class does not say so
@@ -154,7 +143,7 @@ def hook_factors(model: nn.Module, x: torch.Tensor, linear: frozenset[str] = fro
     fired = [name for name in layers if calls[name]]
     owned = _owned(layers, fired)
     grads = iter(_cotangents(out, [p for name in fired for c in calls[name] for p in c.probes]))
-    found: dict[str, HookFactor] = {}
+    found: dict[str, Factor] = {}
     for name in fired:
         module, prefix = layers[name], f"{name}." if name else ""
         cots = [[next(grads) for _ in call.probes] for call in calls[name]]
@@ -167,8 +156,9 @@ def hook_factors(model: nn.Module, x: torch.Tensor, linear: frozenset[str] = fro
         for call, gs in zip(calls[name], cots, strict=True):
             for key, jac in _generic(module, owned[name], call, gs, n).items():
                 old = found.get(prefix + key)
-                found[prefix + key] = HookFactor("jacobian", name, jac if old is None
-                                                 else old.jacobian + jac)
+                found[prefix + key] = Factor("jacobian", jac if old is None
+                                             else old.jacobian + jac,
+                                             layer=layer_of(prefix + key))
     return found
 
 
@@ -188,14 +178,14 @@ def _linear_params(module: nn.Module) -> bool:
         bias is None or bias.shape == weight.shape[:1])
 
 
-def _linear(name: str, module: nn.Module, calls: list[_Call], cots) -> dict[str, HookFactor]:
+def _linear(name: str, module: nn.Module, calls: list[_Call], cots) -> dict[str, Factor]:
     n = calls[0].args[0].shape[0]
     d_out, d_in = module.weight.shape
     a = torch.cat([c.args[0].reshape(n, -1, d_in) for c in calls], 1)
     g = torch.cat([gs[0].reshape(n, gs[0].shape[1], -1, d_out) for gs in cots], 2)
-    found = {"weight": HookFactor("gram", name, inputs=a, cotangents=g)}
+    found = {"weight": Factor("gram", inputs=a, cotangents=g, layer=name)}
     if getattr(module, "bias", None) is not None:
-        found["bias"] = HookFactor("jacobian", name, g.sum(2))
+        found["bias"] = Factor("jacobian", g.sum(2), layer=name)
     return found
 
 
@@ -233,18 +223,6 @@ def hook_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
     `"diagonal"`: `(N, C, C)` of Θ(xᵢ, xᵢ)); Σ over layers is Θ. Layer: the module owning
     the parameter (`(model)` at the top). A linear weight takes the cheaper of the Gram and
     Jacobian routes (`jaccli.params.ntk.gram_costs`). linear: as for `hook_factors`."""
-    from .ntk import contract, gram_costs
-
     first = hook_factors(model, x1, linear)
-    second = first if x2 is None or mode == "diagonal" else hook_factors(model, x2, linear)
-    parts: dict[str, torch.Tensor] = {}
-    for name, factor in first.items():
-        route = "jacobian"
-        if factor.kind == "gram":
-            n, c, t, o = factor.cotangents.shape
-            costs = gram_costs(t, factor.inputs.shape[2], o, c, mode, 8)
-            route = min(costs, key=lambda cost: cost.pair_flops).route
-        block = contract(factor, second[name], mode, route)
-        layer = name.rpartition(".")[0] or "(model)"  # the module owning the parameter
-        parts[layer] = block if layer not in parts else parts[layer] + block
-    return parts
+    second = None if x2 is None or mode == "diagonal" else hook_factors(model, x2, linear)
+    return layer_parts(first, second, mode)
