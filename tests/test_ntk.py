@@ -4,28 +4,10 @@ parameters (jacrev of functional_call), flattened and contracted."""
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
 
 import jaccli
 
-
-def reference_jacobians(model, x):
-    """{param name: (N, C, P_name)} by jacrev over all parameters, one sample at a time."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def f(p, xi):
-        return functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
-
-    # One sample at a time: vmap over PReLU's backward mixes up batch and basis in torch 2.x.
-    rows = [jacrev(f)(params, xi) for xi in x]
-    return {k: torch.stack([r[k] for r in rows]).reshape(len(x), rows[0][k].shape[0], -1)
-            for k in params}
-
-
-def reference_ntk(model, x1, x2=None):
-    j1 = torch.cat(list(reference_jacobians(model, x1).values()), 2)
-    j2 = j1 if x2 is None else torch.cat(list(reference_jacobians(model, x2).values()), 2)
-    return torch.einsum("ncp,mdp->nmcd", j1, j2)
+from .ntk_reference import reference_jacobians, reference_ntk
 
 
 class Residual(nn.Module):

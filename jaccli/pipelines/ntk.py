@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeMismatchError, UsageError
+from ..errors import JaccliError, ShapeMismatchError, UsageError
 from ..io.data import DataSource, load_data
 from ..io.models import ModelFormat
 from ..params.ntk import Factor, factor_costs, factor_route, layer_of
@@ -112,7 +112,7 @@ def prepare_ntk(settings: NtkSettings) -> NtkRun:
     if settings.spectrum:
         need = 2 * (n * c) ** 2 * 8  # the (N·C)² matrix in float64 and eigvalsh's copy
         if need > budget:
-            raise UsageError(
+            raise JaccliError(
                 f"--spectrum needs the {n * c}×{n * c} kernel in memory ({_gib(need)}), over "
                 f"the memory budget of {_gib(budget)} ({source}); use fewer samples "
                 f"(--limit) or raise --max-memory")
