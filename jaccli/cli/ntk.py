@@ -82,7 +82,7 @@ def ntk(
     def run() -> None:
         from ..pipelines.ntk import ntk_plan, prepare_ntk
         from ..pipelines.ntk_run import run_ntk
-        from ..settings import NtkSettings
+        from ..pipelines.ntk_settings import NtkSettings
         from .render import emit_json, progress_bar
         from .render_ntk import render_ntk, render_ntk_plan
 

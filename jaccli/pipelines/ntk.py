@@ -19,9 +19,10 @@ from ..io.data import DataSource, load_data
 from ..io.models import ModelFormat
 from ..params.ntk import Factor, factor_costs, factor_route, layer_of
 from ..params.ntk_hooks import hook_factors
-from ..settings import LayerSelection, NtkSettings
+from ..settings import LayerSelection
 from .common import Inputs, check_independence, guard_output, load_inputs
 from .engines import GraphRun, make_engine
+from .ntk_settings import NtkSettings
 from .resources import memory_budget
 
 
