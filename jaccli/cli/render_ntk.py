@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..units import format_bytes
-from .tables import number
+from .tables import Column, fitted_table, number, print_fitted
 
 MODE_WORDS = {"full": "Θ", "trace": "Σ_c Θ_cc", "diagonal": "Θ(xᵢ, xᵢ)"}
 
@@ -52,16 +52,14 @@ def render_ntk_plan(plan: dict, out) -> None:
     out.print(f"jaccli ntk plan: {MODE_WORDS[plan['mode']]} {_shape(plan['kernel_shape'])}"
               + (" (cross kernel)" if plan["cross"] else "")
               + f", engine {plan['engine']}", highlight=False)
-    table = Table()
-    for column, justify in (("parameter", "left"), ("shape", "right"), ("route", "left"),
-                            ("how", "left"), ("multiply-adds / pair", "right"),
-                            ("bytes / sample", "right")):
-        table.add_column(column, justify=justify, no_wrap=column != "how")
-    for p in plan["params"]:
-        table.add_row(p["name"], _shape(p["shape"]), p["route"], p["how"],
-                      number(p["pair_multiply_adds"]),
-                      format_bytes(int(p["bytes_per_sample"])))
-    out.print(table)
+    columns = [Column("parameter", lambda p: p["name"], "left", wrap=True),
+               Column("shape", lambda p: _shape(p["shape"])),
+               Column("route", lambda p: p["route"], "left"),
+               Column("multiply-adds / pair", lambda p: number(p["pair_multiply_adds"])),
+               Column("bytes / sample", lambda p: format_bytes(int(p["bytes_per_sample"]))),
+               Column("how", lambda p: p["how"], "left")]
+    table, dropped = fitted_table(out, columns, plan["params"], drop_order=["how"])
+    print_fitted(out, table, dropped)
     out.print(f"{plan['pairs']} sample pairs: {number(plan['multiply_adds'])} multiply-adds "
               f"in the contractions; blocks of {plan['block_size']} samples, "
               f"{plan['blocks']} block(s), {plan['factor_passes']} factor pass(es)"
