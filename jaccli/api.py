@@ -216,7 +216,8 @@ def hvp(model: nn.Module | LoadedModel, x: torch.Tensor, v: torch.Tensor, *,
 
 
 def ntk(model: nn.Module | LoadedModel, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
-        trace: bool = False, per_layer: bool = False, diagonal: bool = False):
+        trace: bool = False, per_layer: bool = False, diagonal: bool = False,
+        create_graph: bool = False):
     """The empirical neural tangent kernel Θ(x1, x2) = J_θ(x1) J_θ(x2)ᵀ over all parameters,
     from per-parameter structured contractions on the operator graph (`jaccli.graph.ntk`,
     `jaccli.params.ntk`), never forming J_θ `(N, C, P)` for linear weights.
@@ -224,25 +225,32 @@ def ntk(model: nn.Module | LoadedModel, x1: torch.Tensor, x2: torch.Tensor | Non
     x1: `(N, *in_shape)`, x2: `(M, *in_shape)` (default x1). Returns `(N, M, C, C)`, or
     `(N, M)` with `trace=True` (Σ_c Θ_cc), or `(N, C, C)` with `diagonal=True` (Θ(xᵢ, xᵢ));
     with `per_layer=True`, `(Θ, {layer: Θ_l})` with Σ_l Θ_l = Θ (layer: the module owning
-    the parameters). Computed without an autograd graph (not differentiable). A model whose
-    graph cannot be captured takes the hook route (`jaccli.params.ntk_hooks`).
+    the parameters). A model whose graph cannot be captured takes the hook route
+    (`jaccli.params.ntk_hooks`). Without `create_graph` the result carries no autograd graph;
+    with it, Θ is differentiable w.r.t. x1, x2 (when they require grad) and the parameters
+    (computed on module hooks, whose factors keep the graph: e.g. a penalty on trace Θ).
     """
     from .errors import UsageError
     from .pipelines.engines import GraphRun
 
     mode = "diagonal" if diagonal else "trace" if trace else "full"
-    engine = _engine(model, x1, end_to_end=False, include_layers=False)
-    if isinstance(engine, GraphRun):
-        total, parts = ntk_kernel(engine.engine, x1, x2, mode)
-        return (total, parts) if per_layer else total
     module, hookable, _ = _unwrap(model)
-    if not hookable:
-        raise UsageError(f"ntk needs the operator graph or module hooks, and {engine.note}")
+    if not create_graph:
+        engine = _engine(model, x1, end_to_end=False, include_layers=False)
+        if isinstance(engine, GraphRun):
+            total, parts = ntk_kernel(engine.engine, x1, x2, mode)
+            return (total, parts) if per_layer else total
+        note = engine.note
+    else:
+        note = "create_graph=True needs module hooks"
+    if not hookable or isinstance(module, torch.jit.ScriptModule):
+        raise UsageError(f"ntk needs the operator graph or module hooks, and {note} "
+                         "(a TorchScript model has none)")
     from .params.ntk_hooks import hook_ntk
 
     linear = frozenset(name for name, m in module.named_modules()
                        if isinstance(model, LoadedModel) and model.type_name(name, m) == "Linear")
-    parts = hook_ntk(module, x1, x2, mode=mode, linear=linear)
+    parts = hook_ntk(module, x1, x2, mode=mode, linear=linear, create_graph=create_graph)
     total = sum(parts.values())
     return (total, parts) if per_layer else total
 
@@ -252,21 +260,13 @@ def ntk_kernel(engine, x1: torch.Tensor, x2: torch.Tensor | None, mode: str
     """Θ and its per-layer parts for a captured `GraphEngine` (mode: `full`, `trace`,
     `diagonal`); the route of each linear weight by the cost model of `jaccli.params.ntk`."""
     from .graph.ntk import ntk_factors, param_routes
-    from .params.ntk import contract, gram_costs
+    from .params.ntk import layer_parts
 
     routes = param_routes(engine)
     with torch.no_grad():
         first = ntk_factors(engine, x1, routes)
-        second = first if x2 is None or mode == "diagonal" else ntk_factors(engine, x2, routes)
-        parts: dict[str, torch.Tensor] = {}
-        for route in routes:
-            how = "jacobian"
-            if route.kind == "gram":
-                c = first[route.name].cotangents.shape[1]
-                costs = gram_costs(route.tokens, route.d_in, route.d_out, c, mode, 8)
-                how = min(costs, key=lambda cost: cost.pair_flops).route
-            block = contract(first[route.name], second[route.name], mode, how)
-            parts[route.layer] = block if route.layer not in parts else parts[route.layer] + block
+        second = None if x2 is None or mode == "diagonal" else ntk_factors(engine, x2, routes)
+        parts = layer_parts(first, second, mode)
     return sum(parts.values()), parts
 
 

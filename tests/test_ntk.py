@@ -4,28 +4,10 @@ parameters (jacrev of functional_call), flattened and contracted."""
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
 
 import jaccli
 
-
-def reference_jacobians(model, x):
-    """{param name: (N, C, P_name)} by jacrev over all parameters, one sample at a time."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def f(p, xi):
-        return functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
-
-    # One sample at a time: vmap over PReLU's backward mixes up batch and basis in torch 2.x.
-    rows = [jacrev(f)(params, xi) for xi in x]
-    return {k: torch.stack([r[k] for r in rows]).reshape(len(x), rows[0][k].shape[0], -1)
-            for k in params}
-
-
-def reference_ntk(model, x1, x2=None):
-    j1 = torch.cat(list(reference_jacobians(model, x1).values()), 2)
-    j2 = j1 if x2 is None else torch.cat(list(reference_jacobians(model, x2).values()), 2)
-    return torch.einsum("ncp,mdp->nmcd", j1, j2)
+from .ntk_reference import reference_jacobians, reference_ntk
 
 
 class Residual(nn.Module):
@@ -210,3 +192,48 @@ def test_diagonal_blocks(case):
     expected = reference_ntk(model, x)
     torch.testing.assert_close(jaccli.ntk(model, x, diagonal=True),
                                torch.einsum("nncd->ncd", expected), rtol=1e-9, atol=1e-10)
+
+
+def _finite_differences(scalar, tensor, h=1e-5):
+    """Central differences of `scalar()` w.r.t. every entry of `tensor` (changed in place)."""
+    grad = torch.zeros_like(tensor)
+    flat, out = tensor.data.view(-1), grad.view(-1)
+    for k in range(flat.numel()):
+        old = flat[k].item()
+        flat[k] = old + h
+        up = scalar()
+        flat[k] = old - h
+        down = scalar()
+        flat[k] = old
+        out[k] = (up - down) / (2 * h)
+    return grad
+
+
+def test_create_graph_gives_the_gradients_of_finite_differences():
+    """trace Θ(X, X) and a weighted cross kernel Σ w·Θ(X, Y): their gradients w.r.t. the
+    input and a weight (by autograd through jaccli.ntk) against central differences of the
+    torch.func reference. Linear weights take the Gram route, LayerNorm the generic one."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[2].weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 4, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    scalars = {
+        "trace": (lambda: jaccli.ntk(model, x, trace=True, create_graph=True).trace(),
+                  lambda: torch.einsum("nncc->", reference_ntk(model, x.detach())).item()),
+        "cross": (lambda: (w * jaccli.ntk(model, x, y, create_graph=True)).sum(),
+                  lambda: (w * reference_ntk(model, x.detach(), y)).sum().item()),
+    }
+    weight = model[0].weight
+    for name, (mine, reference) in scalars.items():
+        value = mine()
+        assert value.requires_grad, name
+        assert value.item() == pytest.approx(reference(), rel=1e-10)
+        gx, gw = torch.autograd.grad(value, [x, weight])
+        torch.testing.assert_close(gx, _finite_differences(reference, x), rtol=1e-6,
+                                   atol=1e-7, msg=name)
+        torch.testing.assert_close(gw, _finite_differences(reference, weight), rtol=1e-6,
+                                   atol=1e-7, msg=name)
+    assert not jaccli.ntk(model, x, trace=True).requires_grad  # without it: no graph

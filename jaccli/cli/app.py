@@ -13,7 +13,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from .. import __version__
-from . import compute, merge, products, reports, spectrum
+from . import compute, merge, ntk, products, reports, spectrum
 
 
 class _OneLineErrors(TyperGroup):
@@ -61,7 +61,7 @@ def _main(version: Annotated[bool, typer.Option(
 
 for command in (compute.compute, compute.inspect, spectrum.spectrum, reports.show,
                 reports.check, reports.diff, products.jvp, products.vjp, products.hessian,
-                merge.merge):
+                ntk.ntk, merge.merge):
     app.command(name=command.__name__)(command)
 
 

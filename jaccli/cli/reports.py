@@ -34,7 +34,7 @@ BOUNDS = ("max_spectral_norm", "max_cond", "max_frobenius", "max_lipschitz_bound
 
 
 def show(
-    results: Annotated[Path, typer.Argument(help="A file written by compute or spectrum.")],
+    results: Annotated[Path, typer.Argument(help="A file written by compute, spectrum or ntk.")],
     layer: Annotated[str | None, typer.Option(
         "--layer", help="Print one layer's Jacobian or spectrum ('end_to_end' for the "
                         "end-to-end one); needs --sample.")] = None,
@@ -70,6 +70,10 @@ def show(
             emit_json(summary.to_dict() if kind == "jacobians" else summary)
         elif kind == "jacobians":
             render_table(summary, out)
+        elif kind == "ntk":
+            from .render_ntk import render_ntk
+
+            render_ntk(summary, out)
         else:
             render_spectrum(summary, out)
 

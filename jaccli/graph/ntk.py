@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.ntk_factor import GRAM, JACOBIAN, Factor, layer_of
 from .engine import GraphEngine
 from .params import (
     _derivation,
@@ -27,8 +28,6 @@ from .params import (
     walk_back,
 )
 from .rules import rule_for
-
-GRAM, JACOBIAN = "gram", "jacobian"
 
 
 @dataclass
@@ -52,22 +51,6 @@ class ParamRoute:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-@dataclass
-class Factor:
-    """One parameter's factors for a batch: `jacobian (B, C, P)`, or for a `gram` weight
-    `inputs (B, T, i)` and `cotangents (B, C, T, o)`."""
-
-    kind: str
-    jacobian: torch.Tensor | None = None
-    inputs: torch.Tensor | None = None
-    cotangents: torch.Tensor | None = None
-
-
-def layer_of(qualified: str) -> str:
-    """The module owning a parameter: `features.0.weight` -> `features.0` (`(model)` at top)."""
-    return qualified.rpartition(".")[0] or "(model)"
 
 
 def param_routes(engine: GraphEngine, patterns=None) -> list[ParamRoute]:
@@ -163,12 +146,15 @@ def ntk_factors(engine: GraphEngine, x: torch.Tensor, routes: list[ParamRoute]
                 call = diff.call(unit.name)
                 a = call.values[0].to(u.dtype).movedim(call.ref(0).batch_axis, 0)
                 found[route.name] = Factor(GRAM, inputs=a.reshape(b, -1, a.shape[-1]),
-                                           cotangents=u.reshape(b, c, -1, u.shape[-1]))
+                                           cotangents=u.reshape(b, c, -1, u.shape[-1]),
+                                           layer=route.layer)
                 continue
             part = param_vjp(diff, unit, route.node, u).reshape(b, c, -1)
             old = found.get(route.name)
-            found[route.name] = Factor(JACOBIAN, part if old is None else old.jacobian + part)
+            found[route.name] = Factor(JACOBIAN, part if old is None else old.jacobian + part,
+                                       layer=route.layer)
     for route in routes:
         if route.name not in found:  # unused by the outputs
-            found[route.name] = Factor(JACOBIAN, x.new_zeros(b, c, route.numel))
+            found[route.name] = Factor(JACOBIAN, x.new_zeros(b, c, route.numel),
+                                       layer=route.layer)
     return found

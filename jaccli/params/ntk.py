@@ -7,6 +7,8 @@ output cotangents G `(N, C, T, o)`, with J = Σ_t G_t ⊗ a_t never formed by th
     Θ(i, j)[c, d] = Σ_{t,s} (a_it · a_js) (G_ict · G_jds)      (T = 1: (aᵢ·aⱼ)(Gᵢ Gⱼᵀ))
 
 Modes: `full` `(N₁, N₂, C, C)`, `trace` Σ_c Θ_cc `(N₁, N₂)`, `diagonal` Θ(i, i) `(N, C, C)`.
+Factors are `jaccli.engine.ntk_factor.Factor` (re-exported here): one type for the graph and
+the hook routes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..engine.ntk_factor import GRAM, JACOBIAN, Factor, layer_of
 
 MODES = ("full", "trace", "diagonal")
 
@@ -64,7 +68,7 @@ def as_jacobian(factor) -> torch.Tensor:
 def contract(first, second, mode: str, route: str = "gram") -> torch.Tensor:
     """One parameter's block of Θ between the samples of two factors (`second` is ignored
     for `diagonal`). route: `gram` or `jacobian` for a linear weight's factors."""
-    if first.kind == "jacobian" or route == "jacobian":
+    if first.kind == JACOBIAN or route == JACOBIAN:
         j1 = as_jacobian(first)
         j2 = j1 if mode == "diagonal" or second is first else as_jacobian(second)
         return _jacobian_block(j1, j2, mode)
@@ -111,3 +115,37 @@ def _gram_block(a1, g1, a2, g2, mode: str) -> torch.Tensor:
             weighted = torch.einsum("jts,jdso->jdto", gram, g2)
             rows.append(torch.einsum("cto,jdto->jcd", g1[i], weighted))
     return torch.stack(rows)
+
+
+def factor_costs(factor: Factor, mode: str, itemsize: int) -> list[Cost]:
+    """The routes of one parameter's factors, from their shapes (per sample)."""
+    if factor.kind == JACOBIAN:
+        _, c, p = factor.jacobian.shape
+        return [jacobian_cost(p, c, mode, itemsize)]
+    _, c, t, o = factor.cotangents.shape
+    return gram_costs(t, factor.inputs.shape[2], o, c, mode, itemsize)
+
+
+def factor_route(factor: Factor, mode: str) -> Cost:
+    """The cheapest route (fewest multiply-adds per pair of samples) of a factor."""
+    return min(factor_costs(factor, mode, 8), key=lambda cost: cost.pair_flops)
+
+
+def layer_parts(first: dict[str, Factor], second: dict[str, Factor] | None, mode: str
+                ) -> dict[str, torch.Tensor]:
+    """Θ_l between the samples of two batches of factors (`{param: Factor}`, the same
+    parameters; `second` None: the first batch with itself), summed per owning module:
+    `{layer: block}` of shape `(N₁, N₂, C, C)` (`trace`: `(N₁, N₂)`, `diagonal`:
+    `(N₁, C, C)`), in the order the parameters come."""
+    parts: dict[str, torch.Tensor] = {}
+    for name, factor in first.items():
+        other = factor if second is None else second[name]
+        block = contract(factor, other, mode, factor_route(factor, mode).route)
+        layer = factor.layer or layer_of(name)
+        parts[layer] = block if layer not in parts else parts[layer] + block
+    return parts
+
+
+__all__ = ["GRAM", "JACOBIAN", "MODES", "Cost", "Factor", "as_jacobian", "choose", "contract",
+           "factor_costs", "factor_route", "gram_costs", "jacobian_cost", "layer_of",
+           "layer_parts"]

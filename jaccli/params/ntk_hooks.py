@@ -27,18 +27,7 @@ from torch.func import functional_call, vjp, vmap
 
 from ..errors import UsageError
 from ..tracing.recorder import first_tensor
-
-
-@dataclass
-class HookFactor:
-    """One parameter's factors: `jacobian (N, C, P)`, or for a linear weight (`gram`)
-    `inputs (N, T, i)` and `cotangents (N, C, T, o)`; `layer` is the module it belongs to."""
-
-    kind: str
-    layer: str
-    jacobian: torch.Tensor | None = None
-    inputs: torch.Tensor | None = None
-    cotangents: torch.Tensor | None = None
+from .ntk import Factor, layer_of, layer_parts
 
 
 @dataclass
@@ -80,23 +69,26 @@ def _floats(value, out: list) -> None:
             _floats(v, out)
 
 
-def _detached(value):
+def _detached(value, keep_graph: bool = False):
+    """A copy of a layer's arguments (later in-place ops cannot change it); with
+    `keep_graph`, still in the autograd graph (`create_graph`)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.clone() if keep_graph else value.detach().clone()
     if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
+        return type(value)(_detached(v, keep_graph) for v in value)
     if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
+        return {k: _detached(v, keep_graph) for k, v in value.items()}
     return value
 
 
-def _record(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]):
+def _record(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module],
+            keep_graph: bool = False):
     """Run the model once with hooks: its flattened output (N, C) and each layer's calls."""
     calls: dict[str, list[_Call]] = {name: [] for name in layers}
 
     def hook(name):
         def fn(module, args, kwargs, output):
-            call = _Call(_detached(args), _detached(kwargs))
+            call = _Call(_detached(args, keep_graph), _detached(kwargs, keep_graph))
             calls[name].append(call)
             return _probe(output, call.probes)
         return fn
@@ -114,16 +106,19 @@ def _record(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]):
     return out.reshape(x.shape[0], -1), calls
 
 
-def _cotangents(out: torch.Tensor, probes: list[torch.Tensor]) -> list[torch.Tensor]:
-    """For each probe `(N, *shape)`: the gradients of all C outputs, `(N, C, *shape)`."""
+def _cotangents(out: torch.Tensor, probes: list[torch.Tensor], create_graph: bool = False
+                ) -> list[torch.Tensor]:
+    """For each probe `(N, *shape)`: the gradients of all C outputs, `(N, C, *shape)`
+    (differentiable themselves with `create_graph`)."""
     c = out.shape[1]
     # One backward per output: batching the C cotangents (`is_grads_batched`) goes wrong
     # through PReLU's backward in torch 2.x (batch and basis axes mixed up).
-    per = [torch.autograd.grad(out[:, k].sum(), probes, retain_graph=k < c - 1,
-                               allow_unused=True) for k in range(c)]
+    per = [torch.autograd.grad(out[:, k].sum(), probes, retain_graph=create_graph or k < c - 1,
+                               create_graph=create_graph, allow_unused=True)
+           for k in range(c)]
     grads = [out.new_zeros(c, *probe.shape) if per[0][i] is None
              else torch.stack([p[i] for p in per]) for i, probe in enumerate(probes)]
-    return [g.movedim(0, 1).detach() for g in grads]
+    return [g.movedim(0, 1) if create_graph else g.movedim(0, 1).detach() for g in grads]
 
 
 def _owned(layers: dict[str, nn.Module], fired: list[str]) -> dict[str, dict]:
@@ -140,21 +135,24 @@ def _owned(layers: dict[str, nn.Module], fired: list[str]) -> dict[str, dict]:
     return owned
 
 
-def hook_factors(model: nn.Module, x: torch.Tensor, linear: frozenset[str] = frozenset()
-                 ) -> dict[str, HookFactor]:
+def hook_factors(model: nn.Module, x: torch.Tensor, linear: frozenset[str] = frozenset(),
+                 *, create_graph: bool = False) -> dict[str, Factor]:
     """Every parameter's factors for samples `x (N, *in_shape)`: `{qualified name: factor}`
     (parameters the outputs do not depend on are left out: they contribute zero).
     linear: names of modules known to be `nn.Linear` although their class does not say so
-    (a .pt2 archive's unflattened modules; `LoadedModel.type_name` knows)."""
+    (a .pt2 archive's unflattened modules; `LoadedModel.type_name` knows).
+    create_graph: the factors stay in the autograd graph of `x` and of the parameters
+    (those that require grad), so a kernel contracted from them is differentiable."""
     layers = _layers(model)
     if not layers:
         raise UsageError("the model has no parameters: its NTK is zero")
-    out, calls = _record(model, x, layers)
+    out, calls = _record(model, x, layers, create_graph)
     n = x.shape[0]
     fired = [name for name in layers if calls[name]]
     owned = _owned(layers, fired)
-    grads = iter(_cotangents(out, [p for name in fired for c in calls[name] for p in c.probes]))
-    found: dict[str, HookFactor] = {}
+    grads = iter(_cotangents(out, [p for name in fired for c in calls[name] for p in c.probes],
+                             create_graph))
+    found: dict[str, Factor] = {}
     for name in fired:
         module, prefix = layers[name], f"{name}." if name else ""
         cots = [[next(grads) for _ in call.probes] for call in calls[name]]
@@ -165,10 +163,12 @@ def hook_factors(model: nn.Module, x: torch.Tensor, linear: frozenset[str] = fro
             found |= {prefix + k: f for k, f in pair.items()}
             continue
         for call, gs in zip(calls[name], cots, strict=True):
-            for key, jac in _generic(module, owned[name], call, gs, n).items():
+            for key, jac in _generic(module, owned[name], call, gs, n,
+                                     create_graph).items():
                 old = found.get(prefix + key)
-                found[prefix + key] = HookFactor("jacobian", name, jac if old is None
-                                                 else old.jacobian + jac)
+                found[prefix + key] = Factor("jacobian", jac if old is None
+                                             else old.jacobian + jac,
+                                             layer=layer_of(prefix + key))
     return found
 
 
@@ -188,19 +188,19 @@ def _linear_params(module: nn.Module) -> bool:
         bias is None or bias.shape == weight.shape[:1])
 
 
-def _linear(name: str, module: nn.Module, calls: list[_Call], cots) -> dict[str, HookFactor]:
+def _linear(name: str, module: nn.Module, calls: list[_Call], cots) -> dict[str, Factor]:
     n = calls[0].args[0].shape[0]
     d_out, d_in = module.weight.shape
     a = torch.cat([c.args[0].reshape(n, -1, d_in) for c in calls], 1)
     g = torch.cat([gs[0].reshape(n, gs[0].shape[1], -1, d_out) for gs in cots], 2)
-    found = {"weight": HookFactor("gram", name, inputs=a, cotangents=g)}
+    found = {"weight": Factor("gram", inputs=a, cotangents=g, layer=name)}
     if getattr(module, "bias", None) is not None:
-        found["bias"] = HookFactor("jacobian", name, g.sum(2))
+        found["bias"] = Factor("jacobian", g.sum(2), layer=name)
     return found
 
 
-def _generic(module: nn.Module, params: dict, call: _Call, gs: list[torch.Tensor], n: int
-             ) -> dict[str, torch.Tensor]:
+def _generic(module: nn.Module, params: dict, call: _Call, gs: list[torch.Tensor], n: int,
+             create_graph: bool = False) -> dict[str, torch.Tensor]:
     """Per-sample Jacobians `{name: (N, C, P)}` of the outputs w.r.t. `params`, one call."""
     batched = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
                for a in call.args]
@@ -216,35 +216,31 @@ def _generic(module: nn.Module, params: dict, call: _Call, gs: list[torch.Tensor
             _floats(functional_call(module, given, full, call.kwargs), out)
             return tuple(out)
 
-        _, pull = vjp(f, *(params[k].detach() for k in names))
+        _, pull = vjp(f, *(params[k] if create_graph else params[k].detach()
+                           for k in names))
         per = [pull(tuple(g[k].unsqueeze(0) for g in g_b)) for k in range(g_b[0].shape[0])]
         return tuple(torch.stack(parts) for parts in zip(*per, strict=True))
 
     rows = tuple(a for a, b in zip(call.args, batched, strict=True) if b)
     with torch.enable_grad():
-        grads = vmap(one)(rows, tuple(gs))
+        if create_graph:  # a loop over samples: autograd through vmap(vjp) of layer_norm
+            # gives wrong input gradients in torch 2.x (tests/test_ntk.py checks them)
+            per = [one(tuple(r[i] for r in rows), tuple(g[i] for g in gs)) for i in range(n)]
+            grads = tuple(torch.stack(parts) for parts in zip(*per, strict=True))
+        else:
+            grads = vmap(one)(rows, tuple(gs))
     return {k: g.reshape(n, g.shape[1], -1) for k, g in zip(names, grads, strict=True)}
 
 
 def hook_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
-             mode: str = "full", linear: frozenset[str] = frozenset()
-             ) -> dict[str, torch.Tensor]:
+             mode: str = "full", linear: frozenset[str] = frozenset(),
+             create_graph: bool = False) -> dict[str, torch.Tensor]:
     """Θ_l per layer by the hook route: `{layer: (N, M, C, C)}` (`mode="trace"`: `(N, M)`,
     `"diagonal"`: `(N, C, C)` of Θ(xᵢ, xᵢ)); Σ over layers is Θ. Layer: the module owning
     the parameter (`(model)` at the top). A linear weight takes the cheaper of the Gram and
-    Jacobian routes (`jaccli.params.ntk.gram_costs`). linear: as for `hook_factors`."""
-    from .ntk import contract, gram_costs
-
-    first = hook_factors(model, x1, linear)
-    second = first if x2 is None or mode == "diagonal" else hook_factors(model, x2, linear)
-    parts: dict[str, torch.Tensor] = {}
-    for name, factor in first.items():
-        route = "jacobian"
-        if factor.kind == "gram":
-            n, c, t, o = factor.cotangents.shape
-            costs = gram_costs(t, factor.inputs.shape[2], o, c, mode, 8)
-            route = min(costs, key=lambda cost: cost.pair_flops).route
-        block = contract(factor, second[name], mode, route)
-        layer = name.rpartition(".")[0] or "(model)"  # the module owning the parameter
-        parts[layer] = block if layer not in parts else parts[layer] + block
-    return parts
+    Jacobian routes (`jaccli.params.ntk.gram_costs`). linear, create_graph: as for
+    `hook_factors`."""
+    first = hook_factors(model, x1, linear, create_graph=create_graph)
+    second = None if x2 is None or mode == "diagonal" else hook_factors(
+        model, x2, linear, create_graph=create_graph)
+    return layer_parts(first, second, mode)

@@ -17,13 +17,17 @@ _SPECTRUM_VALUES = ("singular_values", "top_singular_values")
 
 
 def summarize_file(path: Path) -> tuple[str, object]:
-    """`("jacobians", Summary)` or `("spectra", summary dict)` for a results file."""
+    """`("jacobians", Summary)`, or `("spectra" | "ntk", summary dict)` for a results file."""
     with Results(path) as results:
         kind = results.attrs.get("kind")
         if kind == "jacobians":
             return kind, _jacobians_summary(results)
         if kind == "spectra":
             return kind, _read_spectra(results).summary
+        if kind == "ntk":
+            from .ntk_file import ntk_summary
+
+            return kind, ntk_summary(results)
         raise ResultsFormatError(f"{path} holds {kind!r} results, which show cannot read; "
                                  "upgrade jaccli")
 
@@ -100,6 +104,10 @@ def sample_detail(path: Path, layer: str, sample: int) -> dict:
     sample: the row in the data file (as stored in /samples/index).
     """
     with Results(path) as results:
+        if results.attrs.get("kind") not in ("jacobians", "spectra"):
+            raise JaccliError(f"--layer and --sample print one sample of a compute or spectrum "
+                              f"file, and {path} holds {results.attrs.get('kind')} results; "
+                              "run `jaccli show` without them (docs/FORMAT.md has the layout)")
         try:
             group = results.layer(layer)
         except KeyError as exc:
