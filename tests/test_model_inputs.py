@@ -4,6 +4,7 @@ float64 autograd per sample (torch.autograd.functional.jacobian) for eager (stat
 --arch), `.pt2` and TorchScript models; bad calls fail in one line with no output file."""
 
 import json
+import linecache
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ import jaccli
 from jaccli.cli import app
 
 runner = CliRunner()
+FACTORIES_NAME = "<test_model_inputs factories>"
 FACTORIES = '''
 import torch
 from torch import nn
@@ -108,8 +110,12 @@ def folder(tmp_path_factory):
 
 
 def _model(name):
+    # TorchScript reads a module's source through linecache: register it there, so scripting
+    # works in a process that never imported the written factories file.
+    linecache.cache[FACTORIES_NAME] = (len(FACTORIES), None, FACTORIES.splitlines(True),
+                                       FACTORIES_NAME)
     namespace = {}
-    exec(compile(FACTORIES, "input_factories.py", "exec"), namespace)  # noqa: S102
+    exec(compile(FACTORIES, FACTORIES_NAME, "exec"), namespace)  # noqa: S102
     return namespace[name]().eval()
 
 
