@@ -123,3 +123,13 @@ def started(launch: Launch, device_option: str) -> Iterator[Launch]:
         yield replace(launch, device=str(device), backend=backend)
     finally:
         dist.destroy_process_group()
+
+
+def refuse_ranks(command: str) -> None:
+    """Refuse a command that does not split its work over torchrun ranks yet (every rank
+    would redo all of it and write the same file) when more than one rank runs."""
+    launch = detect()
+    if launch is not None and launch.world_size > 1:
+        raise UsageError(f"`jaccli {command}` does not run under torchrun yet: run it in one "
+                         f"process (for a dataset, `torchrun ... -m jaccli compute ... -o "
+                         f"FILE`, then `jaccli {command} FILE` where it reads results files)")
