@@ -48,6 +48,7 @@ bench: install  ## benchmarks vs peers, written to out/ (BENCH_ARGS="--quick --d
 	$(BIN)/python benchmarks/bench_params.py $(BENCH_ARGS) --output $(OUT)/bench_params.md
 	$(BIN)/python benchmarks/bench_formats.py $(BENCH_ARGS) --output $(OUT)/bench_formats.md
 	$(BIN)/python benchmarks/bench_ntk.py $(BENCH_ARGS) --output $(OUT)/bench_ntk.md
+	$(BIN)/python benchmarks/bench_scaling.py $(BENCH_ARGS) --output $(OUT)/bench_scaling.md
 
 clean:  ## remove the virtual environment, caches and demo output
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache *.egg-info

@@ -17,6 +17,7 @@ SPECTRA_CASES = ("spectra-all", "spectra-topk")
 PARAMS_CASES = ("params-mlp", "params-cnn", "products")
 FORMAT_CASES = ("parity", "mlp-script", "mtcnn", "resnet")
 NTK_CASES = ("ntk-cnn", "ntk-mlp")
+SCALING_CASES = ("scaling",)
 
 
 def selected_cases(requested: list[str] | None, known: tuple[str, ...]) -> list[str]:
@@ -24,7 +25,7 @@ def selected_cases(requested: list[str] | None, known: tuple[str, ...]) -> list[
     if not requested:
         return list(known)
     everything = (JACOBIAN_CASES + SPECTRA_CASES + PARAMS_CASES + FORMAT_CASES
-                  + NTK_CASES)
+                  + NTK_CASES + SCALING_CASES)
     unknown = set(requested) - set(everything)
     if unknown:
         raise SystemExit(f"unknown benchmark case(s): {', '.join(sorted(unknown))}; choose "

@@ -267,6 +267,7 @@ class ComputeSettings(_Composed):
     store: str = Store.compact.value
     wrt: tuple[str, ...] = (Wrt.inputs.value,)
     params: ParamOptions = field(default_factory=ParamOptions)
+    resume: bool = False  # under torchrun: reuse the matching shard files of an earlier run
     command_line: str = ""
 
     def __post_init__(self):

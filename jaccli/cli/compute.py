@@ -89,22 +89,49 @@ def compute(
     flatten: Annotated[bool, typer.Option(
         "--flatten", help="Also store one (N, C, D) dataset over all selected parameters.",
         rich_help_panel="Parameters")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Under torchrun: reuse the shard files in OUTPUT.parts/ that hold "
+                         "exactly a rank's samples with this run's provenance; compute the "
+                         "rest.", rich_help_panel="Output")] = False,
     json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
 ) -> None:
     """Compute every layer's per-sample Jacobian (and the end-to-end one) for DATA; with
     --wrt params, per-sample Jacobians w.r.t. the parameters.
 
-    DATA may be - to read a .npy stream from standard input."""
+    DATA may be - to read a .npy stream from standard input. Under torchrun each rank
+    computes a contiguous shard and rank 0 writes OUTPUT over the shard files."""
+    from ..pipelines.distributed import torchrun_rank
     from .render import stdout_console
 
+    quiet = quiet or (torchrun_rank() or 0) != 0  # under torchrun only rank 0 prints
     out = stdout_console(quiet)
 
     def run() -> None:
+        from ..errors import UsageError
         from ..pipelines.compute import prepare, run_compute
+        from ..pipelines.distributed import detect
         from ..settings import ComputeSettings
         from .render import emit_json, progress_bar, render_plan, render_table
 
         settings = settings_from(ComputeSettings, ctx)
+        launch = detect()
+        if launch is not None and not dry_run:
+            from ..pipelines.compute_ranks import run_ranked
+            from ..pipelines.distributed import started
+
+            with started(launch, settings.run.device) as ranked:
+                summary = run_ranked(settings, ranked)
+            if summary is not None and json_output:
+                emit_json(summary.to_dict(), quiet)
+            elif summary is not None:
+                render_table(summary, out)
+            return
+        if resume and launch is None:
+            raise UsageError("--resume continues a run launched with torchrun (it reuses "
+                             "the shard files in OUTPUT.parts/); without torchrun, rerun the "
+                             "missing --shard jobs and join them with `jaccli merge`")
+        if launch is not None and not launch.is_main:
+            return  # --dry-run under torchrun: rank 0 prints the plan
         prepared = prepare(settings)
         if dry_run:
             plan = prepared.plan.to_dict()

@@ -24,8 +24,12 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    """Print `jaccli: error: message` on stderr; the caller raises the returned Exit."""
-    typer.echo(f"jaccli: error: {message}", err=True)
+    """Print `jaccli: error: message` on stderr (under torchrun `jaccli: error: rank R:
+    message`); the caller raises the returned Exit."""
+    from ..pipelines.distributed import torchrun_rank
+
+    rank = torchrun_rank()
+    typer.echo(f"jaccli: error: {'' if rank is None else f'rank {rank}: '}{message}", err=True)
     return typer.Exit(code)
 
 

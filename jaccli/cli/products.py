@@ -59,9 +59,12 @@ def product_command(direction: str, doc: str):
         out = stdout_console(quiet)
 
         def run() -> None:
+            from ..pipelines.distributed import refuse_ranks
             from ..pipelines.products import run_products
             from ..settings import ProductSettings
             from .render import emit_json, render_products
+
+            refuse_ranks(direction)
 
             settings = settings_from(ProductSettings, ctx, direction=direction)
             summary = run_products(settings)
@@ -115,9 +118,12 @@ def hessian(
     out = stdout_console(quiet)
 
     def run() -> None:
+        from ..pipelines.distributed import refuse_ranks
         from ..pipelines.hessian import run_hessian
         from ..settings import HessianSettings
         from .render import emit_json, render_hessian
+
+        refuse_ranks("hessian")
 
         summary = run_hessian(settings_from(HessianSettings, ctx))
         if json_output:

@@ -130,7 +130,10 @@ def check(
 
     def run() -> None:
         from ..errors import UsageError
+        from ..pipelines.distributed import refuse_ranks
         from ..reports.check import evaluate, load_bounds
+
+        refuse_ranks("check")
         from ..settings import SpectrumSettings
         from .render import emit_json, render_check
 

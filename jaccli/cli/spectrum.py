@@ -97,11 +97,13 @@ def spectrum(
 
     def run() -> None:
         from ..errors import UsageError
+        from ..pipelines.distributed import refuse_ranks
         from ..pipelines.spectrum_file import is_results_file, spectrum_from_results
         from ..settings import SpectrumSettings
         from .render import emit_json, progress_bar
         from .render_spectrum import render_spectrum, write_plots
 
+        refuse_ranks("spectrum")
         from_file = is_results_file(source)
         settings = settings_from(SpectrumSettings, ctx, exclude=("source",), model=source,
                                  **(for_results_file(ctx, source) if from_file else {}))

@@ -136,9 +136,13 @@ def load(source: ModelSource) -> LoadedModel:
 def load_targets(path, key: str | None, selection: DataSelection, n_samples: int, *,
                  what: str = "targets") -> DataSource:
     """Targets (or vectors) for the same samples as the data: one per data-file row, sliced
-    by the same --offset/--limit, as many as there are samples."""
+    by the same --offset/--limit (and --shard), as many as there are samples."""
     targets = load_data(path, key=key, offset=selection.offset, limit=selection.limit,
                         key_option=f"--{what}-key")
+    if selection.shard is not None:
+        start, stop = shard_range(len(targets), *selection.shard)
+        targets = load_data(path, key=key, offset=selection.offset + start,
+                            limit=stop - start, key_option=f"--{what}-key")
     if len(targets) != n_samples:
         raise ShapeMismatchError(f"{path} has {len(targets)} {what} for {n_samples} samples; "
                                  f"they must match (one per row of the data file)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -11,14 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.structures import Matrix, Structured
+from ..engine.structures import Structured
 from ..errors import OutOfMemoryError, UsageError, is_out_of_memory
-from ..graph.call_layout import call as call_model
-from ..graph.params import select_parameters
 from ..io.data import DataSource
 from ..io.results.writer import ResultsWriter
-from ..params.jacobians import ParamInfo, param_jacobians, select_params
-from ..params.objectives import check_targets, objective
 from ..reports.summary import EntrySummary, Summary
 from ..settings import ComputeSettings
 from .common import (
@@ -28,11 +23,11 @@ from .common import (
     guard_output,
     load,
     load_inputs,
-    load_targets,
     provenance,
 )
-from .engines import Engine, GraphRun, make_engine
-from .planner import Plan, PlanEntry, check_disk, make_plan
+from .compute_params import ParamSetup, param_batch, param_entries, param_setup
+from .engines import Engine, make_engine
+from .planner import Plan, check_disk, make_plan
 from .resources import (
     check_trace_fits,
     memory_budget,
@@ -41,30 +36,6 @@ from .resources import (
     tf32_mode,
 )
 from .sink import ResultSink
-
-FLATTENED = "(flattened)"
-
-
-@dataclass
-class ParamTarget:
-    """One selected parameter: qualified name, shape, owner's type, and how it is done."""
-
-    name: str
-    shape: tuple[int, ...]
-    owner: str
-    rule: str
-
-
-@dataclass
-class ParamSetup:
-    """What `--wrt params` differentiates: the parameters, the objective, the targets.
-    modules: the module-level selection when the run has no operator graph."""
-
-    params: list[ParamTarget]
-    objective: Callable
-    targets: DataSource | None
-    outputs: int  # C: per-sample outputs of the objective (1 for a scalar)
-    modules: list[ParamInfo] | None = None
 
 
 @dataclass
@@ -90,11 +61,11 @@ def prepare(settings: ComputeSettings) -> Prepared:
     guard_output(s.output, s.model, s.data, s.params.targets)
     inputs = load_inputs(s.model, s.data, s.run)
     engine = make_engine(inputs, s.layers, s.run, inputs_wrt="inputs" in s.wrt)
-    setup = _param_setup(s, inputs, engine) if "params" in s.wrt else None
+    setup = param_setup(s, inputs, engine) if "params" in s.wrt else None
     budget, source = memory_budget(inputs.device, s.run.max_memory)
     plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
                      device=inputs.device, budget=budget, budget_source=source, store=s.store,
-                     batch_size=s.run.batch_size, extra=_param_entries(s, setup, inputs.dtype))
+                     batch_size=s.run.batch_size, extra=param_entries(s, setup, inputs.dtype))
     if s.output.path is not None:
         plan.disk = check_disk(plan, s.output.path, max_output=s.output.max_output,
                                compressed=s.output.compression != "none",
@@ -113,68 +84,6 @@ def _smaller_output(settings: ComputeSettings) -> list[str]:
     if settings.layers.end_to_end:
         options.append("--no-end-to-end")
     return options + ["--compression gzip", "`jaccli spectrum` (spectra, not Jacobians)"]
-
-
-def _param_setup(settings: ComputeSettings, inputs: Inputs, engine: Engine) -> ParamSetup:
-    options = settings.params
-    if options.loss is not None and options.targets is None:
-        raise UsageError("--loss needs --targets FILE")
-    targets = None
-    if options.targets is not None:
-        if options.loss is None:
-            raise UsageError("--targets needs --loss (cross-entropy, nll, mse, bce-logits)")
-        targets = load_targets(options.targets, options.targets_key, settings.data,
-                               len(inputs.data))
-    fn = objective(output_index=options.output_index, loss=options.loss)
-    example, held = inputs.batch(0, 1)
-    with torch.no_grad():
-        output = call_model(inputs.model, inputs.layout, example, held)
-    example_targets = None
-    if targets is not None:
-        check_targets(options.loss, targets.read(0, len(targets)), tuple(output.shape[1:]))
-        example_targets = torch.from_numpy(np.array(targets.read(0, 1))).to(inputs.device)
-    with torch.no_grad():
-        value = fn(output, example_targets)
-    outputs = 1 if value.ndim == 1 else value.shape[1]
-    if isinstance(engine, GraphRun):
-        graph = engine.graph
-        chosen = select_parameters(graph, options.patterns)
-        order = {name: i for i, (name, _) in enumerate(inputs.model.named_parameters())}
-        params = [ParamTarget(q, tuple(graph.state[node][1].shape), _owner(inputs, q),
-                              "per-op rules")
-                  for q, node in sorted(chosen.items(), key=lambda c: order.get(c[0], 1e9))]
-        return ParamSetup(params, fn, targets, outputs)
-    modules = select_params(inputs.model, options.patterns)
-    params = [ParamTarget(p.name, p.shape, type(p.module).__name__,
-                          "outer product" if p.structured else "generic") for p in modules]
-    return ParamSetup(params, fn, targets, outputs, modules)
-
-
-def _owner(inputs: Inputs, qualified: str) -> str:
-    """The class of the module holding parameter `qualified`, when the module tree says."""
-    owner = qualified.rpartition(".")[0]
-    try:
-        module = inputs.model.get_submodule(owner) if owner else inputs.model
-    except AttributeError:
-        return "?"
-    return getattr(module, "original_name", None) or type(module).__name__
-
-
-def _param_entries(settings: ComputeSettings, setup: ParamSetup | None,
-                   dtype: torch.dtype) -> list[PlanEntry]:
-    if setup is None:
-        return []
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    entries = [PlanEntry(p.name, f"param of {p.owner}", p.shape, (setup.outputs,), p.rule,
-                         "dense", "rev" if p.rule == "generic" else "-",
-                         setup.outputs * math.prod(p.shape) * itemsize, param_shape=p.shape)
-               for p in setup.params]
-    if settings.params.flatten:
-        total = sum(math.prod(p.shape) for p in setup.params)
-        entries.append(PlanEntry(FLATTENED, "all selected parameters", (total,),
-                                 (setup.outputs,), "concatenated", "dense", "-",
-                                 setup.outputs * total * itemsize, param_shape=(total,)))
-    return entries
 
 
 def inspect_model(settings: ComputeSettings, input_shape: tuple[int, ...] | None) -> Plan:
@@ -218,6 +127,16 @@ class _Batching:
         self.size = size
 
 
+@dataclass
+class Outcome:
+    """What one process computed: per-sample Frobenius norms `{entry: (N,)}`, seconds spent
+    per entry, and the batch size used (smaller than planned after running out of memory)."""
+
+    norms: dict[str, np.ndarray]
+    seconds: dict[str, float]
+    batch_size: int
+
+
 def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | None = None,
                 prepared: Prepared | None = None) -> Summary:
     """Compute every planned Jacobian for every sample; write them if an output is set.
@@ -226,17 +145,59 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
     """
     started = time.perf_counter()
     p = prepared or prepare(settings)
-    plan, inputs, output = p.plan, p.inputs, settings.output
+    outcome = compute_outcome(p, on_batch=on_batch, started=started)
+    path = settings.output.path
+    return summarize(p, outcome, n_samples=len(p.inputs.data), device=p.plan.device,
+                     output_bytes=path.stat().st_size if path else 0,
+                     seconds=time.perf_counter() - started)
+
+
+def results_attrs(p: Prepared) -> dict:
+    """The root attributes (provenance) of this run's results file."""
+    settings, inputs, plan = p.settings, p.inputs, p.plan
+    layers = settings.layers
+    return provenance(settings.command_line, inputs, tf32=bool(
+        settings.run.tf32 and inputs.device.type == "cuda"), store=settings.store,
+        granularity=layers.granularity if layers.include_layers else "",
+        chain=plan.chain, engine=plan.engine, engine_note=plan.engine_note,
+        options_sha256=options_fingerprint(settings))
+
+
+def options_fingerprint(settings: ComputeSettings) -> str:
+    """A hash of the options that decide what a results file holds: not the paths (their
+    contents are hashed apart), sample range, device, batch size or memory budget."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from ..io.hashing import sha256_file
+
+    options = dataclasses.asdict(settings)
+    for group, names in {"model": ("path",), "data": ("path", "offset", "limit", "shard"),
+                         "run": ("device", "batch_size", "max_memory"),
+                         "output": ("path", "max_output"), "params": ("targets",)}.items():
+        for name in names:
+            options[group].pop(name, None)
+    options.pop("command_line", None)
+    options.pop("resume", None)
+    targets = settings.params.targets
+    options["targets_sha256"] = sha256_file(targets) if targets is not None else ""
+    text = json.dumps(options, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def compute_outcome(p: Prepared, *, on_batch: Callable[[int], None] | None = None,
+                    started: float | None = None, attrs: dict | None = None) -> Outcome:
+    """Run `p` over its samples, writing the results file when the settings name one (with
+    root attributes `attrs`, by default `results_attrs(p)`)."""
+    started = time.perf_counter() if started is None else started
+    settings, plan, inputs, output = p.settings, p.plan, p.inputs, p.settings.output
     data = inputs.data
     norms = {e.name: np.full(len(data), np.nan) for e in plan.entries}
     seconds = dict.fromkeys(norms, 0.0)
-    layers = settings.layers
     writer = (ResultsWriter(
         output.path, kind="jacobians", sample_index=data.indices,
-        attrs=provenance(settings.command_line, inputs, tf32=bool(
-            settings.run.tf32 and inputs.device.type == "cuda"), store=settings.store,
-            granularity=layers.granularity if layers.include_layers else "",
-            chain=plan.chain, engine=plan.engine, engine_note=plan.engine_note),
+        attrs=results_attrs(p) if attrs is None else attrs,
         compression=output.compression, compression_level=output.compression_level)
         if output.path is not None else nullcontext())
     batching = _Batching(plan.batch_size)
@@ -259,20 +220,29 @@ def run_compute(settings: ComputeSettings, *, on_batch: Callable[[int], None] | 
                                          for e in plan.entries})
             writer.finish({"seconds": time.perf_counter() - started,
                            "batch_size": batching.size})
+    return Outcome(norms, seconds, batching.size)
+
+
+def summarize(p: Prepared, outcome: Outcome, *, n_samples: int, device: str,
+              output_bytes: int, seconds: float) -> Summary:
+    """The summary of a run of `p`'s plan whose norms (over all `n_samples`) are in
+    `outcome`."""
+    settings, plan, inputs = p.settings, p.plan, p.inputs
+    layers, output = settings.layers, settings.output
     entries = [EntrySummary.from_norms(name=e.name, kind=e.kind, type_name=e.type_name,
-                                       d_in=e.d_in, d_out=e.d_out, frobenius=norms[e.name],
-                                       seconds=seconds[e.name], structure=e.structure,
+                                       d_in=e.d_in, d_out=e.d_out,
+                                       frobenius=outcome.norms[e.name],
+                                       seconds=outcome.seconds[e.name], structure=e.structure,
                                        rule=e.rule, note=e.note) for e in plan.entries]
     return Summary(
         model=str(settings.model.path), model_format=inputs.loaded.source,
-        data=str(settings.data.path), n_samples=len(data), device=plan.device,
-        dtype=plan.dtype, granularity=layers.granularity, batch_size=batching.size,
+        data=str(settings.data.path), n_samples=n_samples, device=device,
+        dtype=plan.dtype, granularity=layers.granularity, batch_size=outcome.batch_size,
         chain=plan.chain, entries=entries, engine=plan.engine,
         skipped=[{"name": s.name, "type": s.type_name, "reason": s.skip_reason or ""}
                  for s in plan.skipped],
-        output=str(output.path) if output.path else None,
-        output_bytes=output.path.stat().st_size if output.path else 0,
-        seconds=time.perf_counter() - started)
+        output=str(output.path) if output.path else None, output_bytes=output_bytes,
+        seconds=seconds)
 
 
 def _batches(data: DataSource, batching: _Batching, inputs: Inputs
@@ -300,7 +270,7 @@ def _compute_batch(p: Prepared, start: int, x: torch.Tensor, held: tuple,
         spent = {name: p.engine.last_seconds.get(name, 0.0) for name in results}
         if p.param_setup is not None:
             begin = time.perf_counter()
-            params = _param_batch(p, start, x, held)
+            params = param_batch(p, start, x, held)
             each = (time.perf_counter() - begin) / len(params)
             results |= params
             spent |= dict.fromkeys(params, each)
@@ -322,24 +292,3 @@ def _compute_batch(p: Prepared, start: int, x: torch.Tensor, held: tuple,
     yield from _compute_batch(p, start + half, x[half:], tuple(h[half:] for h in held),
                               batching)
 
-
-def _param_batch(p: Prepared, start: int, x: torch.Tensor, held: tuple
-                 ) -> dict[str, Structured]:
-    """Per-sample parameter Jacobians of one batch, as `(B, C, D)` matrices."""
-    setup = p.param_setup
-    targets = None
-    if setup.targets is not None:
-        targets = torch.from_numpy(np.array(setup.targets.read(start, start + x.shape[0])))
-        targets = targets.to(x.device)
-    if setup.modules is None:
-        jacobians = p.engine.engine.param_jacobians(x, setup.objective,
-                                                    [q.name for q in setup.params], targets,
-                                                    held)
-    else:
-        jacobians = param_jacobians(p.inputs.model, x, setup.objective, targets,
-                                    setup.modules)
-    result = {p.name: Matrix(jacobians[p.name].reshape(x.shape[0], setup.outputs, -1))
-              for p in setup.params}
-    if p.settings.params.flatten:  # one (B, C, D) matrix over all selected parameters
-        result[FLATTENED] = Matrix(torch.cat([m.matrix for m in result.values()], dim=2))
-    return result

@@ -61,14 +61,13 @@ def check_tiling(shards: list[Shard]) -> list[Shard]:
     shards = sorted(shards, key=lambda s: (s.start, s.stop))
     first = shards[0]
     for shard in shards[1:]:
-        for key in sorted(set(first.attrs) | set(shard.attrs)):
-            if key in PER_SHARD:
-                continue
-            if not _same(first.attrs.get(key), shard.attrs.get(key)):
-                raise ResultsFormatError(
-                    f"{shard.path} and {first.path} come from different runs: {key} is "
-                    f"{shard.attrs.get(key)!r} vs {first.attrs.get(key)!r}; merge only the "
-                    f"shards of one run")
+        key = differing_key(shard.attrs, first.attrs, sorted(set(first.attrs) |
+                                                             set(shard.attrs)))
+        if key is not None:
+            raise ResultsFormatError(
+                f"{shard.path} and {first.path} come from different runs: {key} is "
+                f"{shard.attrs.get(key)!r} vs {first.attrs.get(key)!r}; merge only the "
+                f"shards of one run")
     for before, after in zip(shards, shards[1:], strict=False):
         if after.start > before.stop:
             raise ResultsFormatError(f"samples {before.stop}..{after.start - 1} are missing "
@@ -79,6 +78,15 @@ def check_tiling(shards: list[Shard]) -> list[Shard]:
                              f"{after.start}..{min(before.stop, after.stop) - 1}; give each "
                              f"sample range once")
     return shards
+
+
+def differing_key(attrs: dict, other: dict, keys) -> str | None:
+    """The first of `keys` (root attributes) that differs between two files, leaving out the
+    ones that differ between the shards of one run (PER_SHARD); None when they agree."""
+    for key in keys:
+        if key not in PER_SHARD and not _same(attrs.get(key), other.get(key)):
+            return key
+    return None
 
 
 def _same(a, b) -> bool:

@@ -1,0 +1,97 @@
+"""Scaling over processes: `jaccli compute` of the sample CNN over 2000 samples in one process
+and under `torchrun --nproc-per-node 2` (gloo on the CPU, or NCCL with --device cuda on a
+machine with two GPUs), and what joining the shard files into the master file costs.
+
+Usage: python benchmarks/bench_scaling.py [--device cpu|cuda] [--quick] [--cases scaling]
+A run's time is the `seconds` of its --json summary: loading, tracing, planning, computing and
+writing (under torchrun also the exchanges and the master file), without the interpreter,
+torch import and process-group start, which the command's wall time in the note includes.
+Every process runs one thread (OMP_NUM_THREADS=1), as torchrun sets by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SCALING_CASES, Case, Row, header, parse_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "sample_models" / "digits_cnn.safetensors"
+
+
+def samples(n: int, folder: Path) -> Path:
+    """`n` CNN inputs (1, 8, 8): the sample digits, repeated with a little noise."""
+    images = np.load(ROOT / "sample_models" / "digits_test_images.npy")
+    rows = images[np.arange(n) % len(images)]
+    rows = rows + np.random.default_rng(0).normal(scale=0.01, size=rows.shape)
+    np.save(folder / "x.npy", rows.astype(np.float32))
+    return folder / "x.npy"
+
+
+def launcher(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "jaccli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(nproc), "-m", "jaccli"]
+
+
+def wall(command: list[str], cwd: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return seconds, done.stdout
+
+
+def scaling(n: int, device: str) -> Case:
+    from jaccli.io.results.merge import merge_results
+
+    case = Case(f"compute, sample CNN, {n} samples: 1 vs 2 processes")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = samples(n, folder)
+        seconds = {}
+        for nproc in (1, 2):
+            out = folder / f"out-{nproc}.h5"
+            total, stdout = wall([*launcher(nproc), "compute", str(MODEL), str(data), "-o",
+                                  str(out), "--device", device, "--json"], folder)
+            summary = json.loads(stdout)
+            seconds[nproc] = summary["seconds"]
+            case.rows.append(Row(f"jaccli, {nproc} process{'es' if nproc > 1 else ''}",
+                                 seconds[nproc], note=f"command wall time {total:.2f} s; "
+                                 f"{summary['output_bytes'] / 2**20:.1f} MiB written"))
+        parts = sorted((folder / "out-2.h5.parts").glob("rank-*.h5"))
+        start = time.perf_counter()
+        merge_results(parts, folder / "again.h5")
+        merging = time.perf_counter() - start
+        case.rows.append(Row("merge (VDS master) of the 2 shard files", merging,
+                             note=f"{100 * merging / seconds[2]:.1f}% of the 2-process run"))
+        case.notes.append(f"speed-up of 2 processes over 1: {seconds[1] / seconds[2]:.2f}× "
+                          "(summary seconds)")
+    return case
+
+
+def main() -> None:
+    args, cases, device = parse_args(__doc__.splitlines()[0], SCALING_CASES)
+    n = 200 if args.quick else 2000
+    report = header("Scaling over processes — ", device, args.quick)
+    if "scaling" in cases:
+        report += "\n" + scaling(n, str(device)).markdown(reference="(speed-up in the notes)")
+    print(report)
+    if args.output:
+        args.output.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
