@@ -105,7 +105,7 @@ class Engine:
         recorded = math.prod(self.input_shape) + sum(e.d_in + e.d_out for e in layers)
         widest = max((e.d_out for e in layers), default=0)
         widths = {e.name: PRODUCT_COPIES * min(e.d_in, e.d_out) * max(widest, e.d_in, e.d_out)
-                  for e in chosen if e.kind == "end_to_end"}
+                  for e in chosen if e.kind == "end_to_end" and len(layers) > 1}
         return HeldValues(recorded, 0, widths)
 
 

@@ -72,8 +72,9 @@ class MemoryPlan:
         beside = (f" (besides {format_bytes(sum(size(t) for t in others))} for "
                   f"{_names(others)})" if others else "")
         detail = f" {term.detail}" if term.detail else ""
+        name = prefix + term.name.removeprefix("the ") if prefix else term.name
         raise OutOfMemoryError(
-            f"{prefix}{term.name}{detail} need {format_bytes(size(term))}{beside}, more than "
+            f"{name}{detail} need {format_bytes(size(term))}{beside}, more than "
             f"the memory budget ({format_bytes(self.budget)}, {self.source}) allows; "
             f"{_join(term.fixes)}")
 
