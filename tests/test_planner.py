@@ -65,7 +65,7 @@ def test_generic_chunk_size_bounds_the_basis_batch():
     engine, plan = plan_for(nn.Sequential(Odd()), (500,), n=64, budget=2**33, hooks=True)
     assert plan.chunk_size is None  # everything fits
     engine, small = plan_for(nn.Sequential(Odd()), (500,), n=64, budget=20 * 2**20,
-                             batch_size=64, hooks=True)
+                             batch_size=3, hooks=True)
     assert small.chunk_size is not None and 1 <= small.chunk_size < 500
     # The plan is a report: planning leaves the engine as it was, and the pipeline hands the
     # chunk size to each computation (which must not change the result).
@@ -78,5 +78,6 @@ def test_generic_chunk_size_bounds_the_basis_batch():
 
 
 def test_a_jacobian_too_big_for_the_budget_is_refused_before_running():
-    with pytest.raises(OutOfMemoryError, match=r"Jacobian of 0 \(300 x 300\) needs 351.6 KiB"):
+    with pytest.raises(OutOfMemoryError, match=r"one sample's per-layer Jacobians \(largest: 0, "
+                                              r"300 x 300\) need 2.1 MiB"):
         plan_for(nn.Sequential(Odd()), (300,), budget=100_000)

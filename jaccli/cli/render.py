@@ -122,7 +122,8 @@ def render_plan(plan_dict: dict[str, Any], console: Console, *, title: str,
     console.print(table)
     budget = (f", batch size {plan_dict['batch_size']} ({plan_dict['n_batches']} batches), "
               f"memory budget {format_bytes(plan_dict['memory_budget_bytes'])} "
-              f"({plan_dict['memory_budget_source']})" if show_batches else "")
+              f"({plan_dict['memory_budget_source']}){_baseline(plan_dict)}"
+              if show_batches else "")
     console.print(f"{n} sample{'s' if n != 1 else ''}{budget}, {plan_dict['device']}, "
                   f"{plan_dict['dtype']}; output {format_bytes(plan_dict['output_bytes'])} "
                   f"(--store {plan_dict['store']}); "
@@ -260,3 +261,12 @@ def render_hessian(summary: dict, out) -> None:
                                                     for c in counts[::8]]), highlight=False)
     if summary["output"]:
         out.print(f"written to {summary['output']}", highlight=False)
+
+
+def _baseline(plan_dict: dict) -> str:
+    """What the process held when planned: outside the budget, said beside it."""
+    memory = plan_dict.get("memory")
+    if not memory or not memory.get("baseline_bytes"):
+        return ""
+    return (f" on top of {format_bytes(memory['baseline_bytes'])} already held "
+            f"({memory['baseline_source']})")

@@ -127,6 +127,10 @@ def compose(a: Structured, b: Structured) -> Structured:
         return Matrix(a.right_apply(b.matrix))
     if isinstance(a, Matrix):
         return Matrix(b.left_apply(a.matrix))
+    # Neither is a matrix: form the smaller one and apply the other to it (a thin shared map
+    # after a per-sample diagonal forms `(1, m, k)`, not the diagonal's `(N, k, k)`).
+    if a.batch * a.d_out <= b.batch * b.d_in:
+        return Matrix(b.left_apply(a.dense()))
     return Matrix(a.right_apply(b.dense()))
 
 
@@ -161,7 +165,10 @@ def compose_cost(a: str, b: str, m: int, k: int, n: int, samples: int) -> float:
     """Multiply-adds of `A @ B`, A `(m x k)`, B `(k x n)`; the identity is free."""
     if "identity" in (a, b):
         return 0.0
-    return chain.compose_cost(_COST_TAG.get(a, a), _COST_TAG.get(b, b), m, k, n, samples)
+    cost = chain.compose_cost(_COST_TAG.get(a, a), _COST_TAG.get(b, b), m, k, n, samples)
+    if a == "diagonal" and b == "shared-operator":  # forms the operator's (k x n) matrix
+        cost += k * n
+    return cost
 
 
 def add(a: Structured, b: Structured) -> Structured:

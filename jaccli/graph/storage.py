@@ -9,9 +9,19 @@ from ..engine.structures import Diagonal, Matrix, RowScaled, Selection, Structur
 from .structures import Gather, Identity, Kronecker, Operator
 
 
-def storable(jac: Structured, n: int) -> tuple[str, dict[str, torch.Tensor]]:
+def storable(jac: Structured, n: int, *, per_sample: bool = False
+             ) -> tuple[str, dict[str, torch.Tensor]]:
     """(encoding name, tensors) for `jac` over a batch of `n` samples: the compact form where
-    the codec has one, else the matrix (formed once when shared, per sample otherwise)."""
+    the codec has one, else the matrix (formed once when shared, per sample otherwise).
+
+    per_sample: the Jacobian is planned per sample, so a batch of one sample (whose factors
+    look shared: batch 1) is still stored per sample, in the encoding of the other batches.
+    """
+    if per_sample and n == 1 and isinstance(jac, Gather) and jac.shared:
+        return "gather", {"gather_index": jac.index.expand(1, jac.d_out),
+                          "gather_weight": jac.weight.expand(1, jac.d_out)}
+    if per_sample and n == 1 and isinstance(jac, Kronecker) and jac.shared:
+        return "dense", {"jacobian": jac.dense(1)}
     if isinstance(jac, Identity):
         return "shared-diagonal", {"diagonal": torch.ones(jac.size, dtype=jac.dtype,
                                                           device=jac.device)}

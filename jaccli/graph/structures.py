@@ -234,6 +234,10 @@ class Kronecker(Structured):
         return out
 
 
+# Values of the operator's output formed at once while forming its matrix (`Operator.dense`).
+FORM_CHUNK = 2**19
+
+
 class Operator(Structured):
     """A shared linear map known only by how it acts, never formed unless asked (`dense`).
 
@@ -263,9 +267,21 @@ class Operator(Structured):
 
     def dense(self, n=None):
         if self._dense is None:  # formed once: it is the same for every sample
-            eye = torch.eye(self.d_in, dtype=self.dtype, device=self.device)
-            self._dense = self.forward(eye).T[None].contiguous()
+            self._dense = self._formed()[None]
         return _expand(self._dense, n)
+
+    def _formed(self) -> torch.Tensor:
+        """`(D_out, D_in)`, applied to `FORM_CHUNK // max(D_out, D_in)` identity columns at a
+        time, so forming it holds the matrix and one chunk's workspace (a convolution's im2col of
+        the whole identity would be several times the matrix)."""
+        out = torch.empty(self.d_out, self.d_in, dtype=self.dtype, device=self.device)
+        step = max(1, min(self.d_in, FORM_CHUNK // max(self.d_out, self.d_in, 1)))
+        for start in range(0, self.d_in, step):
+            count = min(step, self.d_in - start)
+            columns = torch.zeros(count, self.d_in, dtype=self.dtype, device=self.device)
+            columns[torch.arange(count), torch.arange(start, start + count)] = 1
+            out[:, start:start + count] = self.forward(columns).T
+        return out
 
     def frobenius(self, n):
         return _expand(torch.linalg.matrix_norm(self.dense()), n)

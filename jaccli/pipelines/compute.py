@@ -27,8 +27,9 @@ from .common import (
 )
 from .compute_params import ParamSetup, param_batch, param_entries, param_setup
 from .engines import Engine, make_engine
-from .planner import Plan, check_disk, make_plan
+from .planner import Plan, check_disk, in_effect, make_plan
 from .resources import (
+    baseline_memory,
     check_trace_fits,
     memory_budget,
     resolve_device,
@@ -65,7 +66,9 @@ def prepare(settings: ComputeSettings) -> Prepared:
     budget, source = memory_budget(inputs.device, s.run.max_memory)
     plan = make_plan(engine, n_samples=len(inputs.data), dtype=inputs.dtype,
                      device=inputs.device, budget=budget, budget_source=source, store=s.store,
-                     batch_size=s.run.batch_size, extra=param_entries(s, setup, inputs.dtype))
+                     batch_size=s.run.batch_size, extra=param_entries(s, setup, inputs.dtype),
+                     in_effect=in_effect(s, inputs, writing=s.output.path is not None),
+                     baseline=baseline_memory(inputs.device))
     if s.output.path is not None:
         plan.disk = check_disk(plan, s.output.path, max_output=s.output.max_output,
                                compressed=s.output.compression != "none",
@@ -278,8 +281,10 @@ def _compute_batch(p: Prepared, start: int, x: torch.Tensor, held: tuple,
         if not is_out_of_memory(exc):
             raise
         if x.shape[0] == 1:
+            advice = ["--layers"] + (["--store compact"] if p.settings.store == "dense"
+                                     else [])
             raise OutOfMemoryError("out of memory on a single sample; select fewer layers "
-                                   "with --layers or use --store compact") from exc
+                                   f"with {' or '.join(advice)}") from exc
         results = None
     if results is not None:
         yield start, x.shape[0], results, spent

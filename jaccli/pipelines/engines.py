@@ -13,12 +13,17 @@ from torch import nn
 
 from ..engine.structures import Structured
 from ..errors import UnsupportedModuleError, UsageError, is_out_of_memory
-from ..graph import GraphEngine, capture
+from ..graph import GraphEngine, algebra, capture
+from ..graph import accumulate as acc
 from ..graph.engine import END_TO_END, LayerPlan
-from ..graph.opgraph import OpGraph
+from ..graph.opgraph import BATCHED, OpGraph
 from ..io.models import ModelFormat
 from ..settings import LayerSelection, RunOptions
 from ..tracing.layers import Layer
+
+# A product along a path holds its operand and result, and applying a convolution to them
+# (as a transposed convolution) an im2col workspace several times as large.
+PRODUCT_COPIES = 16
 
 Apply = Callable[[torch.Tensor], torch.Tensor]  # (B, D, b) -> (B, D', b): blocks of vectors
 
@@ -91,6 +96,35 @@ class Engine:
     def clear_cache(self) -> None:
         """Forget the shared Jacobians, so the next batch computes them again."""
 
+    def held_values(self, names: set[str] | None = None) -> HeldValues:
+        """Values per sample a batch holds beyond the Jacobians themselves, for the planner.
+
+        This estimate (for engines without an operator graph): the recording keeps each
+        layer's input and output; the end-to-end product's intermediates are as wide as its
+        smaller side times the widest layer (`PRODUCT_COPIES` times).
+        """
+        chosen = [e for e in self.entries if names is None or e.name in names]
+        layers = [e for e in self.entries if e.kind == "layer"]
+        recorded = math.prod(self.input_shape) + sum(e.d_in + e.d_out for e in layers)
+        widest = max((e.d_out for e in layers), default=0)
+        widths = {e.name: PRODUCT_COPIES * min(e.d_in, e.d_out) * max(widest, e.d_in, e.d_out)
+                  for e in chosen if e.kind == "end_to_end" and len(layers) > 1}
+        return HeldValues(recorded, 0, widths)
+
+
+@dataclass
+class HeldValues:
+    """What computing a batch holds per sample, in values (multiply by the item size).
+
+    recorded: the forward pass's saved tensors; units: the per-op Jacobians kept while the
+    batch is computed (beyond the entries' own); accumulation: per entry, the widest
+    intermediates of forming it from its parts (products along its paths), 0 for none.
+    """
+
+    recorded: int
+    units: int
+    accumulation: dict[str, int]
+
 
 class GraphRun(Engine):
     """The operator-graph engine (`jaccli.graph`) on a captured graph."""
@@ -148,6 +182,48 @@ class GraphRun(Engine):
 
     def clear_cache(self):
         self.engine._shared.clear()
+
+    def held_values(self, names=None):
+        """From the graph: every per-sample node's value is recorded; the unit Jacobians on
+        the selected paths are kept for the batch; products along a path hold intermediates
+        as wide as its smaller end times the widest node on it (operand, result and the op's
+        workspace: `PRODUCT_COPIES` times)."""
+        graph, engine = self.graph, self.engine
+        recorded = sum(node.numel for node in graph.nodes.values()
+                       if node.kind in BATCHED and node.target is not None) \
+            + graph[graph.input].numel
+        wanted = {layer.name: layer.paths for layer in engine.layers
+                  if names is None or layer.name in names}
+        if engine.end_to_end and (names is None or END_TO_END in names):
+            for i, p in enumerate(engine._paths()):
+                wanted[END_TO_END if i == 0 else f"{END_TO_END}#{i}"] = p
+        units, seen, widths = 0, set(), {}
+        for name, p in wanted.items():
+            sizes = acc.sizes_of(graph, p)
+            entry = END_TO_END if name.startswith(END_TO_END) else name
+            if len(p.units) > 1:
+                width = (PRODUCT_COPIES * min(sizes[p.source], graph[p.target].numel)
+                         * max(sizes.values()))
+                widths[entry] = widths.get(entry, 0) + width
+                for unit in p.units:  # each (unit, input) Jacobian is kept for the batch
+                    for source in p.edges[unit]:
+                        if (unit, source) not in seen:
+                            seen.add((unit, source))
+                            tag = engine.units[unit].plans[source].tag
+                            units += _unit_values(tag, sizes[unit], sizes[source])
+        return HeldValues(recorded, units, widths)
+
+
+def _unit_values(tag: str, d_out: int, d_in: int) -> int:
+    """Values per sample of one op's Jacobian in memory, by its structure tag (shared ones
+    are counted with the shared matrices)."""
+    if tag in algebra.SHARED_TAGS:
+        return 0
+    if tag in ("diagonal", "row-scaled"):
+        return d_out
+    if tag in ("selection", "gather"):
+        return 2 * d_out  # an int64 index (and a weight)
+    return d_out * d_in
 
 
 def _entry(row: LayerPlan, module: nn.Module | None) -> EntryPlan:

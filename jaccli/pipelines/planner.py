@@ -11,17 +11,27 @@ from pathlib import Path
 import torch
 
 from ..engine.generic import verification_cost
-from ..errors import OutOfMemoryError, OutputError
+from ..errors import OutputError
+from ..graph.structures import FORM_CHUNK
 from ..io.results.encodings import stored_bytes
 from ..io.results.output_guard import free_space, output_cap
 from ..tracing.layers import Layer
 from ..units import format_bytes
-from .engines import Engine
+from .engines import END_TO_END, Engine
+from .memory import MemoryPlan, Term
 
 # A batch holds each per-sample Jacobian about three times over: as computed, as an
 # intermediate of a product or a copy, and as the host array being written.
 WORKING_COPIES = 3
-MAX_AUTO_BATCH = 4096
+# Forming a shared operator's matrix holds one chunk of its output (`FORM_CHUNK` values)
+# and the op's workspace for it (a convolution's im2col: up to ~C_in·k² / C_out times more).
+FORMING_WORKSPACE = 16
+# Shared matrices are held once, plus what holding them costs the allocator (measured: ~1.5x
+# on convolution stacks, whose matrices are formed column chunk by column chunk).
+SHARED_COPIES = 1.5
+# Of a CPU budget, the share kept for freed memory the allocator does not return (measured:
+# up to ~30% on convolution stacks at small budgets).
+RESERVE = 0.3
 # Values per sample a generic-path basis vector keeps alive, in units of (D_in + D_out).
 GENERIC_ACTIVATIONS = 4
 
@@ -82,6 +92,7 @@ class Plan:
     disk: DiskCheck | None = None  # set when an output file is planned
     engine: str = ""  # which engine (graph capture path, or hooks)
     engine_note: str = ""  # why
+    memory: MemoryPlan | None = None  # what a batch holds, term by term
 
     @property
     def bytes_per_sample(self) -> int:
@@ -126,6 +137,7 @@ class Plan:
             "output_cap_bytes": self.disk.cap if self.disk else None,
             "output_cap_source": self.disk.source if self.disk else None,
             "free_bytes": self.disk.free if self.disk else None,
+            "memory": self.memory.to_dict(self.batch_size) if self.memory else None,
         }
 
 
@@ -157,12 +169,56 @@ def check_disk(plan: Plan, output: Path, *, max_output: int | None, compressed: 
     return check
 
 
+@dataclass
+class InEffect:
+    """The options of the run that shape its memory, so a refusal suggests only options that
+    would change the term that does not fit (and none already in effect)."""
+
+    store: str = "compact"
+    granularity: str = "module"
+    include_layers: bool = True
+    end_to_end: bool = True
+    dtype: str = "float32"
+    writing: bool = False  # an output file: the writer's queue holds a batch
+    reserve: int = 0  # bytes of freed memory the allocator keeps (CPU)
+
+
+def allocator_reserve(device: torch.device, budget: int | None) -> int:
+    """On CPU, the part of the budget set aside for memory the C allocator keeps after it is
+    freed (fragmentation: resident, but not reusable for a larger block): `RESERVE` of it.
+    The CUDA peak (`max_memory_allocated`) counts live tensors only: no reserve."""
+    if device.type == "cuda":
+        return 0
+    from .resources import memory_budget
+
+    return int(RESERVE * memory_budget(device, budget)[0])
+
+
+def in_effect(settings, inputs, *, writing: bool) -> InEffect:
+    """The options of `settings` (compute or spectrum) that shape the memory a batch holds."""
+    layers = settings.layers
+    return InEffect(store=getattr(settings, "store", "compact"),
+                    granularity=layers.granularity,
+                    include_layers=layers.include_layers and "inputs" in getattr(
+                        settings, "wrt", ("inputs",)),
+                    end_to_end=layers.end_to_end,
+                    dtype=str(inputs.dtype).removeprefix("torch."), writing=writing,
+                    reserve=allocator_reserve(inputs.device, settings.run.max_memory))
+
+
 def make_plan(engine: Engine, *, n_samples: int, dtype: torch.dtype,
               device: torch.device, budget: int, budget_source: str, store: str = "compact",
               batch_size: int | None = None, extra: list[PlanEntry] | None = None,
-              names: set[str] | None = None) -> Plan:
+              names: set[str] | None = None, in_effect: InEffect | None = None,
+              extra_terms: list[Term] | None = None,
+              baseline: tuple[int, str] = (0, "not measured")) -> Plan:
     """Plan a run of `engine` (plus `extra` entries, e.g. parameter Jacobians) over
-    `n_samples` samples within `budget` bytes; `names` restricts it to those entries."""
+    `n_samples` samples within `budget` bytes; `names` restricts it to those entries.
+
+    The batch size is the largest whose memory terms (`memory_terms`, plus `extra_terms`
+    from the caller: decompositions, Krylov bases) fit the budget; `baseline`: what the
+    process held when planning (outside the budget, stated in the plan).
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
     entries = [PlanEntry(e.name, e.type_name, e.input_shape, e.output_shape, e.rule,
                          e.structure, e.mode,
@@ -172,25 +228,83 @@ def make_plan(engine: Engine, *, n_samples: int, dtype: torch.dtype,
     entries += extra or []
     if names is not None:
         entries = [e for e in entries if e.name in names]
-    working = [(e, _working_bytes(e, itemsize, store)) for e in entries]
-    per_sample = max(1, sum(w for _, w in working))
-    largest, largest_bytes = max(working, key=lambda item: item[1], default=(None, 0))
-    shared = sum(e.shared_bytes for e in entries)
-    if largest is not None and WORKING_COPIES * largest_bytes + shared > budget:
-        raise OutOfMemoryError(
-            f"the Jacobian of {largest.name} ({largest.d_out} x {largest.d_in}) needs "
-            f"{format_bytes(largest_bytes)} per sample, more than the memory budget "
-            f"({format_bytes(budget)}, {budget_source}) allows; select other layers with "
-            "--layers, use --store compact, or raise --max-memory")
-    if batch_size is None:
-        room = max(budget - shared, 0) // (WORKING_COPIES * per_sample)
-        batch_size = max(1, min(room, MAX_AUTO_BATCH))
-    batch_size = max(1, min(batch_size, n_samples))
+    effect = in_effect or InEffect(store=store, dtype=str(dtype).removeprefix("torch."))
+    terms = memory_terms(engine, entries, itemsize, effect,
+                         names=names if names is not None else None) + (extra_terms or [])
+    memory = MemoryPlan(terms, budget, budget_source, *baseline)
+    batch_size = memory.fit(batch_size, n_samples)
     chunk_size = _generic_chunk_size(entries, batch_size, itemsize, budget)
     return Plan(entries, n_samples, batch_size, budget, budget_source, str(device),
                 str(dtype).removeprefix("torch."), engine.chain, store,
                 list(engine.skipped), engine.chain_costs, chunk_size, engine=engine.path,
-                engine_note=engine.note)
+                engine_note=engine.note, memory=memory)
+
+
+def memory_terms(engine: Engine, entries: list[PlanEntry], itemsize: int, effect: InEffect,
+                 names: set[str] | None = None) -> list[Term]:
+    """What computing (and writing) one batch of `entries` holds, term by term.
+
+    inputs: the batch as read (up to float64) and as a tensor; recorded activations: the
+    forward pass's saved tensors and the per-op Jacobians kept for the batch; per-sample
+    Jacobians: each entry's, `WORKING_COPIES` times (as computed, in a product, as copied);
+    forming products: the widest intermediates of the end-to-end / block Jacobians;
+    shared matrices: each shared Jacobian formed once (a convolution's matrix for its file
+    or norm), and the largest one's identity-sized workspace while forming it; the writer's
+    queue: one more batch of stored Jacobians in flight while the next is computed.
+    """
+    held = engine.held_values(names)
+    d_in = math.prod(engine.input_shape)
+    float32 = ["--dtype float32"] if effect.dtype == "float64" else []
+    layers = ["--layers"] if effect.include_layers else []
+    working = {e.name: _working_bytes(e, itemsize, effect.store) for e in entries}
+    largest = max(entries, key=lambda e: working[e.name], default=None)
+    per_sample_fixes = list(layers)
+    if effect.store == "dense":
+        per_sample_fixes.append("--store compact")
+    if effect.granularity == "block" and effect.include_layers:
+        per_sample_fixes.append("--granularity module")
+    if largest is not None and largest.kind == "end_to_end":
+        per_sample_fixes.append("--no-end-to-end")
+    shared_entries = [e for e in entries if e.shared_bytes]
+    # Forming the largest shared matrix (chunk and op workspace) and taking its norm (a
+    # temporary as large as the matrix) happen one matrix at a time.
+    forming = max((e.shared_bytes for e in shared_entries), default=0) + (
+        FORMING_WORKSPACE * FORM_CHUNK * itemsize if any(
+            e.structure == "shared-operator" for e in shared_entries) else 0)
+    widest = max(held.accumulation.items(), key=lambda kv: kv[1], default=(None, 0))
+    forming_fixes = (["--no-end-to-end"] if widest[0] == END_TO_END else list(layers))
+    if effect.granularity == "block" and effect.include_layers:
+        forming_fixes.append("--granularity module")
+    shared_fixes = list(layers) + (["--no-layers"] if effect.include_layers
+                                   and effect.end_to_end else [])
+    largest_shared = max(shared_entries, key=lambda e: e.shared_bytes, default=None)
+    terms = [
+        Term("the inputs", 0, d_in * (itemsize + 8), f"({d_in} values a sample)", float32),
+        Term("the recorded activations", 0, (held.recorded + held.units) * itemsize,
+             "(the forward pass's saved tensors and per-op Jacobians)", float32),
+        Term("the per-layer Jacobians", 0,
+             WORKING_COPIES * sum(working.values()),
+             f"(largest: {largest.name}, {largest.d_out} x {largest.d_in})" if largest else "",
+             per_sample_fixes + float32),
+        Term("the products forming end-to-end and block Jacobians", 0,
+             max(held.accumulation.values(), default=0) * itemsize,
+             f"(widest: {widest[0]})" if widest[0] else "", forming_fixes + float32),
+        Term(f"the shared matrices of {len(shared_entries)} Jacobians",
+             int(SHARED_COPIES * sum(e.shared_bytes for e in shared_entries)) + forming,
+             0,
+             f"(largest: {largest_shared.name}, {largest_shared.d_out} x "
+             f"{largest_shared.d_in}, {format_bytes(largest_shared.shared_bytes)})"
+             if largest_shared else "", shared_fixes + float32),
+    ]
+    if effect.reserve:
+        terms.append(Term("the allocator's reserve", effect.reserve, 0,
+                          "(freed memory the C allocator keeps)", []))
+    if effect.writing:
+        terms.append(Term("the writer's queue", 0, sum(e.bytes_per_sample for e in entries),
+                          "(one more batch of Jacobians in flight)",
+                          (["--store compact"] if effect.store == "dense" else [])
+                          + layers + float32))
+    return terms
 
 
 def _generic_chunk_size(entries: list[PlanEntry], batch_size: int, itemsize: int,

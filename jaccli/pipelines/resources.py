@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 from contextlib import contextmanager
 
 import torch
@@ -52,6 +54,19 @@ def memory_budget(device: torch.device, max_memory: int | None) -> tuple[int, st
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * CUDA_FRACTION), f"{CUDA_FRACTION:.0%} of free GPU memory"
     return int(available_ram() * CPU_FRACTION), f"{CPU_FRACTION:.0%} of available RAM"
+
+
+def baseline_memory(device: torch.device) -> tuple[int, str]:
+    """What the process holds before a run's batches, outside the budget: the resident set
+    on CPU (torch, the model, its weights), the allocated device memory on CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device)), "allocated on the GPU when planned"
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE"), "resident when planned"
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak before planning"
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..engine.structures import Structured
+from ..graph.algebra import SHARED_TAGS
 from ..graph.storage import storable
 from ..io.results.background import BackgroundWriter
 from ..io.results.writer import ResultsWriter
@@ -54,7 +55,8 @@ class ResultSink:
         if self.writer is None:
             return
         encoding, tensors = (("dense", {"jacobian": jac.dense(count)}) if self.store == "dense"
-                             else storable(jac, count))
+                             else storable(jac, count, per_sample=self.entries[name]
+                                           .structure not in SHARED_TAGS))
         arrays = {key: _host(value, self.np_dtype) for key, value in tensors.items()}
         group = self.groups.get(name)
         if group is None:

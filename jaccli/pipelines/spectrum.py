@@ -26,8 +26,9 @@ from .common import (
     provenance,
 )
 from .engines import Engine, make_engine
-from .planner import Plan, make_plan
-from .resources import memory_budget, tf32_mode
+from .memory import Term
+from .planner import Plan, in_effect, make_plan
+from .resources import baseline_memory, memory_budget, tf32_mode
 from .spectrum_output import EntryResult, summarize, write_spectra
 
 # A Lanczos basis holds up to ~100 vectors per sample and Jacobian, three times over.
@@ -65,13 +66,43 @@ def prepare_spectrum(settings: SpectrumSettings) -> SpectrumRun:
     structured = {e.name for e in entries if e.method == "structured"}
     plan = make_plan(engine, n_samples=n, dtype=inputs.dtype, device=inputs.device,
                      budget=budget, budget_source=source, store="compact",
-                     batch_size=settings.run.batch_size, names=structured)
-    krylov = sum(3 * min(e.d_in, e.d_out) * KRYLOV_VECTORS * itemsize
-                 for e in entries if e.method == "lanczos")
-    batch = plan.batch_size if not krylov else max(1, min(plan.batch_size, budget // krylov))
-    batch = settings.run.batch_size or batch
-    check_independence(inputs, batch)
-    return SpectrumRun(settings, inputs, entries, engine, plan, batch)
+                     batch_size=settings.run.batch_size, names=structured,
+                     in_effect=in_effect(settings, inputs, writing=False),
+                     extra_terms=decomposition_terms(entries, itemsize, settings),
+                     baseline=baseline_memory(inputs.device))
+    check_independence(inputs, plan.batch_size)
+    return SpectrumRun(settings, inputs, entries, engine, plan, plan.batch_size)
+
+
+def decomposition_terms(entries: list[SpectrumEntry], itemsize: int,
+                        settings: SpectrumSettings) -> list[Term]:
+    """What decomposing one batch holds: the largest SVD / Gram workspace of the structured
+    entries (one entry at a time), and the largest Lanczos basis (`KRYLOV_VECTORS` vectors
+    per sample, three times over)."""
+    shared = per_sample = 0
+    for e in entries:
+        if e.method != "structured":
+            continue
+        r = min(e.d_in, e.d_out)
+        if e.structure in ("shared", "shared-operator"):  # one svdvals for all samples
+            shared = max(shared, 4 * e.d_in * e.d_out * itemsize)
+        elif e.structure == "row-scaled" and not settings.exact:  # float64 Gram matrices
+            shared = max(shared, 8 * (e.d_in * e.d_out + e.d_out ** 2))
+            per_sample = max(per_sample, 8 * (2 * r * r + (e.d_in * e.d_out
+                                                          if e.d_out > e.d_in else 0)))
+        elif e.structure in ("dense", "row-scaled"):  # batched svdvals of dense matrices
+            per_sample = max(per_sample, 3 * e.d_in * e.d_out * itemsize)
+    krylov = max((3 * min(e.d_in, e.d_out) * KRYLOV_VECTORS * itemsize for e in entries
+                  if e.method == "lanczos"), default=0)
+    fixes = (["--top-k K"] if settings.top_k is None else []) + (
+        ["--layers"] if settings.layers.include_layers else [])
+    terms = [Term("the decompositions", shared, per_sample,
+                  "(SVD and Gram workspaces of the largest Jacobian)", fixes)]
+    if krylov:
+        terms.append(Term("the Lanczos bases", 0, krylov,
+                          f"({KRYLOV_VECTORS} Krylov vectors a sample, three times over)",
+                          ["--layers"] if settings.layers.include_layers else []))
+    return terms
 
 
 def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun | None = None
