@@ -8,6 +8,7 @@ failed still joins the status exchange), so no rank waits forever on another's e
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Iterator
@@ -122,6 +123,10 @@ def started(launch: Launch, device_option: str) -> Iterator[Launch]:
     try:
         yield replace(launch, device=str(device), backend=backend)
     finally:
+        # Leave together: a rank tearing gloo down while a peer still talks to it can abort
+        # the peer ("terminate called without an active exception").
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
         dist.destroy_process_group()
 
 
