@@ -74,6 +74,8 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
     for spec in source.inputs:
         name, text = _split(spec, "--input", "NAME=FILE[:KEY]")
         name = _argument(name, names, "--input", loaded.path)
+        if name in per_sample:
+            raise UsageError(f"--input {name} is given twice; give each argument once")
         path, key = _file_and_key(text)
         per_sample[name] = _same_samples(path, key, name, data)
         files[name] = {"path": str(path), "key": key or ""}
@@ -81,6 +83,8 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
     for spec in source.constants:
         name, text = _split(spec, "--const", "NAME=VALUE")
         name = _argument(name, names, "--const", loaded.path)
+        if name in constants:
+            raise UsageError(f"--const {name} is given twice; give each argument once")
         if name in per_sample:
             raise UsageError(f"{name} is given by both --input and --const; give it once")
         constants[name] = _constant(text, name)
@@ -116,6 +120,17 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
               "inputs": {n: {**files[n], "held": n != wrt} for n in names if n in files},
               "constants": {n: _describe(v) for n, v in constants.items()}}
     return ModelCall(layout, per_sample[wrt], [per_sample[n] for n in held], record)
+
+
+def named_files(source) -> list[Path]:
+    """The files that `source`'s `--input NAME=FILE[:KEY]` and `--const NAME=FILE[:KEY]`
+    name (as typed; values that are not files are skipped), for the output guard."""
+    files = []
+    for spec in (*source.inputs, *source.constants):
+        _, sep, text = spec.partition("=")
+        if sep and text:
+            files.append(_file_and_key(text)[0])
+    return files
 
 
 def on_device(call: ModelCall, device: torch.device, dtype: torch.dtype) -> ModelCall:
