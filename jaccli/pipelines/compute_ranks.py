@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import JaccliError, ResultsFormatError, UsageError
+from ..errors import JaccliError, OutputError, ResultsFormatError, UsageError
 from ..io.results.format import decode_attr, encode_attr
 from ..io.results.merge import differing_key, merge_results, read_shard
 from ..io.results.reader import open_results
@@ -104,6 +104,9 @@ def _plan(settings: ComputeSettings, launch: Launch, folder: Path | None):
         if launch.is_main:  # TARGET itself: not an input, and writable, before any work
             guard_output(settings.output, settings.model, settings.data,
                          settings.params.targets)
+        elif not folder.parent.is_dir():  # rank 0's guard says the same; no race on mkdir
+            raise OutputError(f"cannot write -o {settings.output.path}: the folder "
+                              f"{folder.parent} does not exist")
         folder.mkdir(exist_ok=True)
         mine = replace(mine, output=replace(settings.output, path=rank_file(folder,
                                                                             launch.rank)))
