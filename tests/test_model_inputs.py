@@ -388,6 +388,14 @@ def test_output_onto_an_input_or_const_file_is_refused_and_the_file_kept(folder,
     assert target.read_bytes() == before
 
 
+def test_an_integer_file_where_the_forward_wants_floats_fails_in_one_line(folder, tmp_path):
+    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    ints = tmp_path / "ints.npy"
+    np.save(ints, np.ones((N, 3), dtype=np.int64))
+    _refused(folder, ["compute", *gated, "--input", f"y={ints}"], 1, "the model fails",
+             "dtype")
+
+
 def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path):
     # in a process of its own: torch's fake-tensor logger writes to the real stderr, which
     # CliRunner does not capture

@@ -124,8 +124,15 @@ def check_independence(inputs: Inputs, batch_size: int) -> None:
         return call_model(inputs.model, inputs.layout, rows[i], tuple(h[i] for h in held))
 
     # a batch of row numbers: slicing it slices every input alike
-    check_sample_independence(by_index, torch.arange(n, device=inputs.device,
-                                                     dtype=inputs.dtype))
+    try:
+        check_sample_independence(by_index, torch.arange(n, device=inputs.device,
+                                                         dtype=inputs.dtype))
+    except RuntimeError as exc:  # e.g. an integer file where the forward wants floats
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ShapeMismatchError(
+            f"the model fails when called with DATA and the --input/--const values ({why}); "
+            "check each file's dtype and per-sample shape against the forward's "
+            "arguments") from exc
 
 
 def load(source: ModelSource) -> LoadedModel:
