@@ -396,6 +396,18 @@ def test_an_integer_file_where_the_forward_wants_floats_fails_in_one_line(folder
              "dtype")
 
 
+def test_non_finite_constants_are_refused(folder, tmp_path):
+    scaled = [*_source(folder, "scaled", "state_dict", None), folder / "x4.npy"]
+    shift = f"shift={folder / 'shift.npy'}"
+    for value in ("nan", "1e999", "-inf"):
+        _refused(folder, ["compute", *scaled, "--const", shift, "--const", f"scale={value}"],
+                 2, "give a finite number")
+    bad = tmp_path / "shift_nan.npy"
+    np.save(bad, np.full(4, np.nan))
+    _refused(folder, ["compute", *scaled, "--const", f"shift={bad}", "--const", "scale=2"],
+             1, "NaN or Inf")
+
+
 def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path):
     # in a process of its own: torch's fake-tensor logger writes to the real stderr, which
     # CliRunner does not capture

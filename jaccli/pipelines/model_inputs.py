@@ -195,14 +195,21 @@ def _constant(text: str, name: str) -> object:
         return lowered == "true"
     for kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            pass
+            continue
+        if kind is float and not np.isfinite(value):
+            raise UsageError(f"--const {name}={text}: give a finite number")
+        return value
     path, key = _file_and_key(text)
     if not path.is_file():
         raise UsageError(f"--const {name}={text}: give a number, true/false or a tensor file")
     source = load_data(path, key=key, key_option=f"--const {name}=FILE:")
-    return torch.from_numpy(np.array(source.read(0, len(source))))
+    array = np.array(source.read(0, len(source)))
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataLoadError(f"--const {name}={text}: the tensor holds NaN or Inf; give "
+                            "finite values")
+    return torch.from_numpy(array)
 
 
 def _describe(value: object) -> object:
