@@ -203,6 +203,30 @@ def test_bad_data_on_one_rank_stops_every_rank(files):
     assert not list((files / "out.h5.parts").glob("*.h5"))
 
 
+def test_an_output_in_a_missing_folder_stops_every_rank_in_one_line(files):
+    done = ranks(2, "compute", *ARGS, "-o", "missing/out.h5", cwd=files)
+    assert [r.returncode for r in done] == [1, 1], [r.stderr for r in done]
+    for rank, result in enumerate(done):
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"jaccli: error: rank {rank}: "), \
+            result.stderr
+        assert "internal error" not in lines[0]
+        assert "cannot write -o missing/out.h5: the folder missing does not exist" in lines[0]
+    assert not (files / "missing").exists()
+
+
+def test_an_output_onto_the_data_leaves_no_parts_folder(files):
+    before = (files / "x.npy").read_bytes()
+    done = ranks(2, "compute", *ARGS, "-o", "x.npy", cwd=files)
+    assert [r.returncode for r in done] == [1, 1], [r.stderr for r in done]
+    for result in done:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is an input of this run" in lines[0], result.stderr
+        assert "shard files stay" not in lines[0]
+    assert (files / "x.npy").read_bytes() == before
+    assert not (files / "x.npy.parts").exists()
+
+
 def test_resume_reuses_matching_shards_after_the_process_count_changes(files):
     parts = files / "out.h5.parts"
     # samples 4..7 by one process

@@ -354,3 +354,75 @@ def test_check_and_shards_take_the_same_rows_of_every_input(folder):
         result = _run(["check", *source, folder / "x.npy", *inputs, "--max-spectral-norm",
                        str(bound), "--layers", "(end-to-end)"])
         assert result.exit_code == code, result.output
+
+
+def test_a_name_given_twice_is_refused(folder):
+    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    y = f"y={folder / 'more.npz'}:y"
+    _refused(folder, ["compute", *gated, "--input", y, "--input", y], 2, "--input y",
+             "twice")
+    scaled = [*_source(folder, "scaled", "state_dict", None), folder / "x4.npy"]
+    shift = f"shift={folder / 'shift.npy'}"
+    _refused(folder, ["compute", *scaled, "--const", shift, "--const", "scale=2",
+                      "--const", "scale=3"], 2, "--const scale", "twice")
+
+
+def test_output_onto_an_input_or_const_file_is_refused_and_the_file_kept(folder, tmp_path):
+    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    target = tmp_path / "y.npz"
+    target.write_bytes((folder / "more.npz").read_bytes())
+    before = target.read_bytes()
+    scaled = [*_source(folder, "scaled", "state_dict", None), folder / "x4.npy"]
+    shift = tmp_path / "shift.npy"
+    shift.write_bytes((folder / "shift.npy").read_bytes())
+    for args, path in ((["compute", *gated, "--input", f"y={target}:y"], target),
+                       (["compute", *scaled, "--const", f"shift={shift}", "--const",
+                         "scale=2"], shift)):
+        kept = path.read_bytes()
+        result = _run([*args, "-o", path])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1, result.output
+        assert len(lines) == 1 and lines[0].startswith("jaccli: error:"), result.stderr
+        assert "is an input of this run" in lines[0], lines[0]
+        assert path.read_bytes() == kept and not list(tmp_path.glob(".*partial*"))
+    assert target.read_bytes() == before
+
+
+def test_an_integer_file_where_the_forward_wants_floats_fails_in_one_line(folder, tmp_path):
+    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    ints = tmp_path / "ints.npy"
+    np.save(ints, np.ones((N, 3), dtype=np.int64))
+    _refused(folder, ["compute", *gated, "--input", f"y={ints}"], 1, "the model fails",
+             "dtype")
+
+
+def test_non_finite_constants_are_refused(folder, tmp_path):
+    scaled = [*_source(folder, "scaled", "state_dict", None), folder / "x4.npy"]
+    shift = f"shift={folder / 'shift.npy'}"
+    for value in ("nan", "1e999", "-inf"):
+        _refused(folder, ["compute", *scaled, "--const", shift, "--const", f"scale={value}"],
+                 2, "give a finite number")
+    bad = tmp_path / "shift_nan.npy"
+    np.save(bad, np.full(4, np.nan))
+    _refused(folder, ["compute", *scaled, "--const", f"shift={bad}", "--const", "scale=2"],
+             1, "NaN or Inf")
+
+
+def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path):
+    # in a process of its own: torch's fake-tensor logger writes to the real stderr, which
+    # CliRunner does not capture
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    wide, out = tmp_path / "wide.npy", tmp_path / "out.h5"
+    np.save(wide, np.random.default_rng(3).normal(size=(N, 4)))
+    result = subprocess.run([sys.executable, "-m", "jaccli", "compute", *map(str, gated),
+                             "--input", f"y={wide}", "-o", str(out)], capture_output=True,
+                            text=True, cwd=ROOT)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-500:]
+    assert len(lines) == 1 and lines[0].startswith("jaccli: error:"), result.stderr[-500:]
+    assert "could not be captured" in lines[0] and not out.exists()

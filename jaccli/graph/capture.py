@@ -18,6 +18,8 @@ In-place ops are functionalized (`run_decompositions({})`) in every path.
 from __future__ import annotations
 
 import io
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -118,9 +120,28 @@ def _export_dynamic(module: nn.Module, example: torch.Tensor,
                                dynamic_shapes=call.dynamic_shapes(Dim("batch")), strict=False)
 
 
+@contextmanager
+def _quiet_fake_tensor_logs():
+    """A failing op under torch.export's fake tensors logs its whole traceback at ERROR level
+    on stderr; the refusal's one line says enough."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _from_module(model: nn.Module, example: torch.Tensor, call: _Call = _Call(), *,
                  parameters=None, paths=("export-dynamic", "export-static"),
                  origin="the model") -> OpGraph:
+    with _quiet_fake_tensor_logs():
+        return _capture_module(model, example, call, parameters, paths, origin)
+
+
+def _capture_module(model: nn.Module, example: torch.Tensor, call: _Call, parameters, paths,
+                    origin: str) -> OpGraph:
     try:
         program = _export_dynamic(model, example, call)
         path, note, static = paths[0], f"{origin} exported with a dynamic batch axis", None

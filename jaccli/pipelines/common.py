@@ -24,7 +24,7 @@ from ..io.results.output_guard import check_output
 from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions, shard_range
 from ..tracing.independence import check_sample_independence, distinct_rows
 from .integer_inputs import refuse_integer_input
-from .model_inputs import ModelCall, on_device, provenance_of, resolve_call
+from .model_inputs import ModelCall, named_files, on_device, provenance_of, resolve_call
 from .resources import memory_budget, resolve_device, resolve_dtype
 
 TRACE_SAMPLES = 4  # the example batch layers are traced on
@@ -124,8 +124,15 @@ def check_independence(inputs: Inputs, batch_size: int) -> None:
         return call_model(inputs.model, inputs.layout, rows[i], tuple(h[i] for h in held))
 
     # a batch of row numbers: slicing it slices every input alike
-    check_sample_independence(by_index, torch.arange(n, device=inputs.device,
-                                                     dtype=inputs.dtype))
+    try:
+        check_sample_independence(by_index, torch.arange(n, device=inputs.device,
+                                                         dtype=inputs.dtype))
+    except RuntimeError as exc:  # e.g. an integer file where the forward wants floats
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ShapeMismatchError(
+            f"the model fails when called with DATA and the --input/--const values ({why}); "
+            "check each file's dtype and per-sample shape against the forward's "
+            "arguments") from exc
 
 
 def load(source: ModelSource) -> LoadedModel:
@@ -158,7 +165,7 @@ def guard_output(output: OutputOptions, source: ModelSource | None,
     inputs = [*more]
     if source is not None:
         arch = Path(source.arch) if source.arch and Path(source.arch).is_file() else None
-        inputs += [source.path, arch]
+        inputs += [source.path, arch, *named_files(source)]
     if selection is not None:
         inputs.append(selection.path)
     check_output(output.path, inputs)

@@ -11,13 +11,14 @@ non-zero exit; shard files already finished stay, TARGET is not written.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import JaccliError, ResultsFormatError, UsageError
+from ..errors import JaccliError, OutputError, ResultsFormatError, UsageError
 from ..io.results.format import decode_attr, encode_attr
 from ..io.results.merge import differing_key, merge_results, read_shard
 from ..io.results.reader import open_results
@@ -104,6 +105,9 @@ def _plan(settings: ComputeSettings, launch: Launch, folder: Path | None):
         if launch.is_main:  # TARGET itself: not an input, and writable, before any work
             guard_output(settings.output, settings.model, settings.data,
                          settings.params.targets)
+        elif not folder.parent.is_dir():  # rank 0's guard says the same; no race on mkdir
+            raise OutputError(f"cannot write -o {settings.output.path}: the folder "
+                              f"{folder.parent} does not exist")
         folder.mkdir(exist_ok=True)
         mine = replace(mine, output=replace(settings.output, path=rank_file(folder,
                                                                             launch.rank)))
@@ -210,14 +214,19 @@ def _why(failure: BaseException | None) -> str:
 
 def _stop_if_failed(statuses: list[Status], launch: Launch, failure: BaseException | None,
                     target: Path | None) -> None:
-    """Raise this rank's own failure, or RankFailed when another rank failed."""
-    if failure is not None:
-        raise failure
+    """Raise this rank's own failure, or RankFailed when another rank failed; a parts folder
+    left empty (the run stopped before any shard file was written) is removed."""
     failed = [rank for rank, status in enumerate(statuses) if status.error]
     if not failed:
         return
-    kept = f"; finished shard files stay in {parts_folder(target)} (rerun with --resume " \
-           "to reuse them)" if target is not None else ""
+    folder = parts_folder(target) if target is not None else None
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty; every rank may try
+    if failure is not None:
+        raise failure
+    kept = f"; finished shard files stay in {folder} (rerun with --resume to reuse them)" \
+        if folder is not None and any(folder.glob("*.h5")) else ""
     raise RankFailed(f"stopped because rank {failed[0]} failed"
                      f"{f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''}: "
                      f"{statuses[failed[0]].error}{kept}")

@@ -74,6 +74,8 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
     for spec in source.inputs:
         name, text = _split(spec, "--input", "NAME=FILE[:KEY]")
         name = _argument(name, names, "--input", loaded.path)
+        if name in per_sample:
+            raise UsageError(f"--input {name} is given twice; give each argument once")
         path, key = _file_and_key(text)
         per_sample[name] = _same_samples(path, key, name, data)
         files[name] = {"path": str(path), "key": key or ""}
@@ -81,6 +83,8 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
     for spec in source.constants:
         name, text = _split(spec, "--const", "NAME=VALUE")
         name = _argument(name, names, "--const", loaded.path)
+        if name in constants:
+            raise UsageError(f"--const {name} is given twice; give each argument once")
         if name in per_sample:
             raise UsageError(f"{name} is given by both --input and --const; give it once")
         constants[name] = _constant(text, name)
@@ -116,6 +120,17 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
               "inputs": {n: {**files[n], "held": n != wrt} for n in names if n in files},
               "constants": {n: _describe(v) for n, v in constants.items()}}
     return ModelCall(layout, per_sample[wrt], [per_sample[n] for n in held], record)
+
+
+def named_files(source) -> list[Path]:
+    """The files that `source`'s `--input NAME=FILE[:KEY]` and `--const NAME=FILE[:KEY]`
+    name (as typed; values that are not files are skipped), for the output guard."""
+    files = []
+    for spec in (*source.inputs, *source.constants):
+        _, sep, text = spec.partition("=")
+        if sep and text:
+            files.append(_file_and_key(text)[0])
+    return files
 
 
 def on_device(call: ModelCall, device: torch.device, dtype: torch.dtype) -> ModelCall:
@@ -180,14 +195,21 @@ def _constant(text: str, name: str) -> object:
         return lowered == "true"
     for kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            pass
+            continue
+        if kind is float and not np.isfinite(value):
+            raise UsageError(f"--const {name}={text}: give a finite number")
+        return value
     path, key = _file_and_key(text)
     if not path.is_file():
         raise UsageError(f"--const {name}={text}: give a number, true/false or a tensor file")
     source = load_data(path, key=key, key_option=f"--const {name}=FILE:")
-    return torch.from_numpy(np.array(source.read(0, len(source))))
+    array = np.array(source.read(0, len(source)))
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataLoadError(f"--const {name}={text}: the tensor holds NaN or Inf; give "
+                            "finite values")
+    return torch.from_numpy(array)
 
 
 def _describe(value: object) -> object:
