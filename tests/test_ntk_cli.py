@@ -271,3 +271,56 @@ def test_json_documents_match_the_schemas_and_show_needs_no_torch(case, tmp_path
                             cwd=ROOT)
     assert result.returncode == 0 and b"trace" in result.stdout, result.stderr[-300:]
     assert result.stderr.strip().endswith(b"NO-TORCH"), result.stderr[-300:]
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "ts"])
+def test_a_residual_network_from_deployable_files_gives_the_reference_kernel(tmp_path, fmt):
+    """A ResNet of basic blocks (`out += identity`, BatchNorm in eval) from `.pt2` and
+    TorchScript, float64, against the per-sample jacrev reference of the eager module."""
+    from .graph.zoo import resnet
+
+    torch.manual_seed(3)
+    model, shape = resnet()
+    x = torch.from_numpy(np.random.default_rng(4).normal(size=(3, *shape)))
+    np.save(tmp_path / "x.npy", x.numpy())
+    path = tmp_path / f"model.{fmt}"
+    if fmt == "pt2":
+        program = torch.export.export(model, (torch.randn(2, *shape),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, path)
+    else:
+        torch.jit.save(torch.jit.script(model), str(path))
+    out = tmp_path / "ntk.h5"
+    summary = summary_of(invoke(path, tmp_path / "x.npy", "--dtype", "float64", "--json",
+                                "-o", out))
+    assert summary["engine"].startswith("graph"), summary["engine"]
+    torch.testing.assert_close(kernel(out), reference_ntk(model.double(), x), **TOL)
+
+
+class _BothHeads(torch.nn.Module):
+    """The reference's view of a two-head model: its outputs concatenated, `(N, 2 + 4)`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.cat([head.flatten(1) for head in self.model(x)], dim=1)
+
+
+def test_a_two_head_network_from_pt2_gives_the_kernel_of_both_heads(tmp_path):
+    """MTCNN-style O-Net (PReLU convs, a softmax head and a box head) from `.pt2`: the
+    kernel's C = 6 outputs are both heads, flattened in order."""
+    from .graph.zoo import mtcnn
+
+    torch.manual_seed(5)
+    model, shape = mtcnn()
+    x = torch.from_numpy(np.random.default_rng(6).normal(size=(3, *shape)))
+    np.save(tmp_path / "x.npy", x.numpy())
+    program = torch.export.export(model, (torch.randn(2, *shape),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    out = tmp_path / "ntk.h5"
+    invoke(tmp_path / "model.pt2", tmp_path / "x.npy", "--dtype", "float64", "-q", "-o", out)
+    torch.testing.assert_close(kernel(out), reference_ntk(_BothHeads(model.double()), x),
+                               **TOL)
