@@ -230,29 +230,30 @@ def test_an_output_onto_the_data_leaves_no_parts_folder(files):
 def test_resume_reuses_matching_shards_after_the_process_count_changes(files):
     parts = files / "out.h5.parts"
     # samples 4..7 by one process
-    done = torchrun(1, "compute", *ARGS, "--offset", 4, "--limit", 4, "-o", "out.h5",
-                    "--quiet", cwd=files)
+    # (processes started as torchrun starts them, without a launcher process each time)
+    done, = ranks(1, "compute", *ARGS, "--offset", 4, "--limit", 4, "-o", "out.h5",
+                  "--quiet", cwd=files)
     assert done.returncode == 0, done.stderr
     first = mtimes(parts)
     # samples 0..7 by two: rank 1 (4..7) reuses that file, rank 0 computes 0..3 beside it
-    done = torchrun(2, "compute", *ARGS, "--limit", 8, "-o", "out.h5", "--quiet",
-                    "--resume", cwd=files)
-    assert done.returncode == 0, done.stderr
+    done = ranks(2, "compute", *ARGS, "--limit", 8, "-o", "out.h5", "--quiet", "--resume",
+                 cwd=files)
+    assert [r.returncode for r in done] == [0, 0], [r.stderr for r in done]
     second = mtimes(parts)
     assert second["rank-00000.h5"] == first["rank-00000.h5"]
     assert set(second) == {"rank-00000.h5", "rank-00000-0-4.h5"}
     single(files, "one.h5", "--limit", 8)
     same_results(files / "one.h5", files / "out.h5")
     # back to one process: samples 0..7 are tiled by the two files, nothing is recomputed
-    done = torchrun(1, "compute", *ARGS, "--limit", 8, "-o", "out.h5", "--json",
-                    "--resume", cwd=files)
+    done, = ranks(1, "compute", *ARGS, "--limit", 8, "-o", "out.h5", "--json", "--resume",
+                  cwd=files)
     assert done.returncode == 0, done.stderr
     assert mtimes(parts) == second
     same_results(files / "one.h5", files / "out.h5")
     same_summary(json.loads(done.stdout), single(files, "two.h5", "--limit", 8))
     # other options: nothing matches, every shard is computed again
-    done = torchrun(1, "compute", *ARGS, "--limit", 8, "-o", "out.h5", "--quiet",
-                    "--resume", "--no-end-to-end", cwd=files)
+    done, = ranks(1, "compute", *ARGS, "--limit", 8, "-o", "out.h5", "--quiet", "--resume",
+                  "--no-end-to-end", cwd=files)
     assert done.returncode == 0, done.stderr
     assert mtimes(parts)["rank-00000.h5"] != second["rank-00000.h5"]
     assert "(end-to-end)/jacobian" not in datasets(files / "out.h5")

@@ -1,5 +1,7 @@
-"""jaccli as CI pipelines drive it: real processes, exit codes, JSON on stdout only (validated
-against the shipped schemas), stdin input, show/check/diff, config files, start-up cost."""
+"""jaccli as CI pipelines drive it: exit codes, JSON on stdout only (validated against the
+shipped schemas), stdin input, show/check/diff, config files, start-up cost. Most commands run
+in-process (`cli_harness`); real processes check what only they show: nothing but JSON on a
+real stdout, no colour or progress bar off a terminal, no torch import for help and show."""
 
 import json
 import os
@@ -16,6 +18,7 @@ import torch
 
 import jaccli
 
+from .cli_harness import run_in_process as run_cli
 from .conftest import ROOT, SAMPLES
 
 SCHEMAS = ROOT / "jaccli" / "schemas"
@@ -23,7 +26,7 @@ MLP = SAMPLES / "digits_mlp.safetensors"
 DATA = SAMPLES / "digits_test.npy"
 
 
-def jaccli_run(*args, cwd=None, stdin=None, env=None):
+def jaccli_process(*args, cwd=None, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "jaccli", *map(str, args)], cwd=cwd,
                           input=stdin, capture_output=True, env={**os.environ, **(env or {})})
 
@@ -47,106 +50,106 @@ def runs(tmp_path_factory):
         model[2].weight.mul_(3.0)
     jaccli.save_model(model, spec, d / "scaled.safetensors")
     for name, path in (("orig", MLP), ("scaled", d / "scaled.safetensors")):
-        assert jaccli_run("compute", path, DATA, "--limit", "64", "-q",
+        assert run_cli("compute", path, DATA, "--limit", "64", "-q",
                           "-o", d / f"jac_{name}.h5").returncode == 0
-        assert jaccli_run("spectrum", path, DATA, "--limit", "64", "-q",
+        assert run_cli("spectrum", path, DATA, "--limit", "64", "-q",
                           "-o", d / f"spec_{name}.h5").returncode == 0
     return d
 
 
 def test_json_goes_to_stdout_alone_and_matches_the_schemas(runs):
-    compute = jaccli_run("compute", MLP, DATA, "--limit", "8", "--json")
+    compute = jaccli_process("compute", MLP, DATA, "--limit", "8", "--json")
     assert compute.returncode == 0 and compute.stderr == b""
     validated(compute, "compute-summary")
-    plan = jaccli_run("compute", MLP, DATA, "--dry-run", "--json")
+    plan = run_cli("compute", MLP, DATA, "--dry-run", "--json")
     validated(plan, "plan")
-    validated(jaccli_run("inspect", MLP, "--json"), "plan")
-    spectrum = jaccli_run("spectrum", MLP, DATA, "--limit", "8", "--json")
+    validated(run_cli("inspect", MLP, "--json"), "plan")
+    spectrum = run_cli("spectrum", MLP, DATA, "--limit", "8", "--json")
     assert spectrum.returncode == 0 and spectrum.stderr == b""
     validated(spectrum, "spectrum-summary")
-    validated(jaccli_run("show", runs / "jac_orig.h5", "--json"), "compute-summary")
-    validated(jaccli_run("show", runs / "spec_orig.h5", "--json"), "spectrum-summary")
-    detail = validated(jaccli_run("show", runs / "jac_orig.h5", "--layer", "0", "--sample", "5",
+    validated(run_cli("show", runs / "jac_orig.h5", "--json"), "compute-summary")
+    validated(run_cli("show", runs / "spec_orig.h5", "--json"), "spectrum-summary")
+    detail = validated(run_cli("show", runs / "jac_orig.h5", "--layer", "0", "--sample", "5",
                                   "--json"), "show-sample")
     weight = jaccli.load_model(MLP).module[0].weight.detach().numpy()
     np.testing.assert_allclose(detail["jacobian"], weight, rtol=1e-6)
-    validated(jaccli_run("show", runs / "spec_orig.h5", "--layer", "end_to_end", "--sample",
+    validated(run_cli("show", runs / "spec_orig.h5", "--layer", "end_to_end", "--sample",
                          "5", "--json"), "show-sample")
 
 
 def test_stdin_data_pipeline(runs):
     buffer = __import__("io").BytesIO()
     np.save(buffer, np.load(DATA)[:16])
-    result = jaccli_run("spectrum", MLP, "-", "--json", stdin=buffer.getvalue())
+    result = run_cli("spectrum", MLP, "-", "--json", stdin=buffer.getvalue())
     assert result.returncode == 0, result.stderr
     doc = validated(result, "spectrum-summary")
     assert doc["n_samples"] == 16 and doc["data"] == "-"
     out = runs / "stdin.h5"
-    assert jaccli_run("compute", MLP, "-", "-q", "-o", out,
+    assert run_cli("compute", MLP, "-", "-q", "-o", out,
                       stdin=buffer.getvalue()).returncode == 0
     with jaccli.open_results(out) as r:
         import hashlib
 
         assert r.attrs["data_sha256"] == hashlib.sha256(buffer.getvalue()).hexdigest()
-    bad = jaccli_run("compute", MLP, "-", stdin=b"not numpy")
+    bad = run_cli("compute", MLP, "-", stdin=b"not numpy")
     assert bad.returncode == 1 and b"not a .npy stream" in bad.stderr
 
 
 def test_check_exit_codes_pass_violation_error(runs):
-    passing = jaccli_run("check", runs / "spec_orig.h5", "--max-spectral-norm", "100",
+    passing = run_cli("check", runs / "spec_orig.h5", "--max-spectral-norm", "100",
                          "--json")
     assert passing.returncode == 0
     assert validated(passing, "check-result")["passed"] is True
-    failing = jaccli_run("check", runs / "spec_orig.h5", "--max-spectral-norm", "5",
+    failing = run_cli("check", runs / "spec_orig.h5", "--max-spectral-norm", "5",
                          "--min-sigma", "1e-3", "--json")
     assert failing.returncode == 1
     doc = validated(failing, "check-result")
     violated = {(v["layer"], v["quantity"]) for v in doc["violations"]}
     assert ("0", "spectral_norm") in violated and ("(end-to-end)", "spectral_norm") in violated
     assert all(len(v["worst_samples"]) == 3 for v in doc["violations"])
-    table = jaccli_run("check", MLP, DATA, "--limit", "16", "--max-frobenius", "1")
+    table = run_cli("check", MLP, DATA, "--limit", "16", "--max-frobenius", "1")
     assert table.returncode == 1 and b"VIOLATED" in table.stdout and table.stderr == b""
-    error = jaccli_run("check", runs / "missing.h5", "--max-cond", "10")
+    error = run_cli("check", runs / "missing.h5", "--max-cond", "10")
     assert error.returncode == 4 and error.stderr.startswith(b"jaccli: error: file not found")
-    usage = jaccli_run("check", runs / "spec_orig.h5")
+    usage = run_cli("check", runs / "spec_orig.h5")
     assert usage.returncode == 2 and b"no bound to check" in usage.stderr
 
 
 def test_check_bounds_from_config_files(runs, tmp_path):
     (tmp_path / "jaccli.toml").write_text("[check]\nmax-spectral-norm = 5\nstat = 'mean'\n")
-    from_toml = jaccli_run("check", runs / "spec_orig.h5", "--json", cwd=tmp_path)
+    from_toml = run_cli("check", runs / "spec_orig.h5", "--json", cwd=tmp_path)
     assert from_toml.returncode == 1
     assert json.loads(from_toml.stdout)["stat"] == "mean"
-    overridden = jaccli_run("check", runs / "spec_orig.h5", "--max-spectral-norm", "100",
+    overridden = run_cli("check", runs / "spec_orig.h5", "--max-spectral-norm", "100",
                             cwd=tmp_path)
     assert overridden.returncode == 0
     (tmp_path / "pyproject.toml").write_text(
         "[tool.jaccli.check]\nmax-lipschitz-bound = 1.0\n")
-    pyproject = jaccli_run("check", runs / "spec_orig.h5", "--config",
+    pyproject = run_cli("check", runs / "spec_orig.h5", "--config",
                            tmp_path / "pyproject.toml", "--json")
     assert pyproject.returncode == 1
     assert json.loads(pyproject.stdout)["violations"][0]["layer"] == "(chain)"
     (tmp_path / "bad.toml").write_text("[check]\nmax-sigma = 1\n")
-    bad = jaccli_run("check", runs / "spec_orig.h5", "--config", tmp_path / "bad.toml")
+    bad = run_cli("check", runs / "spec_orig.h5", "--config", tmp_path / "bad.toml")
     assert bad.returncode == 4 and b"unknown check setting(s) max_sigma" in bad.stderr
 
 
 def test_retrained_model_with_a_scaled_layer_is_caught_by_check_and_diff(runs):
     bound = ["--layers", "2", "--max-spectral-norm", "8"]
-    assert jaccli_run("check", runs / "spec_orig.h5", *bound).returncode == 0
-    caught = jaccli_run("check", runs / "spec_scaled.h5", *bound, "--json")
+    assert run_cli("check", runs / "spec_orig.h5", *bound).returncode == 0
+    caught = run_cli("check", runs / "spec_scaled.h5", *bound, "--json")
     assert caught.returncode == 1
     assert [v["layer"] for v in json.loads(caught.stdout)["violations"]][0] == "2"
-    same = jaccli_run("diff", runs / "spec_orig.h5", runs / "spec_orig.h5", "--json")
+    same = run_cli("diff", runs / "spec_orig.h5", runs / "spec_orig.h5", "--json")
     assert same.returncode == 0 and validated(same, "diff-result")["same"]
-    drifted = jaccli_run("diff", runs / "spec_orig.h5", runs / "spec_scaled.h5", "--json")
+    drifted = run_cli("diff", runs / "spec_orig.h5", runs / "spec_scaled.h5", "--json")
     assert drifted.returncode == 1
     doc = validated(drifted, "diff-result")
     changed = {layer["name"] for layer in doc["layers"] if layer["changed"]}
     assert "2" in changed and "0" not in changed  # layer 0 comes before the scaled one
     layer2 = next(layer for layer in doc["layers"] if layer["name"] == "2")
     assert layer2["metrics"]["spectral_norm_mean"]["rel_change"] == pytest.approx(2.0)
-    jac_diff = jaccli_run("diff", runs / "jac_orig.h5", runs / "jac_scaled.h5", "--json")
+    jac_diff = run_cli("diff", runs / "jac_orig.h5", runs / "jac_scaled.h5", "--json")
     assert jac_diff.returncode == 1
     layer2 = next(x for x in validated(jac_diff, "diff-result")["layers"] if x["name"] == "2")
     assert layer2["metrics"]["jacobian_max_rel_difference"]["b"] == pytest.approx(2.0, rel=1e-5)
@@ -154,14 +157,14 @@ def test_retrained_model_with_a_scaled_layer_is_caught_by_check_and_diff(runs):
 
 def test_diff_refuses_different_data_unless_told(runs, tmp_path):
     other = tmp_path / "other.h5"
-    assert jaccli_run("spectrum", MLP, DATA, "--offset", "100", "--limit", "64", "-q",
+    assert run_cli("spectrum", MLP, DATA, "--offset", "100", "--limit", "64", "-q",
                       "-o", other).returncode == 0
-    refused = jaccli_run("diff", runs / "spec_orig.h5", other)
+    refused = run_cli("diff", runs / "spec_orig.h5", other)
     assert refused.returncode == 4 and b"different data" in refused.stderr
-    allowed = jaccli_run("diff", runs / "spec_orig.h5", other, "--allow-different-data",
+    allowed = run_cli("diff", runs / "spec_orig.h5", other, "--allow-different-data",
                          "--rtol", "10")
     assert allowed.returncode == 0
-    mixed = jaccli_run("diff", runs / "spec_orig.h5", runs / "jac_orig.h5")
+    mixed = run_cli("diff", runs / "spec_orig.h5", runs / "jac_orig.h5")
     assert mixed.returncode == 4 and b"same command" in mixed.stderr
 
 
@@ -172,19 +175,19 @@ def test_the_ci_example_runs_as_written(runs, tmp_path):
     assert len(commands) == 3
     (tmp_path / "baseline").mkdir()
     os.symlink(SAMPLES, tmp_path / "sample_models")
-    assert jaccli_run("spectrum", MLP, DATA, "--granularity", "block", "-q",
+    assert run_cli("spectrum", MLP, DATA, "--granularity", "block", "-q",
                       "-o", tmp_path / "baseline" / "spec.h5").returncode == 0
     for command in commands:
         argv, _, redirect = command.partition(" > ")
-        result = jaccli_run(*shlex.split(argv)[1:], cwd=tmp_path)
+        result = run_cli(*shlex.split(argv)[1:], cwd=tmp_path)
         assert result.returncode == 0, (command, result.stderr)
         if redirect:
             json.loads(result.stdout)
 
 
 def test_no_color_and_no_progress_in_pipelines():
-    result = jaccli_run("compute", MLP, DATA, "--limit", "4",
-                        env={"NO_COLOR": "1", "FORCE_COLOR": ""})
+    result = jaccli_process("compute", MLP, DATA, "--limit", "4",
+                            env={"NO_COLOR": "1", "FORCE_COLOR": ""})
     assert b"\x1b[" not in result.stdout + result.stderr
     assert result.stderr == b""  # no progress bar when not a terminal
 
