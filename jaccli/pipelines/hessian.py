@@ -107,17 +107,19 @@ def run_hessian(settings: HessianSettings) -> dict:
         density = (grid.double().cpu().numpy(), values.double().cpu().numpy())
         summary["density"] = {"grid": density[0].tolist(), "density": density[1].tolist()}
     if settings.output.path is not None:
-        _write(settings, inputs, spectrum, density, eigen, residuals, trace, trace_se, dim, batch)
+        _write(settings, inputs, spectrum, density, eigen, residuals, trace, trace_se, dim, batch,
+               summary["seconds"])
         summary["output"] = str(settings.output.path)
     return summary
 
 
 def _write(settings: HessianSettings, inputs, spectrum: HessianSpectrum, density, eigen,
-           residuals, trace, trace_se, dim: int, batch: int) -> None:
+           residuals, trace, trace_se, dim: int, batch: int, seconds: float) -> None:
     with ResultsWriter(settings.output.path, kind="hessian", sample_index=inputs.data.indices,
                        attrs=provenance(settings.command_line, inputs)) as writer:
         group = writer.create_group("hessian", parent="hessian_results", attrs={
-            "wrt": settings.wrt, "loss": settings.loss, "dim": dim, "which": settings.which})
+            "wrt": settings.wrt, "loss": settings.loss, "dim": dim, "which": settings.which,
+            "krylov_vectors": spectrum.steps})
         group.create_dataset("eigenvalues", data=eigen)
         group.create_dataset("residual", data=residuals)
         group.create_dataset("converged", data=spectrum.converged.detach().cpu().numpy())
@@ -130,4 +132,4 @@ def _write(settings: HessianSettings, inputs, spectrum: HessianSpectrum, density
             group.create_dataset("slq_weights", data=weights.double().cpu().numpy())
             group.create_dataset("density_grid", data=density[0])
             group.create_dataset("density", data=density[1])
-        writer.finish({"batch_size": batch})
+        writer.finish({"batch_size": batch, "seconds": seconds})
