@@ -408,15 +408,19 @@ def test_non_finite_constants_are_refused(folder, tmp_path):
              1, "NaN or Inf")
 
 
-def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path):
-    # in a process of its own: torch's fake-tensor logger writes to the real stderr, which
-    # CliRunner does not capture
+@pytest.mark.parametrize("fmt", ["state_dict", "pt2"])
+def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path, fmt):
+    """The line names the input, its file, its shape and the expected one (not the capture).
+    In a process of its own: torch's loggers write to the real stderr, which CliRunner does
+    not capture."""
     import subprocess
     import sys
 
     from .conftest import ROOT
 
-    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    x = torch.from_numpy(np.load(folder / "x.npy")).float()
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"]).float()
+    gated = [*_source(folder, "gated", fmt, (x[:2], y[:2])), folder / "x.npy"]
     wide, out = tmp_path / "wide.npy", tmp_path / "out.h5"
     np.save(wide, np.random.default_rng(3).normal(size=(N, 4)))
     result = subprocess.run([sys.executable, "-m", "jaccli", "compute", *map(str, gated),
@@ -425,4 +429,8 @@ def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr[-500:]
     assert len(lines) == 1 and lines[0].startswith("jaccli: error:"), result.stderr[-500:]
-    assert "could not be captured" in lines[0] and not out.exists()
+    who = "its layer b (Linear)" if fmt == "state_dict" else "the program"
+    assert (f"--input y: {wide} has samples of shape (4,) for the forward's argument y, but "
+            f"{who} expects (3,) per sample") in lines[0], lines[0]
+    assert "captured" not in lines[0] and not out.exists()
+    assert not list(tmp_path.glob(".*partial*"))
