@@ -298,6 +298,10 @@ def test_bad_calls_fail_in_one_line(folder):
     _refused(folder, ["spectrum", *gated, "--input", f"y={folder / 'y_short.npy'}"], 1,
              "4 samples")
     _refused(folder, ["compute", *gated, "--input", "y"], 2, "NAME=FILE")
+    wide = [*_source(folder, "gated", "state_dict", None), folder / "x6.npy"]
+    _refused(folder, ["compute", *wide, "--input", y], 1,
+             f"DATA: {folder / 'x6.npy'} has samples of shape (6,) for the forward's "
+             "argument x, but its layer a (Linear) expects (5,) per sample")
     scaled = [*_source(folder, "scaled", "state_dict", None), folder / "x4.npy"]
     shift = f"shift={folder / 'shift.npy'}"
     _refused(folder, ["compute", *scaled, "--const", shift, "--const", "scale=2",

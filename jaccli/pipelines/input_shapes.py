@@ -34,7 +34,7 @@ def check_call_shapes(loaded, model: nn.Module, call, x: torch.Tensor, held: tup
         with torch.no_grad():
             call_model(model, layout, x, held)
         return
-    except RuntimeError as exc:
+    except Exception as exc:  # a forward fails in many ways (shapes, dtypes, guards)
         if is_out_of_memory(exc):
             raise
         error = exc
