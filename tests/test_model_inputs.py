@@ -298,6 +298,10 @@ def test_bad_calls_fail_in_one_line(folder):
     _refused(folder, ["spectrum", *gated, "--input", f"y={folder / 'y_short.npy'}"], 1,
              "4 samples")
     _refused(folder, ["compute", *gated, "--input", "y"], 2, "NAME=FILE")
+    wide = [*_source(folder, "gated", "state_dict", None), folder / "x6.npy"]
+    _refused(folder, ["compute", *wide, "--input", y], 1,
+             f"DATA: {folder / 'x6.npy'} has samples of shape (6,) for the forward's "
+             "argument x, but its layer a (Linear) expects (5,) per sample")
     scaled = [*_source(folder, "scaled", "state_dict", None), folder / "x4.npy"]
     shift = f"shift={folder / 'shift.npy'}"
     _refused(folder, ["compute", *scaled, "--const", shift, "--const", "scale=2",
@@ -408,15 +412,19 @@ def test_non_finite_constants_are_refused(folder, tmp_path):
              1, "NaN or Inf")
 
 
-def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path):
-    # in a process of its own: torch's fake-tensor logger writes to the real stderr, which
-    # CliRunner does not capture
+@pytest.mark.parametrize("fmt", ["state_dict", "pt2"])
+def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path, fmt):
+    """The line names the input, its file, its shape and the expected one (not the capture).
+    In a process of its own: torch's loggers write to the real stderr, which CliRunner does
+    not capture."""
     import subprocess
     import sys
 
     from .conftest import ROOT
 
-    gated = [*_source(folder, "gated", "state_dict", None), folder / "x.npy"]
+    x = torch.from_numpy(np.load(folder / "x.npy")).float()
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"]).float()
+    gated = [*_source(folder, "gated", fmt, (x[:2], y[:2])), folder / "x.npy"]
     wide, out = tmp_path / "wide.npy", tmp_path / "out.h5"
     np.save(wide, np.random.default_rng(3).normal(size=(N, 4)))
     result = subprocess.run([sys.executable, "-m", "jaccli", "compute", *map(str, gated),
@@ -425,4 +433,178 @@ def test_a_held_input_of_the_wrong_width_fails_in_one_line(folder, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr[-500:]
     assert len(lines) == 1 and lines[0].startswith("jaccli: error:"), result.stderr[-500:]
-    assert "could not be captured" in lines[0] and not out.exists()
+    who = "its layer b (Linear)" if fmt == "state_dict" else "the program"
+    assert (f"--input y: {wide} has samples of shape (4,) for the forward's argument y, but "
+            f"{who} expects (3,) per sample") in lines[0], lines[0]
+    assert "captured" not in lines[0] and not out.exists()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def _pt2_float64(folder, name, example):
+    """`name` exported in float64 (dynamic batch on every input), loaded as jaccli does."""
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_model(name).double(), example,
+                                  dynamic_shapes=tuple({0: batch} for _ in example))
+    torch.export.save(program, folder / f"{name}64.pt2")
+    return jaccli.load_model(folder / f"{name}64.pt2")
+
+
+@pytest.mark.parametrize("fmt", ["eager", "pt2"])
+def test_api_inputs_consts_and_wrt_match_autograd(folder, fmt):
+    """jaccli.jacobian / layer_jacobians / list_layers / jvp / vjp with inputs= and wrt=,
+    against float64 torch.autograd.functional.jacobian per sample."""
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    eager = _model("gated").double()
+    model = eager if fmt == "eager" else _pt2_float64(folder, "gated", (x[:2], y[:2]))
+    for wrt, position in ((None, 0), ("x", 0), ("y", 1)):
+        expected = torch.from_numpy(_reference(eager, [x, y], position))
+        got = jaccli.jacobian(model, x, inputs={"y": y}, wrt=wrt)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+        layered = jaccli.layer_jacobians(model, x, inputs={"y": y}, wrt=wrt, end_to_end=True)
+        torch.testing.assert_close(layered["(end-to-end)"], expected, rtol=1e-12, atol=1e-14)
+        v = torch.randn(N, expected.shape[2], dtype=torch.float64)
+        u = torch.randn(N, expected.shape[1], dtype=torch.float64)
+        torch.testing.assert_close(jaccli.jvp(model, x, v, inputs={"y": y},
+                                              wrt=wrt or "inputs"),
+                                   (expected @ v[:, :, None])[:, :, 0])
+        torch.testing.assert_close(jaccli.vjp(model, x, u, inputs={"y": y},
+                                              wrt=wrt or "inputs"),
+                                   (u[:, None, :] @ expected)[:, 0, :])
+    names = [e.name for e in jaccli.list_layers(model, x, inputs={"y": y}, wrt="y")]
+    assert "a" not in names and {"b#0", "b#1"} <= set(names), names
+    weight = eager.b.weight.detach()
+    layers = jaccli.layer_jacobians(model, x, inputs={"y": y}, wrt="y")
+    for name in ("b#0", "b#1"):
+        torch.testing.assert_close(layers[name], weight.expand(N, 4, 3), rtol=0, atol=1e-15)
+
+
+def test_api_constants_and_refusals(folder):
+    x = torch.from_numpy(np.load(folder / "x4.npy"))
+    shift = torch.from_numpy(np.load(folder / "shift.npy"))
+    model = _model("scaled").double()
+    expected = _reference(lambda v: model(v, shift, 2.5, True), [x], 0)
+    got = jaccli.jacobian(model, x, consts={"shift": shift, "scale": 2.5, "square": True})
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(jaccli.JaccliError, match="argument scale has no value"):
+        jaccli.jacobian(model, x, consts={"shift": shift})
+    with pytest.raises(jaccli.JaccliError, match="no argument 'z'"):
+        jaccli.jacobian(model, x, consts={"shift": shift, "scale": 1.0, "z": 1})
+    ids = torch.from_numpy(np.load(folder / "ids.npy"))
+    with pytest.raises(jaccli.JaccliError, match="integer input"):
+        jaccli.jacobian(_model("tokens").double(), x, inputs={"ids": ids}, wrt="ids")
+    with pytest.raises(jaccli.JaccliError, match="one row per sample"):
+        jaccli.jacobian(_model("gated").double(), torch.from_numpy(np.load(folder / "x.npy")),
+                        inputs={"y": torch.zeros(N - 1, 3, dtype=torch.float64)})
+
+
+def _input_hessians(fn, x, t):
+    """Per-sample Hessians `(N, D, D)` of the cross-entropy of fn(x_i) against t_i, float64."""
+    loss = torch.nn.functional.cross_entropy
+    return torch.stack([torch.autograd.functional.hessian(
+        lambda z, i=i: loss(fn(z[None], i), t[i:i + 1]), x[i]) for i in range(len(x))])
+
+
+def test_api_hvp_with_a_held_input_and_constants(folder):
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    t = torch.tensor([0, 1, 0, 1, 1])
+    gated = _model("gated").double()
+    hessians = _input_hessians(lambda z, i: gated(x[i:i + 1], z), y, t)  # w.r.t. y, x held
+    v = torch.randn(N, 3, dtype=torch.float64)
+    got = jaccli.hvp(gated, x, v, targets=t, loss="cross-entropy", inputs={"y": y}, wrt="y")
+    torch.testing.assert_close(got, (hessians @ v[:, :, None])[:, :, 0])
+    dense = _param_hessian(gated, (x, y), t)
+    w = torch.randn(dense.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(jaccli.hvp(gated, x, w, targets=t, loss="cross-entropy",
+                                          inputs={"y": y}), dense @ w)
+
+
+def _param_hessian(model, arguments, t):
+    """The Hessian of the mean cross-entropy of model(*arguments) w.r.t. all parameters,
+    flattened in `named_parameters` order, float64."""
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def mean_loss(theta):
+        params, i = {}, 0
+        for name, p in zip(names, model.parameters(), strict=True):
+            params[name] = theta[i:i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        out = torch.func.functional_call(model, params, arguments)
+        return torch.nn.functional.cross_entropy(out, t)
+
+    return torch.autograd.functional.hessian(mean_loss, flat)
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "pt2"])
+def test_hessian_with_a_constant_and_a_held_input_matches_autograd(folder, fmt):
+    """jaccli hessian --wrt inputs with --const values, and --wrt y with x held: each
+    sample's eigenvalues against float64 torch.autograd.functional.hessian."""
+    t = np.array([0, 1, 2, 0, 1])
+    np.save(folder / "t3.npy", t)
+    np.save(folder / "t2.npy", t % 2)
+    x4 = torch.from_numpy(np.load(folder / "x4.npy"))
+    shift = torch.from_numpy(np.load(folder / "shift.npy"))
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    scaled, gated = _model("scaled").double(), _model("gated").double()
+    cases = {
+        "scaled": (["--const", f"shift={folder / 'shift.npy'}", "--const", "scale=2.5",
+                    "--wrt", "inputs", "--targets", folder / "t3.npy"],
+                   folder / "x4.npy", _input_hessians(
+                       lambda z, i: scaled(z, shift, 2.5), x4, torch.from_numpy(t)),
+                   (x4[:2].float(), shift.float(), 2.5)),
+        "gated": (["--input", f"y={folder / 'more.npz'}:y", "--wrt", "y", "--targets",
+                   folder / "t2.npy"], folder / "x.npy", _input_hessians(
+                       lambda z, i: gated(x[i:i + 1], z), y, torch.from_numpy(t % 2)),
+                  (x[:2].float(), y[:2].float()))}
+    for name, (options, data, hessians, example) in cases.items():
+        if fmt == "pt2" and name == "scaled":
+            continue  # export bakes a constant in: the .pt2 case is the held input
+        source = _source(folder, name, fmt, example if fmt == "pt2" else None)
+        out = folder / f"hessian_{name}_{fmt}.h5"
+        result = _run(["hessian", *source, data, *options, "--loss", "cross-entropy",
+                       "--top-k", "2", "--dtype", "float64", "--json", "-o", out])
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.stdout)
+        expected = torch.linalg.eigvalsh(hessians).flip(-1)[:, :2].numpy()
+        with h5py.File(out) as f:
+            np.testing.assert_allclose(f["hessian_results/hessian/eigenvalues"][:], expected,
+                                       rtol=1e-7, atol=1e-10)
+            assert f.attrs["wrt_input"] == ("x" if name == "scaled" else "y")
+        assert doc["dim"] == hessians.shape[1] and doc["wrt"] == "inputs"
+    # the parameter Hessian of the mean loss, y held fixed
+    source = _source(folder, "gated", fmt, cases["gated"][3] if fmt == "pt2" else None)
+    result = _run(["hessian", *source, folder / "x.npy", "--input",
+                   f"y={folder / 'more.npz'}:y", "--targets", folder / "t2.npy", "--loss",
+                   "cross-entropy", "--top-k", "2", "--dtype", "float64", "--json"])
+    assert result.exit_code == 0, result.output
+    dense = _param_hessian(gated, (x, y), torch.from_numpy(t % 2))
+    np.testing.assert_allclose(json.loads(result.stdout)["eigenvalues"],
+                               torch.linalg.eigvalsh(dense).flip(0)[:2].numpy(), rtol=1e-7,
+                               atol=1e-10)
+
+
+def test_inspect_with_inputs_lists_the_layers_of_the_wrt_path(folder):
+    gated = _source(folder, "gated", "state_dict", None)
+    y = f"y={folder / 'more.npz'}:y"
+    result = _run(["inspect", *gated, "--data", folder / "x.npy", "--input", y, "--wrt", "y",
+                   "--json"])
+    assert result.exit_code == 0, result.output
+    entries = {e["name"]: e for e in json.loads(result.stdout)["entries"]}
+    assert "a" not in entries and entries["b#0"]["input_shape"] == [3]  # b: Linear(3, 4)
+    assert entries["(end-to-end)"]["input_shape"] == [3]
+    assert entries["(end-to-end)"]["output_shape"] == [2]
+    result = _run(["inspect", *gated, "--data", folder / "x.npy", "--input", y, "--json"])
+    assert result.exit_code == 0, result.output
+    entries = {e["name"]: e for e in json.loads(result.stdout)["entries"]}
+    assert "a" in entries and entries["(end-to-end)"]["input_shape"] == [5]
+    scaled = _source(folder, "scaled", "state_dict", None)
+    result = _run(["inspect", *scaled, "--input-shape", "4", "--const",
+                   f"shift={folder / 'shift.npy'}", "--const", "scale=2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["entries"][-1]["input_shape"] == [4]
+    result = _run(["inspect", *gated, "--input-shape", "5", "--input", y])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "needs --data" in lines[0], lines

@@ -176,3 +176,50 @@ def test_cli_jvp_vjp_hessian(tmp_path, cnn):
     jsonschema.validate(doc, json.loads((SCHEMAS / "hessian-summary.schema.json").read_text()))
     assert doc["schema"] == "jaccli/hessian-summary" and len(doc["eigenvalues"]) == 2
     assert doc["eigenvalues"][0] >= doc["eigenvalues"][1]
+
+
+def test_show_summarises_products_and_hessian_files(tmp_path):
+    """`jaccli show` on a jvp/vjp or hessian file prints the run's summary (its --json is the
+    run's document), with the values of a float64 torch.autograd reference."""
+    model = small_model()
+    spec = {"format": "jaccli-arch", "version": 1, "input_shape": [4],
+            "model": {"type": "Sequential", "children": [
+                {"type": "Linear", "args": [4, 6]}, {"type": "Tanh"},
+                {"type": "Linear", "args": [6, 3]}]}}
+    jaccli.save_model(model, spec, tmp_path / "m.safetensors")
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 4)))
+    u = torch.from_numpy(np.random.default_rng(1).normal(size=(5, 3)))
+    t = torch.tensor([0, 1, 2, 0, 1])
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "u.npy", u.numpy())
+    np.save(tmp_path / "t.npy", t.numpy())
+    base = [str(tmp_path / "m.safetensors"), str(tmp_path / "x.npy"), "--dtype", "float64"]
+    loss = per_sample_loss("cross-entropy")
+    hessians = torch.stack([torch.autograd.functional.hessian(
+        lambda z, i=i: loss(model(z[None]), t[i:i + 1])[0], x[i]) for i in range(5)])
+    reference = {
+        "vjp": lambda doc: np.testing.assert_allclose(
+            doc["norm"]["max"], torch.linalg.norm(
+                (u[:, None, :] @ reference_jacobian(model, x))[:, 0], dim=1).max().item(),
+            rtol=1e-10),
+        "hessian": lambda doc: np.testing.assert_allclose(
+            doc["top_eigenvalue"]["max"], torch.linalg.eigvalsh(hessians)[:, -1].max().item(),
+            rtol=1e-6)}
+    runs = {"vjp": ["vjp", *base, "--vectors", str(tmp_path / "u.npy")],
+            "hessian": ["hessian", *base, "--targets", str(tmp_path / "t.npy"), "--loss",
+                        "cross-entropy", "--wrt", "inputs", "--top-k", "1"]}
+    for name, args in runs.items():
+        out = tmp_path / f"{name}.h5"
+        run = runner.invoke(app, [*args, "--json", "-o", str(out)])
+        assert run.exit_code == 0, run.output
+        shown = runner.invoke(app, ["show", str(out), "--json"])
+        assert shown.exit_code == 0, shown.output
+        doc = json.loads(shown.stdout)
+        jsonschema.validate(doc, json.loads(
+            (SCHEMAS / f"{'products' if name == 'vjp' else name}-summary.schema.json"
+             ).read_text()))
+        assert doc == json.loads(run.stdout)
+        reference[name](doc)
+        table = runner.invoke(app, ["show", str(out)])
+        assert table.exit_code == 0 and "upgrade" not in table.output
+        assert table.stdout.startswith(f"jaccli {name}:"), table.stdout

@@ -73,3 +73,42 @@ def test_tables_fit_narrow_terminals(relu_files, width):
         assert table_lines and max(len(line) for line in table_lines) <= width
     assert "not shown: singular values" in spectrum  # the first column to go, and said so
     assert row(spectrum, "2")[:2] == ["2", "diagonal"]
+
+
+def test_json_writes_infinite_condition_numbers_as_inf(relu_files):
+    """--json: an infinite statistic is the string "inf" (JSON has no Infinity; null stays
+    for NaN, "no value"), in every document that carries it, and matches the schemas."""
+    import json
+
+    import jsonschema
+
+    from .conftest import ROOT
+
+    def strict(text):  # the standard: no NaN/Infinity tokens
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"JSON has {token}"))
+
+    x = torch.from_numpy(np.load(relu_files / "x.npy"))
+    pre = x.reshape(4, 6) + torch.tensor([-10.0, 1, 1, 1, 1, 1])
+    relu_jacobians = torch.diag_embed((pre > 0).double())  # float64 reference of layer 2
+    assert torch.isinf(torch.linalg.cond(relu_jacobians)).all()
+    out = relu_files / "s.h5"
+    result = runner.invoke(app, ["spectrum", str(relu_files / "m.safetensors"),
+                                 str(relu_files / "x.npy"), "--json", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    shown = runner.invoke(app, ["show", str(out), "--json"])
+    gate = runner.invoke(app, ["check", str(out), "--max-cond", "1e6", "--json"])
+    assert shown.exit_code == 0 and gate.exit_code == 1, gate.output
+    schemas = ROOT / "jaccli" / "schemas"
+    for text, schema in ((result.stdout, "spectrum-summary"), (shown.stdout, "spectrum-summary"),
+                         (gate.stdout, "check-result")):
+        doc = strict(text)
+        jsonschema.validate(doc, json.loads((schemas / f"{schema}.schema.json").read_text()))
+    entries = {e["name"]: e for e in strict(result.stdout)["entries"]}
+    cond = entries["2"]["quantities"]["condition_number"]
+    assert cond["mean"] == cond["min"] == cond["max"] == cond["p50"] == "inf"
+    assert cond["n_nonfinite"] == 4
+    assert entries["1"]["quantities"]["condition_number"]["max"] == pytest.approx(1.0)
+    assert strict(shown.stdout)["entries"] == strict(result.stdout)["entries"]
+    values = [v["value"] for v in strict(gate.stdout)["violations"]
+              if v["quantity"] == "condition_number"]
+    assert values and set(values) == {"inf"}, strict(gate.stdout)["violations"]

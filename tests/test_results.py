@@ -78,6 +78,33 @@ def test_values_match_reference_and_reader(written):
         np.linalg.norm(expected, axis=(1, 2)).max())
 
 
+def test_no_layers_means_no_layers_group_and_the_file_still_reads(tmp_path, mlp):
+    """--no-layers writes no empty /layers group; files with one (older jaccli) still read."""
+    from jaccli.reports.show import summarize_file
+
+    jaccli.save_model(mlp, MLP_SPEC, tmp_path / "mlp.safetensors")
+    x = np.random.default_rng(1).normal(size=(4, 6))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "e2e.h5"
+    run_compute(compute_settings(model=tmp_path / "mlp.safetensors", data=tmp_path / "x.npy",
+                                 output=out, dtype="float64", include_layers=False))
+    with h5py.File(out, "r") as f:
+        assert sorted(f) == ["end_to_end", "samples"]
+    older = tmp_path / "older.h5"
+    shutil.copy(out, older)
+    with h5py.File(older, "a") as f:
+        f.create_group("layers")
+    expected = reference_jacobian(mlp.double(), torch.from_numpy(x)).numpy()
+    for path in (out, older):
+        with jaccli.open_results(path) as results:
+            assert results.layers == [] and [g.name for g in results.groups()] == [
+                "(end-to-end)"]
+            np.testing.assert_allclose(results.jacobian("end_to_end"), expected, rtol=1e-10,
+                                       atol=1e-12)
+        kind, summary = summarize_file(path)
+        assert kind == "jacobians" and [e.name for e in summary.entries] == ["(end-to-end)"]
+
+
 def test_reader_refuses_foreign_incomplete_and_future_files(tmp_path, written):
     out = written[0]
     future = tmp_path / "future.h5"

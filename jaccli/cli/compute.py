@@ -39,6 +39,7 @@ from .options import (
     StrictRulesOpt,
     Tf32Opt,
     TrustPickleOpt,
+    WrtInputOpt,
     parse_shape,
     settings_from,
 )
@@ -159,6 +160,7 @@ def inspect(
     data: Annotated[Path | None, typer.Option(
         "--data", help="Data file: its sample shape and count are used.")] = None,
     arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    input: InputOpt = None, const: ConstOpt = None, wrt: WrtInputOpt = None,
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
     no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,

@@ -154,8 +154,10 @@ def _wrt_input(wrt: str | list[str], kind: type) -> dict[str, Any]:
                          "respect to one model input at a time")
     kinds = [w for w in values if w in ("inputs", "params")] + (["inputs"] if names else [])
     out = {"wrt_input": names[0]} if names else {}
-    if "wrt" in {f.name for f in dataclasses.fields(kind)}:
-        out["wrt"] = list(dict.fromkeys(kinds)) if isinstance(wrt, list) else kinds[0]
+    field = next((f for f in dataclasses.fields(kind) if f.name == "wrt"), None)
+    if field is not None:  # a tuple of kinds (compute) or one kind
+        many = isinstance(wrt, list) or isinstance(field.default, tuple)
+        out["wrt"] = list(dict.fromkeys(kinds)) if many else kinds[0]
     return out
 
 

@@ -91,9 +91,11 @@ def hessian(
     data: Annotated[Path, typer.Argument(help="Samples.")],
     targets: Annotated[Path, typer.Option("--targets", help="Targets for --loss.")],
     loss: Annotated[Loss, typer.Option("--loss", help="Per-sample loss.")],
-    wrt: Annotated[Wrt, typer.Option(
+    wrt: Annotated[str, typer.Option(
         "--wrt", help="params: Hessian of the mean loss over DATA w.r.t. the parameters; "
-                      "inputs: each sample's Hessian w.r.t. its input.")] = Wrt.params,
+                      "inputs: each sample's Hessian w.r.t. its input; NAME: w.r.t. that "
+                      "input of the model's forward (see --input), the others held fixed."
+    )] = Wrt.params.value,
     params: ParamsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Eigenvalues to report.")] = 5,
     which: Annotated[Which, typer.Option(
@@ -106,6 +108,7 @@ def hessian(
     targets_key: Annotated[str | None, typer.Option("--targets-key")] = None,
     output: OutputOpt = None,
     arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    input: InputOpt = None, const: ConstOpt = None,
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     batch_size: BatchSizeOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,

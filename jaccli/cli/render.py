@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..reports.summary import Summary, finite_or_none
+from ..reports.summary import Summary, json_safe
 from ..units import format_bytes
 from .tables import Column, fitted_table, number, print_fitted
 
@@ -24,10 +24,11 @@ def stdout_console(quiet: bool = False):
 
 
 def emit_json(document: Any, quiet: bool = False) -> None:
-    """One JSON document on stdout, unwrapped (NaN and infinities written as null)."""
+    """One JSON document on stdout, unwrapped (NaN written as null, infinities as "inf" and
+    "-inf")."""
     if quiet:
         return
-    sys.stdout.write(json.dumps(finite_or_none(document), indent=2) + "\n")
+    sys.stdout.write(json.dumps(json_safe(document), indent=2) + "\n")
     sys.stdout.flush()
 
 

@@ -34,7 +34,8 @@ BOUNDS = ("max_spectral_norm", "max_cond", "max_frobenius", "max_lipschitz_bound
 
 
 def show(
-    results: Annotated[Path, typer.Argument(help="A file written by compute, spectrum or ntk.")],
+    results: Annotated[Path, typer.Argument(
+        help="A file written by compute, spectrum, ntk, jvp, vjp or hessian.")],
     layer: Annotated[str | None, typer.Option(
         "--layer", help="Print one layer's Jacobian or spectrum ('end_to_end' for the "
                         "end-to-end one); needs --sample.")] = None,
@@ -74,6 +75,10 @@ def show(
             from .render_ntk import render_ntk
 
             render_ntk(summary, out)
+        elif kind in ("products", "hessian"):
+            from .render import render_hessian, render_products
+
+            (render_products if kind == "products" else render_hessian)(summary, out)
         else:
             render_spectrum(summary, out)
 

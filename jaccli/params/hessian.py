@@ -20,7 +20,14 @@ from ..spectra.lanczos import ritz_nodes, top_eigenvalues
 from ..spectra.trace import hutchinson_trace
 from .jacobians import ParamInfo
 
-Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+# (x, targets) or (x, targets, held): held, the batch's values of the inputs held fixed
+Batches = Callable[[], Iterable[tuple]]
+# How a batch calls the model: (x, held) -> the forward's positional arguments
+Arguments = Callable[[torch.Tensor, tuple], tuple]
+
+
+def _only_x(x: torch.Tensor, held: tuple) -> tuple:
+    return (x,)
 
 
 @dataclass
@@ -55,9 +62,11 @@ class HessianSpectrum:
 
 
 def params_hvp(model: nn.Module, loss: Callable, batches: Batches, params: list[ParamInfo],
-               n_samples: int) -> Callable[[torch.Tensor], torch.Tensor]:
+               n_samples: int, arguments: Arguments = _only_x
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`V (1, D, b) -> H V` for the mean loss over all batches; D = the selected parameters,
-    flattened and concatenated in order."""
+    flattened and concatenated in order. arguments: how a batch calls a forward taking
+    several arguments (default: `model(x)`)."""
     names = [p.name for p in params]
     all_params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -65,9 +74,10 @@ def params_hvp(model: nn.Module, loss: Callable, batches: Batches, params: list[
     fixed = {k: v.detach() for k, v in all_params.items() if k not in theta}
     def apply(block: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(block)
-        for x, t in batches():
-            out[0] += _batch_hvp(lambda p, x=x, t=t: loss(functional_call(
-                model, ({**fixed, **p}, buffers), (x,)), t).sum() / n_samples, theta, block[0])
+        for x, t, *held in batches():
+            args = arguments(x, held[0] if held else ())
+            out[0] += _batch_hvp(lambda p, args=args, t=t: loss(functional_call(
+                model, ({**fixed, **p}, buffers), args), t).sum() / n_samples, theta, block[0])
         return out
 
     return apply
@@ -99,21 +109,24 @@ def _batch_hvp(batch_loss: Callable[[dict], torch.Tensor], theta: dict[str, torc
     return out
 
 
-def inputs_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, targets: torch.Tensor
+def inputs_hvp(model: nn.Module, loss: Callable, x: torch.Tensor, targets: torch.Tensor, *,
+               held: tuple = (), arguments: Arguments = _only_x
                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`V (N, D_in, b) -> H_i v_i` per sample, H_i the Hessian of sample i's loss w.r.t. x_i."""
+    """`V (N, D_in, b) -> H_i v_i` per sample, H_i the Hessian of sample i's loss w.r.t. x_i;
+    held: the inputs `(N, ...)` held fixed, passed as `arguments(x, held)` says."""
     n = x.shape[0]
 
-    def sample_loss(xi, ti):
-        return loss(model(xi.unsqueeze(0)), ti.unsqueeze(0))[0]
+    def sample_loss(xi, ti, *hi):
+        rows = tuple(h.unsqueeze(0) for h in hi)
+        return loss(model(*arguments(xi.unsqueeze(0), rows)), ti.unsqueeze(0))[0]
 
-    def hvp_one(xi, ti, v):
-        return jvp(lambda z: grad(sample_loss)(z, ti), (xi,), (v.reshape(xi.shape),))[1]
+    def hvp_one(xi, ti, v, *hi):
+        return jvp(lambda z: grad(sample_loss)(z, ti, *hi), (xi,), (v.reshape(xi.shape),))[1]
 
-    per_sample = vmap(hvp_one, in_dims=(0, 0, 0))
+    per_sample = vmap(hvp_one, in_dims=(0, 0, 0, *(0 for _ in held)))
 
     def apply(block: torch.Tensor) -> torch.Tensor:
-        columns = [per_sample(x, targets, block[:, :, c]).reshape(n, -1)
+        columns = [per_sample(x, targets, block[:, :, c], *held).reshape(n, -1)
                    for c in range(block.shape[2])]
         return torch.stack(columns, dim=2)
 

@@ -23,6 +23,7 @@ from ..io.models.retarget import retarget_dtype
 from ..io.results.output_guard import check_output
 from ..settings import DataSelection, ModelSource, OutputOptions, RunOptions, shard_range
 from ..tracing.independence import check_sample_independence, distinct_rows
+from .input_shapes import check_call_shapes
 from .integer_inputs import refuse_integer_input
 from .model_inputs import ModelCall, named_files, on_device, provenance_of, resolve_call
 from .resources import memory_budget, resolve_device, resolve_dtype
@@ -90,6 +91,8 @@ def load_inputs(source: ModelSource, selection: DataSelection, run: RunOptions) 
         refuse_integer_input(model, rows, selection.path, device, dtype)
     example = to_tensor(rows, device, dtype)
     held = call.held_rows(0, count, device, dtype) if call is not None else ()
+    if call is not None:
+        check_call_shapes(loaded, model, call, example, held)
     return Inputs(source, loaded, data, model, device, dtype, example, call=call,
                   held_example=held)
 

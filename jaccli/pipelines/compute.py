@@ -101,6 +101,11 @@ def inspect_model(settings: ComputeSettings, input_shape: tuple[int, ...] | None
     loaded = load(settings.model)
     n_samples = 1
     selection = settings.data
+    source = settings.model
+    if source.inputs or source.constants or source.wrt_input is not None:
+        from .inspect_call import inspect_call
+
+        return inspect_call(settings, loaded, input_shape, device, dtype)
     if input_shape is None and selection.path is not None:
         data = load_data(selection.path, key=selection.key, offset=selection.offset,
                          limit=selection.limit)

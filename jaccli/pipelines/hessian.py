@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..graph.call_layout import call as call_model
 from ..io.models import ModelFormat
 from ..io.results.writer import ResultsWriter
 from ..params.hessian import (
@@ -31,7 +32,6 @@ from .common import (
     load_targets,
     product_batch_size,
     provenance,
-    to_tensor,
 )
 
 
@@ -43,8 +43,11 @@ def run_hessian(settings: HessianSettings) -> dict:
     inputs = load_inputs(settings.model, settings.data, settings.run)
     n = len(inputs.data)
     targets_source = load_targets(settings.targets, settings.targets_key, settings.data, n)
+    layout = inputs.layout  # a forward of several arguments: the others held fixed
     with torch.no_grad():
-        output_shape = tuple(first_tensor(inputs.model(inputs.example[:1])).shape[1:])
+        output_shape = tuple(first_tensor(call_model(
+            inputs.model, layout, inputs.example[:1],
+            tuple(h[:1] for h in inputs.held_example))).shape[1:])
     check_targets(settings.loss, targets_source.read(0, n), output_shape)
     if settings.wrt == "params" and inputs.loaded.format is ModelFormat.TORCHSCRIPT:
         raise UsageError("hessian --wrt params needs a model torch.func can call with other "
@@ -54,21 +57,24 @@ def run_hessian(settings: HessianSettings) -> dict:
     d_in = math.prod(inputs.data.sample_shape)
     batch = product_batch_size(settings.run, inputs, d_in, math.prod(output_shape))
     check_independence(inputs, batch)
-    x_all = to_tensor(inputs.data.read(0, n), inputs.device, inputs.dtype) \
-        if settings.wrt == "inputs" else None  # the samples themselves are small
+    x_all, held_all = inputs.batch(0, n) if settings.wrt == "inputs" else (None, ())
     t_all = torch.from_numpy(np.array(targets_source.read(0, n))).to(inputs.device)
+
+    def arguments(x, held):  # how a batch calls the model
+        return (x,) if layout is None else tuple(layout.arguments(x, held))
+
     started = time.perf_counter()
     if settings.wrt == "params":
         params = select_params(inputs.model, settings.params)
         dim = sum(math.prod(p.shape) for p in params)
 
-        def batches():
+        def batches():  # (x, targets, held)
             for start in range(0, n, batch):
                 stop = min(start + batch, n)
-                yield (to_tensor(inputs.data.read(start, stop), inputs.device, inputs.dtype),
-                       t_all[start:stop])
+                x, held = inputs.batch(start, stop)
+                yield x, t_all[start:stop], held
 
-        operator = params_hvp(inputs.model, loss, batches, params, n)
+        operator = params_hvp(inputs.model, loss, batches, params, n, arguments=arguments)
         spectrum = hessian_spectrum(operator, batch=1, dim=dim, k=settings.top_k,
                                     probes=settings.probes, dtype=inputs.dtype,
                                     device=inputs.device, which=settings.which,
@@ -78,8 +84,10 @@ def run_hessian(settings: HessianSettings) -> dict:
         parts = []
         for start in range(0, n, batch):
             stop = min(start + batch, n)
+            held = tuple(h[start:stop] for h in held_all)
             parts.append(hessian_spectrum(
-                inputs_hvp(inputs.model, loss, x_all[start:stop], t_all[start:stop]),
+                inputs_hvp(inputs.model, loss, x_all[start:stop], t_all[start:stop],
+                           held=held, arguments=arguments),
                 batch=stop - start, dim=dim, k=settings.top_k, probes=settings.probes,
                 dtype=inputs.dtype, device=inputs.device, which=settings.which))
         spectrum = HessianSpectrum.concatenate(parts)
@@ -107,17 +115,19 @@ def run_hessian(settings: HessianSettings) -> dict:
         density = (grid.double().cpu().numpy(), values.double().cpu().numpy())
         summary["density"] = {"grid": density[0].tolist(), "density": density[1].tolist()}
     if settings.output.path is not None:
-        _write(settings, inputs, spectrum, density, eigen, residuals, trace, trace_se, dim, batch)
+        _write(settings, inputs, spectrum, density, eigen, residuals, trace, trace_se, dim, batch,
+               summary["seconds"])
         summary["output"] = str(settings.output.path)
     return summary
 
 
 def _write(settings: HessianSettings, inputs, spectrum: HessianSpectrum, density, eigen,
-           residuals, trace, trace_se, dim: int, batch: int) -> None:
+           residuals, trace, trace_se, dim: int, batch: int, seconds: float) -> None:
     with ResultsWriter(settings.output.path, kind="hessian", sample_index=inputs.data.indices,
                        attrs=provenance(settings.command_line, inputs)) as writer:
         group = writer.create_group("hessian", parent="hessian_results", attrs={
-            "wrt": settings.wrt, "loss": settings.loss, "dim": dim, "which": settings.which})
+            "wrt": settings.wrt, "loss": settings.loss, "dim": dim, "which": settings.which,
+            "krylov_vectors": spectrum.steps})
         group.create_dataset("eigenvalues", data=eigen)
         group.create_dataset("residual", data=residuals)
         group.create_dataset("converged", data=spectrum.converged.detach().cpu().numpy())
@@ -130,4 +140,4 @@ def _write(settings: HessianSettings, inputs, spectrum: HessianSpectrum, density
             group.create_dataset("slq_weights", data=weights.double().cpu().numpy())
             group.create_dataset("density_grid", data=density[0])
             group.create_dataset("density", data=density[1])
-        writer.finish({"batch_size": batch})
+        writer.finish({"batch_size": batch, "seconds": seconds})

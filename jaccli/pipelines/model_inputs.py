@@ -19,7 +19,8 @@ import torch
 from ..errors import DataLoadError, ShapeMismatchError, UsageError
 from ..graph.call_layout import CallLayout
 from ..io.data import DataSource, load_data
-from ..io.models.signature import NO_DEFAULT, forward_arguments
+from ..io.models import LoadedModel
+from ..io.models.signature import NO_DEFAULT, forward_arguments, module_arguments
 
 
 @dataclass
@@ -120,6 +121,67 @@ def resolve_call(loaded, source, data: DataSource) -> ModelCall | None:
               "inputs": {n: {**files[n], "held": n != wrt} for n in names if n in files},
               "constants": {n: _describe(v) for n, v in constants.items()}}
     return ModelCall(layout, per_sample[wrt], [per_sample[n] for n in held], record)
+
+
+@dataclass
+class TensorCall:
+    """A call of the Python API on tensors in memory: the layout, the differentiated samples
+    `x` `(N, *in_shape)` and the held ones `(N, ...)`, in `layout.held` order."""
+
+    layout: CallLayout
+    x: torch.Tensor
+    held: tuple[torch.Tensor, ...]
+
+
+def tensor_call(model, x: torch.Tensor, inputs: dict | None = None,
+                consts: dict | None = None, wrt: str | None = None) -> TensorCall | None:
+    """The call `jaccli.jacobian(model, x, inputs=..., consts=..., wrt=...)` asks for, like
+    `--input`/`--const`/`--wrt NAME`: `x` gives the first forward argument that `inputs` and
+    `consts` do not name; inputs: `{argument: (N, ...) tensor}`, held fixed unless `wrt`
+    names it; consts: `{argument: value}`. None when none of them is given."""
+    inputs, consts = dict(inputs or {}), dict(consts or {})
+    module = model.module if isinstance(model, LoadedModel) else model
+    arguments = forward_arguments(model) if isinstance(model, LoadedModel) \
+        else module_arguments(model)
+    names = tuple(a.name for a in arguments)
+    if not (inputs or consts or wrt is not None):
+        return None
+    what = type(module).__name__
+    if not names:
+        raise UsageError(f"the forward arguments of {what} cannot be read; inputs=, consts= "
+                         "and wrt= need them")
+    per_sample = {_argument(str(n), names, "inputs:", what): v for n, v in inputs.items()}
+    constants = {_argument(str(n), names, "consts:", what): v for n, v in consts.items()}
+    both = sorted(set(per_sample) & set(constants))
+    if both:
+        raise UsageError(f"{both[0]} is in both inputs= and consts=; give it once")
+    free = [n for n in names if n not in per_sample and n not in constants]
+    if not free:
+        raise UsageError(f"every argument of the forward ({', '.join(names)}) is in inputs= "
+                         "or consts=: none is left for x")
+    per_sample = {free[0]: x, **per_sample}
+    for name, value in per_sample.items():
+        if not isinstance(value, torch.Tensor) or value.ndim == 0 \
+                or value.shape[0] != x.shape[0]:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ShapeMismatchError(f"inputs[{name!r}] is {got}: give a tensor with one row "
+                                     f"per sample of x ({x.shape[0]})")
+    target = free[0] if wrt is None else _argument(wrt, names, "wrt=", what)
+    if target not in per_sample:
+        raise UsageError(f"wrt={wrt!r}: {target} has no samples; give it in inputs= (or as x)")
+    if not (per_sample[target].is_floating_point() or per_sample[target].is_complex()):
+        raise UsageError(f"wrt={target!r} holds {per_sample[target].dtype} values (token ids, "
+                         "class indices): a Jacobian with respect to an integer input is not "
+                         "defined; choose a float input")
+    defaults = {a.name: a.default for a in arguments if a.default is not NO_DEFAULT}
+    missing = [n for n in names if n not in per_sample and n not in constants
+               and n not in defaults]
+    if missing:
+        raise UsageError(f"the forward's argument {missing[0]} has no value: give it in "
+                         "inputs= or consts=")
+    held = tuple(n for n in names if n in per_sample and n != target)
+    layout = CallLayout(names, target, held, constants, defaults)
+    return TensorCall(layout, per_sample[target], tuple(per_sample[n] for n in held))
 
 
 def named_files(source) -> list[Path]:

@@ -74,7 +74,7 @@ def run_products(settings: ProductSettings) -> dict:
             group.create_dataset("product", data=result.astype(
                 np.float64 if inputs.dtype == torch.float64 else np.float32))
             group.create_dataset("norm", data=norms)
-            writer.finish({"batch_size": batch})
+            writer.finish({"batch_size": batch, "seconds": summary["seconds"]})
         summary["output"] = str(s.output.path)
     return summary
 

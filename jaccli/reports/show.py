@@ -17,7 +17,8 @@ _SPECTRUM_VALUES = ("singular_values", "top_singular_values")
 
 
 def summarize_file(path: Path) -> tuple[str, object]:
-    """`("jacobians", Summary)`, or `("spectra" | "ntk", summary dict)` for a results file."""
+    """`("jacobians", Summary)`, or `("spectra" | "ntk" | "products" | "hessian", summary
+    dict)` for a results file."""
     with Results(path) as results:
         kind = results.attrs.get("kind")
         if kind == "jacobians":
@@ -28,8 +29,13 @@ def summarize_file(path: Path) -> tuple[str, object]:
             from .ntk_file import ntk_summary
 
             return kind, ntk_summary(results)
-        raise ResultsFormatError(f"{path} holds {kind!r} results, which show cannot read; "
-                                 "upgrade jaccli")
+        if kind in ("products", "hessian"):
+            from .product_files import hessian_summary, products_summary
+
+            return kind, (products_summary if kind == "products" else hessian_summary)(results)
+        raise ResultsFormatError(f"{path} holds {kind!r} results, a kind this jaccli does not "
+                                 "know (jacobians, spectra, ntk, products, hessian): it was "
+                                 "written by another version")
 
 
 def _jacobians_summary(results: Results) -> Summary:

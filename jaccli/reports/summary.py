@@ -66,12 +66,16 @@ class Summary:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **asdict(self)}
 
 
-def finite_or_none(value: Any) -> Any:
-    """JSON has no NaN or Infinity: write them as null."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
+INFINITIES = {float("inf"): "inf", float("-inf"): "-inf"}
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or Infinity: NaN (no value) is written as null, an infinity (e.g. the
+    condition number of a rank-deficient Jacobian) as the string "inf" or "-inf"."""
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None if np.isnan(value) else INFINITIES[float(value)]
     if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_or_none(v) for v in value]
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value

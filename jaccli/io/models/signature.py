@@ -25,17 +25,26 @@ def forward_arguments(loaded) -> list[Argument]:
     Eager modules: from `inspect.signature`; TorchScript: from the method schema; `.pt2`:
     from the program's module. `*args`/`**kwargs` are not listed.
     """
-    if loaded.format is ModelFormat.TORCHSCRIPT:
-        schema = loaded.module.forward.schema.arguments[1:]
-        return [Argument(a.name, a.default_value if a.has_default_value() else NO_DEFAULT)
-                for a in schema]
-    if loaded.program is not None:  # the user inputs' placeholders carry the names
+    if loaded.program is not None and loaded.format is not ModelFormat.TORCHSCRIPT:
         from torch.export.graph_signature import InputKind
 
+        # the user inputs' placeholders carry the names
         return [Argument(spec.arg.name) for spec in loaded.program.graph_signature.input_specs
                 if spec.kind == InputKind.USER_INPUT]
+    return module_arguments(loaded.module)
+
+
+def module_arguments(module) -> list[Argument]:
+    """The forward arguments of an `nn.Module` or a TorchScript module, in order (without
+    `self`; `*args`/`**kwargs` are not listed)."""
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule):
+        schema = module.forward.schema.arguments[1:]
+        return [Argument(a.name, a.default_value if a.has_default_value() else NO_DEFAULT)
+                for a in schema]
     try:
-        parameters = inspect.signature(loaded.module.forward).parameters.values()
+        parameters = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
         return []
     return [Argument(p.name, p.default) for p in parameters

@@ -132,7 +132,8 @@ class Results:
             check_format(self.file.attrs, self.path)
             self.attrs = {k: decode_attr(v) for k, v in self.file.attrs.items()}
             self.sample_index = np.asarray(self.file["samples/index"], dtype=np.int64)
-            groups = [self._group(g) for g in self.file["layers"].values()]
+            groups = [self._group(g) for g in self.file["layers"].values()] \
+                if "layers" in self.file else []  # none without layers (older files: empty)
             self.layers = sorted(groups, key=lambda g: g.attrs.get("order", 0))
             self.end_to_end = (self._group(self.file["end_to_end"])
                                if "end_to_end" in self.file else None)

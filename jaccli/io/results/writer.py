@@ -81,7 +81,6 @@ class ResultsWriter:
         root.attrs.update({k: encode_attr(v) for k, v in self.attrs.items()})
         samples = root.create_group("samples")
         samples.create_dataset("index", data=self.sample_index, maxshape=(None,))
-        root.create_group("layers", track_order=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -110,7 +109,9 @@ class ResultsWriter:
 
     def create_group(self, name: str, *, parent: str, attrs: dict[str, Any]) -> h5py.Group:
         """The group for one result: a layer (`parent="layers"`: /layers/NAME), a parameter
-        (`"params"`: /params/NAME) or the end-to-end result (`"end_to_end"`: /end_to_end)."""
+        (`"params"`: /params/NAME) or the end-to-end result (`"end_to_end"`: /end_to_end).
+        A parent group is created with its first member: a file without layers has no
+        /layers."""
         self.check()
         if parent == "end_to_end":
             group = self.file.create_group("end_to_end")
