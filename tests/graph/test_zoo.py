@@ -41,11 +41,16 @@ def model_and_batch(name: str):
 
 
 @functools.cache
-def engine(name: str, fmt: str, granularity: str = "module") -> GraphEngine:
+def captured(name: str, fmt: str):
+    """The model's operator graph, captured once per format (granularities share it)."""
     model, x = model_and_batch(name)
     with tempfile.TemporaryDirectory() as tmp:
-        graph = capture(in_format(model, x[:1], fmt, Path(tmp)), x[:1])
-    return GraphEngine(graph, granularity=granularity)
+        return capture(in_format(model, x[:1], fmt, Path(tmp)), x[:1])
+
+
+@functools.cache
+def engine(name: str, fmt: str, granularity: str = "module") -> GraphEngine:
+    return GraphEngine(captured(name, fmt), granularity=granularity)
 
 
 @functools.cache
