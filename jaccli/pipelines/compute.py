@@ -166,9 +166,10 @@ def results_attrs(p: Prepared) -> dict:
         options_sha256=options_fingerprint(settings))
 
 
-def options_fingerprint(settings: ComputeSettings) -> str:
-    """A hash of the options that decide what a results file holds: not the paths (their
-    contents are hashed apart), sample range, device, batch size or memory budget."""
+def options_fingerprint(settings) -> str:
+    """A hash of the options (of any command's settings) that decide what a results file
+    holds: not the paths (their contents are hashed apart), sample range, device, batch
+    size or memory budget."""
     import dataclasses
     import hashlib
     import json
@@ -180,10 +181,10 @@ def options_fingerprint(settings: ComputeSettings) -> str:
                          "run": ("device", "batch_size", "max_memory"),
                          "output": ("path", "max_output"), "params": ("targets",)}.items():
         for name in names:
-            options[group].pop(name, None)
+            options.get(group, {}).pop(name, None)
     options.pop("command_line", None)
     options.pop("resume", None)
-    targets = settings.params.targets
+    targets = settings.params.targets if hasattr(settings, "params") else None
     options["targets_sha256"] = sha256_file(targets) if targets is not None else ""
     text = json.dumps(options, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
