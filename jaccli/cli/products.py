@@ -112,20 +112,29 @@ def hessian(
     json_output: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Top eigenvalues, trace and spectral density of a loss Hessian, by Hessian-vector
-    products (never formed)."""
+    products (never formed). Under torchrun each rank takes a contiguous shard of the
+    samples and the products are summed over the ranks: the Hessian of the loss over all."""
+    from ..pipelines.distributed import torchrun_rank
     from .render import stdout_console
 
+    quiet = quiet or (torchrun_rank() or 0) != 0  # under torchrun only rank 0 prints
     out = stdout_console(quiet)
 
     def run() -> None:
-        from ..pipelines.distributed import refuse_ranks
+        from ..pipelines.distributed import detect, started
         from ..pipelines.hessian import run_hessian
         from ..settings import HessianSettings
         from .render import emit_json, render_hessian
 
-        refuse_ranks("hessian")
-
-        summary = run_hessian(settings_from(HessianSettings, ctx))
+        settings = settings_from(HessianSettings, ctx)
+        launch = detect()
+        if launch is None:
+            summary = run_hessian(settings)
+        else:
+            with started(launch, settings.run.device) as ranked:
+                summary = run_hessian(settings, launch=ranked)
+            if summary is None or not ranked.is_main:
+                return
         if json_output:
             emit_json(summary, quiet)
         else:
