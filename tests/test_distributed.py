@@ -266,8 +266,7 @@ def test_resume_outside_torchrun_is_refused(files, monkeypatch):
     assert not (files / "o.h5").exists()
 
 
-@pytest.mark.parametrize("command", [["jvp", "mlp.safetensors", "x.npy", "--vectors", "x.npy"],
-                                     ["vjp", "mlp.safetensors", "x.npy", "--vectors", "x.npy"]])
+@pytest.mark.parametrize("command", [["ntk", "mlp.safetensors", "x.npy"]])
 def test_commands_that_do_not_split_refuse_several_ranks(files, monkeypatch, command):
     monkeypatch.chdir(files)
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():

@@ -1,4 +1,4 @@
-"""`spectrum` (both forms), `check` and `hessian` under torchrun (gloo on the CPU, 2
+"""`spectrum` (both forms), `check`, `hessian`, `jvp` and `vjp` under torchrun (gloo on the CPU, 2
 processes): the same files (every dataset read through open_results), the same `--json`
 summaries and the same exit codes as one process; a failing rank stops every rank, and
 `--resume` recomputes only its shard.
@@ -35,6 +35,9 @@ COMMANDS = {
     "check-file": ["check", "jac.h5", "--max-spectral-norm", "{bound}", "--json"],
     "hessian": ["hessian", *MODEL[:2], "--targets", "y.npy", "--loss", "cross-entropy",
                 "--dtype", "float64", "--top-k", "3", "-o", "hess.h5", "--json"],
+    "jvp": ["jvp", *MODEL[:4], "--vectors", "v.npy", "-o", "jvp.h5", "--json"],
+    "vjp": ["vjp", *MODEL[:4], "--vectors", "u.npy", "--wrt", "params", "-o", "vjp.h5",
+            "--json"],
 }
 # Each rank runs every command in-process and records its exit code, stdout and stderr.
 SCRIPT = """
@@ -80,6 +83,8 @@ def folder(tmp_path_factory) -> Path:
     rng = np.random.default_rng(11)
     np.save(folder / "x.npy", rng.normal(size=(9, 6)))
     np.save(folder / "y.npy", rng.integers(0, 3, size=9))
+    np.save(folder / "v.npy", rng.normal(size=(9, 6)))  # jvp: one input tangent a sample
+    np.save(folder / "u.npy", rng.normal(size=(9, 3)))  # vjp: one output cotangent a sample
     result = invoke(folder, ["compute", *MODEL, "-o", "jac.h5", "--quiet"])
     assert result.exit_code == 0, result.output
     return folder
@@ -90,8 +95,8 @@ def runs(folder) -> dict:
     """Every command once by one process (in this process) and once by two ranks."""
     one = {}
     for name, args in _commands(folder).items():
-        args = [a.replace(".h5", "-one.h5") if a.startswith(("spec", "hess")) else a
-                for a in args]
+        args = [a.replace(".h5", "-one.h5") if a.startswith(("spec", "hess", "jvp", "vjp"))
+                else a for a in args]
         result = invoke(folder, args)
         one[name] = {"code": result.exit_code, "stdout": result.stdout}
     script = folder / "commands.py"
@@ -232,6 +237,32 @@ def test_the_ranked_hessian_is_that_of_the_full_data_loss(runs, folder):
         np.testing.assert_allclose(results.file["hessian_results/hessian/eigenvalues"][0],
                                    eigen[::-1][:3], rtol=1e-7)
     same_files(folder / "hess.h5", folder / "hess-one.h5")
+
+
+def test_the_ranked_products_are_the_autograd_ones(runs, folder):
+    """Independent reference: J(x_i) v_i by autograd, and u_iᵀ ∂f(x_i)/∂θ by torch.func."""
+    model = jaccli.load_model(folder / "mlp.safetensors").module.double()
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    v = torch.from_numpy(np.load(folder / "v.npy"))
+    u = torch.from_numpy(np.load(folder / "u.npy"))
+    jv = np.stack([torch.autograd.functional.jvp(model, row, t)[1].numpy()
+                   for row, t in zip(x, v, strict=True)])
+    params = dict(model.named_parameters())
+
+    def uf(theta, row, cotangent):
+        return torch.func.functional_call(model, theta, (row[None],))[0] @ cotangent
+
+    grads = torch.vmap(torch.func.grad(uf), in_dims=(None, 0, 0))(
+        {k: p.detach() for k, p in params.items()}, x, u)
+    ujt = torch.cat([grads[k].reshape(9, -1) for k in params], dim=1).numpy()
+    for name, want in (("jvp", jv), ("vjp", ujt)):
+        assert runs["ranked"][0][name]["code"] == 0, runs["ranked"][0][name]["stderr"]
+        got = every_dataset(folder / f"{name}.h5")
+        np.testing.assert_allclose(got["products/product/product"], want, rtol=1e-10,
+                                   atol=1e-12, err_msg=name)
+        with h5py.File(folder / f"{name}.h5") as master:
+            assert master["products/product/product"].is_virtual
+        same_files(folder / f"{name}.h5", folder / f"{name}-one.h5")
 
 
 INJECT = """

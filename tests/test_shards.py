@@ -158,4 +158,4 @@ def test_spectrum_shards_merge_into_the_spectra_of_all_samples(files, mlp):
     assert result.exit_code == 0, result.output
     result = invoke("merge", files / "ntk.h5", "-o", files / "m.h5")
     assert result.exit_code == 1
-    assert "only files written by jaccli compute or jaccli spectrum" in result.output
+    assert "only files written by jaccli compute, spectrum, jvp or vjp" in result.output

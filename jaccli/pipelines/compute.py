@@ -181,10 +181,11 @@ def options_fingerprint(settings) -> str:
                          "run": ("device", "batch_size", "max_memory"),
                          "output": ("path", "max_output"), "params": ("targets",)}.items():
         for name in names:
-            options.get(group, {}).pop(name, None)
-    options.pop("command_line", None)
-    options.pop("resume", None)
-    targets = settings.params.targets if hasattr(settings, "params") else None
+            if isinstance(options.get(group), dict):
+                options[group].pop(name, None)
+    for name in ("command_line", "resume", "vectors"):  # vectors: hashed by the caller
+        options.pop(name, None)
+    targets = getattr(getattr(settings, "params", None), "targets", None)
     options["targets_sha256"] = sha256_file(targets) if targets is not None else ""
     text = json.dumps(options, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -151,5 +151,4 @@ def refuse_ranks(command: str) -> None:
     launch = detect()
     if launch is not None and launch.world_size > 1:
         raise UsageError(f"`jaccli {command}` does not run under torchrun yet: run it in one "
-                         f"process (for a dataset, `torchrun ... -m jaccli compute ... -o "
-                         f"FILE`, then `jaccli {command} FILE` where it reads results files)")
+                         "process")

@@ -31,7 +31,7 @@ from .writer import chunk_shape
 # Root attributes that differ between the shards of one run (everything else must match).
 PER_SHARD = ("created", "command", "seconds", "n_samples", "data_offset", "batch_size",
              "device", "complete", "shards", "merged", "profile_note")
-KINDS = ("jacobians", "spectra")  # the files written per sample range
+KINDS = ("jacobians", "spectra", "products")  # the files written per sample range
 GROUPS = ("layers", "end_to_end", "params")
 
 
@@ -53,7 +53,7 @@ def read_shard(path: Path, kinds: tuple[str, ...] = KINDS) -> Shard:
     if attrs.get("kind") not in kinds:
         raise ResultsFormatError(
             f"{path} is a {attrs.get('kind')!r} file; merge joins only files written by "
-            f"jaccli compute or jaccli spectrum (other kinds hold aggregates over samples "
+            f"jaccli compute, spectrum, jvp or vjp (other kinds hold aggregates over samples "
             f"that are not joined)")
     if len(index) == 0 or not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
         raise ResultsFormatError(f"{path} does not hold one contiguous run of samples, so "
