@@ -72,10 +72,10 @@ def rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank:05d}.h5"
 
 
-def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: bool = False,
-               share: bool = False) -> Any:
-    """Run `job` as rank `launch.rank`; the summary on rank 0 (on every rank with `share`),
-    None on the others. Raises on every rank when any rank failed."""
+def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: bool = False
+               ) -> Any:
+    """Run `job` as rank `launch.rank`; the summary on rank 0, None on the others. Raises on
+    every rank when any rank failed."""
     folder = parts_folder(target) if target is not None else None
     # 1. load, check and plan this rank's shard; find the shard files it may reuse
     attrs, status, failure = None, Status(), None
@@ -111,7 +111,7 @@ def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: b
             failure = exc
     statuses = launch.exchange(Status(error=_why(failure)))
     _stop_if_failed(statuses, launch, failure, folder)
-    return launch.exchange(summary)[0] if share else summary
+    return summary
 
 
 def _plan(job: RankedJob, launch: Launch, folder: Path | None, resume: bool

@@ -41,15 +41,15 @@ class RankOutcome:
 
 
 def run_ranked_spectrum(settings: SpectrumSettings, launch: Launch, *,
-                        source: Path | None = None, read_back: bool = False,
-                        share: bool = False) -> SpectrumOutcome | None:
+                        source: Path | None = None, read_back: bool = False
+                        ) -> SpectrumOutcome | None:
     """Spectra of `settings` (of the results file `source` when given: its Jacobians
     decomposed, or with `read_back` a spectra file's rows read) as rank `launch.rank`; the
-    outcome over all ranks on rank 0 (on every rank with `share`), None on the others.
-    Raises on every rank when any rank failed."""
+    outcome over all ranks on rank 0, None on the others. Raises on every rank when any
+    rank failed."""
     job = _FileJob(settings, launch, source, read_back) if source is not None \
         else _ModelJob(settings, launch)
-    return run_ranked(job, launch, settings.output.path, resume=settings.resume, share=share)
+    return run_ranked(job, launch, settings.output.path, resume=settings.resume)
 
 
 class _Job:
