@@ -292,6 +292,7 @@ class SpectrumSettings(_Composed):
     max_steps: int | None = None
     probes: int = 32
     profile: bool = True
+    resume: bool = False  # under torchrun: reuse the matching shard files of an earlier run
     command_line: str = ""
 
     def __post_init__(self):
@@ -313,6 +314,7 @@ class ProductSettings(_Composed):
     params: list[str] | None = None
     run: RunOptions = field(default_factory=RunOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    resume: bool = False  # under torchrun: reuse the matching shard files of an earlier run
     command_line: str = ""
 
     def __post_init__(self):

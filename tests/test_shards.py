@@ -126,10 +126,36 @@ def test_too_many_shards_is_refused(files):
 
 
 
-def test_merge_refuses_spectra_files(files):
-    out = files / "spec.h5"
-    result = invoke("spectrum", files / "mlp.safetensors", files / "x.npy", "--limit", 4,
-                    "-o", out, "--quiet")
+def test_spectrum_shards_merge_into_the_spectra_of_all_samples(files, mlp):
+    parts = [files / f"spec-{i}.h5" for i in range(2)]
+    for i, part in enumerate(parts):
+        result = invoke("spectrum", files / "mlp.safetensors", files / "x.npy", "--dtype",
+                        "float64", "--shard", f"{i}/2", "-o", part, "--quiet")
+        assert result.exit_code == 0, result.output
+    with jaccli.open_results(parts[1]) as results:
+        assert list(results.sample_index) == list(range(6, 11))
+    result = invoke("merge", *parts, "-o", files / "spec.h5")
     assert result.exit_code == 0, result.output
-    result = invoke("merge", out, "-o", files / "m.h5")
-    assert result.exit_code == 1 and "only files written by jaccli compute" in result.output
+    # independent reference: each sample's end-to-end Jacobian and the cumulative ones
+    # J_{1:l} (input -> output of layer l) by autograd, their singular values by numpy
+    x = torch.from_numpy(np.load(files / "x.npy")).double()
+    model = mlp.double()
+    cumulative = [np.stack([np.linalg.svd(torch.autograd.functional.jacobian(
+        model[:depth + 1], row).numpy(), compute_uv=False) for row in x])
+        for depth in range(len(model))]
+    with jaccli.open_results(files / "spec.h5") as merged:
+        f = merged.file
+        np.testing.assert_allclose(f["end_to_end/singular_values"][:],
+                                   cumulative[-1], rtol=1e-9)
+        sigma2 = [c.reshape(-1) ** 2 for c in cumulative]
+        np.testing.assert_allclose(f["profile/mean_sigma2"][:], [s.mean() for s in sigma2],
+                                   rtol=1e-9)
+        np.testing.assert_allclose(f["profile/var_sigma2"][:], [s.var() for s in sigma2],
+                                   rtol=1e-7)
+        assert list(f["profile/count"][:]) == [s.size for s in sigma2]
+    result = invoke("ntk", files / "mlp.safetensors", files / "x.npy", "--limit", 3,
+                    "-o", files / "ntk.h5", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = invoke("merge", files / "ntk.h5", "-o", files / "m.h5")
+    assert result.exit_code == 1
+    assert "only files written by jaccli compute, spectrum, jvp or vjp" in result.output

@@ -117,11 +117,11 @@ def compute(
         settings = settings_from(ComputeSettings, ctx)
         launch = detect()
         if launch is not None and not dry_run:
-            from ..pipelines.compute_ranks import run_ranked
+            from ..pipelines.compute_ranks import run_ranked_compute
             from ..pipelines.distributed import started
 
             with started(launch, settings.run.device) as ranked:
-                summary = run_ranked(settings, ranked)
+                summary = run_ranked_compute(settings, ranked)
             if summary is not None and json_output:
                 emit_json(summary.to_dict(), quiet)
             elif summary is not None:

@@ -80,12 +80,14 @@ def ntk(
     out = stdout_console(quiet)
 
     def run() -> None:
+        from ..pipelines.distributed import refuse_ranks
         from ..pipelines.ntk import ntk_plan, prepare_ntk
         from ..pipelines.ntk_run import run_ntk
         from ..pipelines.ntk_settings import NtkSettings
         from .render import emit_json, progress_bar
         from .render_ntk import render_ntk, render_ntk_plan
 
+        refuse_ranks("ntk")
         settings = settings_from(NtkSettings, ctx)
         prepared = prepare_ntk(settings)
         if dry_run:

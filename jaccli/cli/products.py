@@ -24,6 +24,7 @@ from .options import (
     OffsetOpt,
     ParamsOpt,
     QuietOpt,
+    ShardOpt,
     TrustPickleOpt,
     WrtOneOpt,
     settings_from,
@@ -51,23 +52,41 @@ def product_command(direction: str, doc: str):
         arch: ArchOpt = None, arch_path: ArchPathOpt = None,
         trust_pickle: TrustPickleOpt = False, input: InputOpt = None, const: ConstOpt = None,
         key: KeyOpt = None, offset: OffsetOpt = 0,
-        limit: LimitOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32,
+        limit: LimitOpt = None, shard: ShardOpt = None, device: DeviceOpt = "auto",
+        dtype: DtypeOpt = Dtype.float32,
+        resume: Annotated[bool, typer.Option(
+            "--resume", help="Under torchrun: reuse the shard files in OUTPUT.parts/ that "
+                             "hold exactly a rank's samples with this run's provenance.")
+        ] = False,
         json_output: JsonOpt = False, quiet: QuietOpt = False,
     ) -> None:
+        from ..pipelines.distributed import torchrun_rank
         from .render import stdout_console
 
+        quiet = quiet or (torchrun_rank() or 0) != 0  # under torchrun only rank 0 prints
         out = stdout_console(quiet)
 
         def run() -> None:
-            from ..pipelines.distributed import refuse_ranks
+            from ..errors import UsageError
+            from ..pipelines.distributed import detect, started
             from ..pipelines.products import run_products
             from ..settings import ProductSettings
             from .render import emit_json, render_products
 
-            refuse_ranks(direction)
-
             settings = settings_from(ProductSettings, ctx, direction=direction)
-            summary = run_products(settings)
+            launch = detect()
+            if launch is None:
+                if resume:
+                    raise UsageError("--resume continues a run launched with torchrun (it "
+                                     "reuses the shard files in OUTPUT.parts/)")
+                summary = run_products(settings)
+            else:
+                from ..pipelines.products_ranks import run_ranked_products
+
+                with started(launch, settings.run.device) as ranked:
+                    summary = run_ranked_products(settings, ranked)
+                if summary is None:
+                    return
             if json_output:
                 emit_json(summary, quiet)
             else:
@@ -115,20 +134,29 @@ def hessian(
     json_output: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Top eigenvalues, trace and spectral density of a loss Hessian, by Hessian-vector
-    products (never formed)."""
+    products (never formed). Under torchrun each rank takes a contiguous shard of the
+    samples and the products are summed over the ranks: the Hessian of the loss over all."""
+    from ..pipelines.distributed import torchrun_rank
     from .render import stdout_console
 
+    quiet = quiet or (torchrun_rank() or 0) != 0  # under torchrun only rank 0 prints
     out = stdout_console(quiet)
 
     def run() -> None:
-        from ..pipelines.distributed import refuse_ranks
+        from ..pipelines.distributed import detect, started
         from ..pipelines.hessian import run_hessian
         from ..settings import HessianSettings
         from .render import emit_json, render_hessian
 
-        refuse_ranks("hessian")
-
-        summary = run_hessian(settings_from(HessianSettings, ctx))
+        settings = settings_from(HessianSettings, ctx)
+        launch = detect()
+        if launch is None:
+            summary = run_hessian(settings)
+        else:
+            with started(launch, settings.run.device) as ranked:
+                summary = run_hessian(settings, launch=ranked)
+            if summary is None or not ranked.is_main:
+                return
         if json_output:
             emit_json(summary, quiet)
         else:

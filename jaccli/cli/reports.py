@@ -129,16 +129,16 @@ def check(
     Exit codes: 0 every bound holds, 1 a bound is violated (each violation listed),
     2 usage error, 4 input or run error, 5 a value could not be verified (an iterative
     method missed its residual tolerance)."""
+    from ..pipelines.distributed import torchrun_rank
     from .render import stdout_console
 
+    quiet = quiet or (torchrun_rank() or 0) != 0  # under torchrun only rank 0 prints
     out = stdout_console(quiet)
 
     def run() -> None:
         from ..errors import UsageError
-        from ..pipelines.distributed import refuse_ranks
+        from ..pipelines.distributed import detect
         from ..reports.check import evaluate, load_bounds
-
-        refuse_ranks("check")
         from ..settings import SpectrumSettings
         from .render import emit_json, render_check
 
@@ -153,19 +153,32 @@ def check(
         settings = settings_from(SpectrumSettings, ctx, exclude=("source", *BOUNDS),
                                  model=source, profile=False,
                                  **(for_results_file(ctx, source) if from_file else {}))
-        if from_file:
-            if data is not None:
-                raise UsageError(f"{source} is a results file and already holds its samples; "
-                                 "drop DATA")
-            outcome = spectra_of_file(settings, source)
+        if from_file and data is not None:
+            raise UsageError(f"{source} is a results file and already holds its samples; "
+                             "drop DATA")
+        if not from_file and data is None:
+            raise UsageError("missing DATA: give the samples after the model file")
+
+        def judged(outcome):
+            return evaluate(bounds, outcome.records, outcome.sample_index, outcome.bounds,
+                            model=outcome.summary["model"], data=outcome.summary["data"])
+
+        launch = detect()
+        if launch is not None:  # the gate over every rank's samples, judged on rank 0
+            from ..pipelines.distributed import started
+            from ..pipelines.ranked import on_main
+            from ..pipelines.spectrum_ranks import run_ranked_spectrum
+
+            with started(launch, settings.run.device) as ranked:
+                outcome = run_ranked_spectrum(settings, ranked, read_back=True,
+                                              source=source if from_file else None)
+                result = on_main(ranked, lambda: judged(outcome))
+        elif from_file:
+            result = judged(spectra_of_file(settings, source))
         else:
-            if data is None:
-                raise UsageError("missing DATA: give the samples after the model file")
             from ..pipelines.spectrum import run_spectrum
 
-            outcome = run_spectrum(settings)
-        result = evaluate(bounds, outcome.records, outcome.sample_index, outcome.bounds,
-                          model=outcome.summary["model"], data=outcome.summary["data"])
+            result = judged(run_spectrum(settings))
         if json_output:
             emit_json(result, quiet)
         else:

@@ -31,6 +31,7 @@ from .options import (
     OffsetOpt,
     ProgressOpt,
     QuietOpt,
+    ShardOpt,
     Tf32Opt,
     TrustPickleOpt,
     WrtInputOpt,
@@ -77,12 +78,17 @@ def spectrum(
     arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
     input: InputOpt = None, const: ConstOpt = None, wrt: WrtInputOpt = None,
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
+    shard: ShardOpt = None,
     granularity: GranularityOpt = Granularity.module, layers: LayersOpt = None,
     no_layers: NoLayersOpt = False, end_to_end: EndToEndOpt = True,
     model_output: ModelOutputOpt = None,
     batch_size: BatchSizeOpt = None, max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32, tf32: Tf32Opt = False,
     compression: CompressionOpt = Compression.none,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Under torchrun: reuse the shard files in OUTPUT.parts/ that hold "
+                         "exactly a rank's samples with this run's provenance; compute the "
+                         "rest.", rich_help_panel="Output")] = False,
     json_output: JsonOpt = False, quiet: QuietOpt = False, progress: ProgressOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print, per layer, the method, its predicted time on this machine "
@@ -90,32 +96,53 @@ def spectrum(
 ) -> None:
     """Singular values, norms, condition numbers and ranks of every Jacobian, per sample.
 
-    DATA may be - to read a .npy stream from standard input."""
+    DATA may be - to read a .npy stream from standard input. Under torchrun each rank
+    decomposes a contiguous shard and rank 0 writes OUTPUT over the shard files."""
+    from ..pipelines.distributed import torchrun_rank
     from .render import stdout_console
 
+    quiet = quiet or (torchrun_rank() or 0) != 0  # under torchrun only rank 0 prints
     out = stdout_console(quiet)
 
     def run() -> None:
         from ..errors import UsageError
-        from ..pipelines.distributed import refuse_ranks
+        from ..pipelines.distributed import detect
         from ..pipelines.spectrum_file import is_results_file, spectrum_from_results
         from ..settings import SpectrumSettings
         from .render import emit_json, progress_bar
         from .render_spectrum import render_spectrum, write_plots
 
-        refuse_ranks("spectrum")
         from_file = is_results_file(source)
         settings = settings_from(SpectrumSettings, ctx, exclude=("source",), model=source,
                                  **(for_results_file(ctx, source) if from_file else {}))
-        if from_file:
-            if data is not None:
-                raise UsageError(f"{source} is a results file and already holds its samples; "
-                                 "drop DATA")
+        if from_file and data is not None:
+            raise UsageError(f"{source} is a results file and already holds its samples; "
+                             "drop DATA")
+        if not from_file and data is None:
+            raise UsageError("missing DATA: give the samples after the model file (or "
+                             "pass a results file written by `jaccli compute`)")
+        launch = detect()
+        if resume and launch is None:
+            raise UsageError("--resume continues a run launched with torchrun (it reuses "
+                             "the shard files in OUTPUT.parts/); without torchrun, rerun the "
+                             "missing --shard jobs and join them with `jaccli merge`")
+        if launch is not None and not dry_run:
+            from ..pipelines.distributed import started
+            from ..pipelines.spectrum_ranks import run_ranked_spectrum
+
+            with started(launch, settings.run.device) as ranked:
+                outcome = run_ranked_spectrum(settings, ranked,
+                                              source=source if from_file else None)
+            if outcome is None:
+                return
+            summary = outcome.summary
+        elif from_file:
+            if launch is not None and not launch.is_main:
+                return
             summary = spectrum_from_results(settings, source).summary
         else:
-            if data is None:
-                raise UsageError("missing DATA: give the samples after the model file (or "
-                                 "pass a results file written by `jaccli compute`)")
+            if launch is not None and not launch.is_main:
+                return  # --dry-run under torchrun: rank 0 prints the plan
             from ..pipelines.spectrum import prepare_spectrum, run_spectrum
 
             prepared = prepare_spectrum(settings)

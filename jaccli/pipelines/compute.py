@@ -171,9 +171,10 @@ def results_attrs(p: Prepared) -> dict:
         options_sha256=options_fingerprint(settings))
 
 
-def options_fingerprint(settings: ComputeSettings) -> str:
-    """A hash of the options that decide what a results file holds: not the paths (their
-    contents are hashed apart), sample range, device, batch size or memory budget."""
+def options_fingerprint(settings) -> str:
+    """A hash of the options (of any command's settings) that decide what a results file
+    holds: not the paths (their contents are hashed apart), sample range, device, batch
+    size or memory budget."""
     import dataclasses
     import hashlib
     import json
@@ -185,10 +186,11 @@ def options_fingerprint(settings: ComputeSettings) -> str:
                          "run": ("device", "batch_size", "max_memory"),
                          "output": ("path", "max_output"), "params": ("targets",)}.items():
         for name in names:
-            options[group].pop(name, None)
-    options.pop("command_line", None)
-    options.pop("resume", None)
-    targets = settings.params.targets
+            if isinstance(options.get(group), dict):
+                options[group].pop(name, None)
+    for name in ("command_line", "resume", "vectors"):  # vectors: hashed by the caller
+        options.pop(name, None)
+    targets = getattr(getattr(settings, "params", None), "targets", None)
     options["targets_sha256"] = sha256_file(targets) if targets is not None else ""
     text = json.dumps(options, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -57,6 +57,16 @@ class Launch:
         dist.all_gather_object(values, value)
         return values
 
+    def sum_tensor(self, tensor, failed: bool = False):
+        """`(sum over ranks of tensor, whether any rank failed)`: one all-reduce, the
+        failure flag riding along as one more element so no rank waits on a failed one."""
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.cat([tensor.reshape(-1), tensor.new_tensor([1.0 if failed else 0.0])])
+        dist.all_reduce(flat)
+        return flat[:-1].reshape(tensor.shape), bool(flat[-1] > 0)
+
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` in rank order on rank 0; None on the other ranks."""
         import torch.distributed as dist
@@ -106,7 +116,9 @@ def rank_device(option: str, local_rank: int) -> str:
 @contextmanager
 def started(launch: Launch, device_option: str) -> Iterator[Launch]:
     """Start `torch.distributed` for `launch` (NCCL for a CUDA device, gloo on the CPU),
-    yield it with its device set, and shut it down afterwards."""
+    yield it with its device set, and shut it down afterwards. Called in a program that has
+    started `torch.distributed` already (jaccli's CLI run in-process, several commands in
+    turn), it joins that process group and leaves it running."""
     import torch
     import torch.distributed as dist
 
@@ -116,6 +128,9 @@ def started(launch: Launch, device_option: str) -> Iterator[Launch]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if dist.is_initialized():
+        yield replace(launch, device=str(device), backend=str(dist.get_backend()))
+        return
     timeout = float(os.environ.get("JACCLI_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                             timeout=datetime.timedelta(seconds=timeout),
@@ -136,5 +151,4 @@ def refuse_ranks(command: str) -> None:
     launch = detect()
     if launch is not None and launch.world_size > 1:
         raise UsageError(f"`jaccli {command}` does not run under torchrun yet: run it in one "
-                         f"process (for a dataset, `torchrun ... -m jaccli compute ... -o "
-                         f"FILE`, then `jaccli {command} FILE` where it reads results files)")
+                         "process")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import ShapeMismatchError, UsageError
 from ..io.data import load_data
+from ..io.hashing import sha256_file
 from ..io.models import ModelFormat
 from ..io.results.writer import ResultsWriter
 from ..params.jacobians import param_jvp, param_vjp, select_params
@@ -28,8 +30,22 @@ from .common import (
 from .engines import END_TO_END, Engine, GraphRun, make_engine
 
 
-def run_products(settings: ProductSettings) -> dict:
-    """J v (jvp) or uᵀ J (vjp) for every sample; written when an output is set."""
+@dataclass
+class PreparedProducts:
+    """Checked inputs, the engine, what is multiplied (entry or parameters), the vectors
+    `(1 | N, D)` and the batch size."""
+
+    settings: ProductSettings
+    inputs: Inputs
+    engine: Engine
+    entry: object
+    params: list | None
+    vectors: torch.Tensor
+    batch: int
+
+
+def prepare_products(settings: ProductSettings) -> PreparedProducts:
+    """Load and check the inputs and vectors, and build the engine."""
     s = settings
     if s.layer is not None and s.wrt == "params":
         raise UsageError("--layer goes with --wrt inputs")
@@ -39,7 +55,6 @@ def run_products(settings: ProductSettings) -> dict:
     guard_output(s.output, s.model, s.data, s.vectors)
     inputs = load_inputs(s.model, s.data, s.run)
     n = len(inputs.data)
-    started = time.perf_counter()
     engine = make_engine(inputs, LayerSelection(end_to_end=s.layer is None), s.run)
     name = _entry_name(s, engine)
     entry = next((e for e in engine.entries if e.name == name), None) if name else None
@@ -49,34 +64,72 @@ def run_products(settings: ProductSettings) -> dict:
         math.prod(engine.input_shape), math.prod(engine.output_shape))
     batch = product_batch_size(s.run, inputs, d_in, d_out)
     check_independence(inputs, batch)
+    return PreparedProducts(s, inputs, engine, entry, params, vectors, batch)
+
+
+def run_products(settings: ProductSettings) -> dict:
+    """J v (jvp) or uᵀ J (vjp) for every sample; written when an output is set."""
+    p = prepare_products(settings)
+    started = time.perf_counter()
+    result = product_values(p)
+    norms = np.linalg.norm(result.reshape(len(result), -1), axis=1)
+    seconds = time.perf_counter() - started
+    if settings.output.path is not None:
+        write_products(p, settings.output.path, result, norms, seconds=seconds)
+    return products_summary(p, norms, result.shape[1:], seconds=seconds)
+
+
+def product_values(p: PreparedProducts) -> np.ndarray:
+    """The products of every sample, `(N, D)` in float64."""
+    s, inputs, n = p.settings, p.inputs, len(p.inputs.data)
     products = []
-    for start in range(0, n, batch):
-        stop = min(start + batch, n)
+    for start in range(0, n, p.batch):
+        stop = min(start + p.batch, n)
         x, held = inputs.batch(start, stop)
-        v = vectors[start:stop] if vectors.shape[0] == n else vectors
-        product = (_param_product(s, inputs, engine, params, x, v) if params is not None
-                   else _input_product(s, engine, entry, x, v, held))
+        v = p.vectors[start:stop] if p.vectors.shape[0] == n else p.vectors
+        product = (_param_product(s, inputs, p.engine, p.params, x, v) if p.params is not None
+                   else _input_product(s, p.engine, p.entry, x, v, held))
         products.append(product.detach().cpu())
-    result = torch.cat(products).to(torch.float64).numpy()
-    norms = np.linalg.norm(result.reshape(n, -1), axis=1)
-    summary = {"schema": "jaccli/products-summary", "schema_version": 1,
-               "command": s.direction, "wrt": s.wrt, "layer": s.layer or (
-                   END_TO_END if s.wrt == "inputs" else "parameters"),
-               "model": str(s.model.path), "data": str(s.data.path), "n_samples": n,
-               "shape": list(result.shape), "norm": aggregate(norms), "output": None,
-               "engine": engine.path, "seconds": time.perf_counter() - started}
-    if s.output.path is not None:
-        with ResultsWriter(s.output.path, kind="products", sample_index=inputs.data.indices,
-                           attrs=provenance(s.command_line, inputs, engine=engine.path)
-                           ) as writer:
-            group = writer.create_group("product", parent="products", attrs={
-                "direction": s.direction, "wrt": s.wrt, "layer": summary["layer"]})
-            group.create_dataset("product", data=result.astype(
-                np.float64 if inputs.dtype == torch.float64 else np.float32))
-            group.create_dataset("norm", data=norms)
-            writer.finish({"batch_size": batch, "seconds": summary["seconds"]})
-        summary["output"] = str(s.output.path)
-    return summary
+    return torch.cat(products).to(torch.float64).numpy()
+
+
+def layer_label(settings: ProductSettings) -> str:
+    return settings.layer or (END_TO_END if settings.wrt == "inputs" else "parameters")
+
+
+def products_summary(p: PreparedProducts, norms: np.ndarray, sample_shape, *,
+                     seconds: float) -> dict:
+    """The summary over the samples whose product norms are `norms` `(N,)`."""
+    s = p.settings
+    return {"schema": "jaccli/products-summary", "schema_version": 1,
+            "command": s.direction, "wrt": s.wrt, "layer": layer_label(s),
+            "model": str(s.model.path), "data": str(s.data.path), "n_samples": len(norms),
+            "shape": [len(norms), *sample_shape], "norm": aggregate(norms),
+            "output": None if s.output.path is None else str(s.output.path),
+            "engine": p.engine.path, "seconds": seconds}
+
+
+def products_attrs(p: PreparedProducts) -> dict:
+    """The root attributes (provenance) of this run's products file."""
+    from .compute import options_fingerprint
+
+    return provenance(p.settings.command_line, p.inputs, engine=p.engine.path,
+                      options_sha256=options_fingerprint(p.settings),
+                      vectors_sha256=sha256_file(p.settings.vectors))
+
+
+def write_products(p: PreparedProducts, path, result: np.ndarray, norms: np.ndarray,
+                   attrs: dict | None = None, *, seconds: float) -> None:
+    """The products file (docs/FORMAT.md, `kind = "products"`)."""
+    s = p.settings
+    with ResultsWriter(path, kind="products", sample_index=p.inputs.data.indices,
+                       attrs=products_attrs(p) if attrs is None else attrs) as writer:
+        group = writer.create_group("product", parent="products", attrs={
+            "direction": s.direction, "wrt": s.wrt, "layer": layer_label(s)})
+        group.create_dataset("product", data=result.astype(
+            np.float64 if p.inputs.dtype == torch.float64 else np.float32))
+        group.create_dataset("norm", data=norms)
+        writer.finish({"batch_size": p.batch, "seconds": seconds})
 
 
 def _entry_name(settings: ProductSettings, engine: Engine) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -105,13 +105,34 @@ def decomposition_terms(entries: list[SpectrumEntry], itemsize: int,
     return terms
 
 
+@dataclass
+class SpectrumParts:
+    """What a spectrum run over some samples holds before its summary: each Jacobian's
+    per-sample results (`EntryResult`), the depth profile's sums (or None), and its note."""
+
+    results: dict[str, EntryResult]
+    profile: ProfileSums | None
+    profile_note: str
+
+
 def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun | None = None
                  ) -> SpectrumOutcome:
     """Compute the spectra; write them if an output is set. `on_batch(samples, note=...)` is
     called after each Jacobian of each batch with that Jacobian's share of the batch."""
     started = time.perf_counter()
     run = run or prepare_spectrum(settings)
-    inputs = run.inputs
+    parts = spectrum_parts(run, on_batch=on_batch)
+    outcome = spectrum_outcome(run, parts, n_samples=len(run.inputs.data),
+                               device=run.plan.device)
+    if settings.output.path is not None:
+        write_spectrum_file(run, parts, outcome, settings.output.path)
+    outcome.summary["seconds"] = time.perf_counter() - started
+    return outcome
+
+
+def spectrum_parts(run: SpectrumRun, *, on_batch=None) -> SpectrumParts:
+    """The spectra of every planned Jacobian for every sample of `run`."""
+    settings, inputs = run.settings, run.inputs
     data, engine = inputs.data, run.engine
     results = {e.name: EntryResult(e) for e in run.entries}
     structured = {e.name for e in run.entries if e.method == "structured"}
@@ -138,23 +159,47 @@ def run_spectrum(settings: SpectrumSettings, *, on_batch=None, run: SpectrumRun 
     for e in engine.entries:  # what the engine says about an entry (outputs, inputs used)
         if e.note and e.name in results:
             results[e.name].note = "; ".join(filter(None, [results[e.name].note, e.note]))
-    profile_rows = profile.rows() if profile is not None else []
+    note = (profile.sums.skipped if profile is not None
+            else "" if engine.chain else "not a chain model: no cumulative Jacobians")
+    return SpectrumParts(results, profile.sums if profile is not None else None, note)
+
+
+def spectrum_outcome(run: SpectrumRun, parts: SpectrumParts, *, n_samples: int,
+                     device: str, indices: np.ndarray | None = None) -> SpectrumOutcome:
+    """The summary and per-sample records of `parts` (over `n_samples` samples, rows
+    `indices` of the data file, by default the run's)."""
+    settings, inputs = run.settings, run.inputs
     summary, records, bounds = summarize(
-        run.entries, results, profile_rows=profile_rows,
-        profile_note=(profile.skipped if profile is not None
-                      else "" if engine.chain else "not a chain model: no cumulative Jacobians"),
-        chain=engine.chain, all_layers=_all_layers(run),
-        model=str(settings.model.path), data=str(settings.data.path),
-        model_format=inputs.loaded.source, n_samples=len(data), device=run.plan.device,
-        dtype=run.plan.dtype)
-    if settings.output.path is not None:
-        write_spectra(settings, summary, results, profile_rows, bounds, data.indices,
-                      provenance(settings.command_line, inputs, chain=engine.chain,
-                                 batch_size=run.batch_size, engine=engine.path,
-                                 engine_note=engine.note))
-        summary["output"] = str(settings.output.path)
-    summary["seconds"] = time.perf_counter() - started
-    return SpectrumOutcome(summary, records, data.indices, bounds)
+        run.entries, parts.results, profile_rows=parts.profile.rows() if parts.profile
+        is not None else [], profile_note=parts.profile_note, chain=run.engine.chain,
+        all_layers=_all_layers(run), model=str(settings.model.path),
+        data=str(settings.data.path), model_format=inputs.loaded.source, n_samples=n_samples,
+        device=device, dtype=run.plan.dtype)
+    return SpectrumOutcome(summary, records,
+                           inputs.data.indices if indices is None else indices, bounds)
+
+
+def spectrum_attrs(run: SpectrumRun) -> dict:
+    """The root attributes (provenance) of this run's spectra file."""
+    from .compute import options_fingerprint
+
+    engine = run.engine
+    return provenance(run.settings.command_line, run.inputs, chain=engine.chain,
+                      batch_size=run.batch_size, engine=engine.path, engine_note=engine.note,
+                      spectrum_options_sha256=options_fingerprint(run.settings))
+
+
+def write_spectrum_file(run: SpectrumRun, parts: SpectrumParts, outcome: SpectrumOutcome,
+                        path, attrs: dict | None = None) -> None:
+    """The spectra file of `outcome` at `path` (root attributes `attrs`, by default
+    `spectrum_attrs(run)`)."""
+    profile = parts.profile
+    write_spectra(replace(run.settings, output=replace(run.settings.output, path=path)),
+                  outcome.summary, parts.results,
+                  profile.rows() if profile is not None else [], outcome.bounds,
+                  outcome.sample_index, spectrum_attrs(run) if attrs is None else attrs,
+                  profile_count=profile.count if profile is not None else None)
+    outcome.summary["output"] = str(path)
 
 
 def _all_layers(run: SpectrumRun) -> bool:
@@ -205,32 +250,23 @@ def _complete(spectrum: Spectrum, entry: SpectrumEntry):
     return spectrum, all_quantities(spectrum.values, entry.d_out, entry.d_in, spectrum.method)
 
 
-class _Profile:
-    """Dynamical-isometry profile: moments of σ² of the cumulative Jacobians J_{1:l}."""
+@dataclass
+class ProfileSums:
+    """Sums over samples of σ² and σ⁴ of each cumulative Jacobian J_{1:l}, and how many σ²
+    values they hold (`(L,)` each); skipped: why there is no profile."""
 
-    def __init__(self, engine: Engine, names: list[str]):
-        self.engine, self.names = engine, names
-        self.sum_s2 = np.zeros(len(names))
-        self.sum_s4 = np.zeros(len(names))
-        self.count = np.zeros(len(names))
-        self.skipped = ""
+    names: list[str]
+    sum_s2: np.ndarray
+    sum_s4: np.ndarray
+    count: np.ndarray
+    skipped: str = ""
 
-    def add(self, x, held, budget: int) -> None:
-        if self.skipped:
-            return
-        widest = max(e.d_out for e in self.engine.entries if e.kind == "layer")
-        need = 3 * x.shape[0] * widest * math.prod(self.engine.input_shape) * x.element_size()
-        if need > budget:
-            self.skipped = (f"cumulative Jacobians need {need / 2**30:.1f} GiB per batch, over "
-                            "the memory budget")
-            return
-        for i, (_, block) in enumerate(self.engine.cumulative(x, held)):
-            j = block.expand(x.shape[0], -1, -1)
-            gram = j @ j.transpose(1, 2) if j.shape[1] <= j.shape[2] else \
-                j.transpose(1, 2) @ j
-            self.sum_s2[i] += gram.diagonal(dim1=1, dim2=2).sum().item()
-            self.sum_s4[i] += gram.square().sum().item()
-            self.count[i] += x.shape[0] * min(j.shape[1], j.shape[2])
+    @classmethod
+    def combine(cls, parts: list[ProfileSums]) -> ProfileSums:
+        """The sums over all of `parts` (one shard of the samples each)."""
+        skipped = next((p.skipped for p in parts if p.skipped), "")
+        return cls(parts[0].names, sum(p.sum_s2 for p in parts),
+                   sum(p.sum_s4 for p in parts), sum(p.count for p in parts), skipped)
 
     def rows(self) -> list[dict]:
         if self.skipped:
@@ -239,3 +275,30 @@ class _Profile:
         var = self.sum_s4 / np.maximum(self.count, 1) - mean**2
         return [{"layer": name, "mean_sigma2": float(m), "var_sigma2": float(v)}
                 for name, m, v in zip(self.names, mean, var, strict=True)]
+
+
+class _Profile:
+    """Dynamical-isometry profile: moments of σ² of the cumulative Jacobians J_{1:l}."""
+
+    def __init__(self, engine: Engine, names: list[str]):
+        self.engine = engine
+        self.sums = ProfileSums(names, np.zeros(len(names)), np.zeros(len(names)),
+                                np.zeros(len(names)))
+
+    def add(self, x, held, budget: int) -> None:
+        sums = self.sums
+        if sums.skipped:
+            return
+        widest = max(e.d_out for e in self.engine.entries if e.kind == "layer")
+        need = 3 * x.shape[0] * widest * math.prod(self.engine.input_shape) * x.element_size()
+        if need > budget:
+            sums.skipped = (f"cumulative Jacobians need {need / 2**30:.1f} GiB per batch, over "
+                            "the memory budget")
+            return
+        for i, (_, block) in enumerate(self.engine.cumulative(x, held)):
+            j = block.expand(x.shape[0], -1, -1)
+            gram = j @ j.transpose(1, 2) if j.shape[1] <= j.shape[2] else \
+                j.transpose(1, 2) @ j
+            sums.sum_s2[i] += gram.diagonal(dim1=1, dim2=2).sum().item()
+            sums.sum_s4[i] += gram.square().sum().item()
+            sums.count[i] += x.shape[0] * min(j.shape[1], j.shape[2])

@@ -22,11 +22,12 @@ from ..io.results import ResultGroup, Results
 from ..io.results.format import is_hdf5
 from ..reports.show import read_spectra
 from ..reports.spectrum_summary import SpectrumOutcome
-from ..settings import LayerSelection, SpectrumSettings
+from ..settings import LayerSelection, SpectrumSettings, shard_range
 from ..spectra.exact import Spectrum, exact_spectrum
 from ..spectra.plan import SpectrumEntry
 from ..spectra.quantities import all_quantities
 from .common import guard_output
+from .compute import options_fingerprint
 from .resources import resolve_device, resolve_dtype
 from .spectrum_output import EntryResult, summarize, write_spectra
 
@@ -67,7 +68,9 @@ def spectrum_from_results(settings: SpectrumSettings, path: Path, *,
         provenance = {k: v for k, v in attrs.items()
                       if k not in ("format", "format_version", "kind", "complete")}
         provenance |= {"command": settings.command_line, "source_results": str(path),
-                       "n_samples": len(indices), "dtype": summary["dtype"]}
+                       "n_samples": len(indices), "dtype": summary["dtype"],
+                       "data_offset": int(indices[0]) if len(indices) else 0,
+                       "spectrum_options_sha256": options_fingerprint(settings)}
         write_spectra(settings, summary, results, [], bounds, indices, provenance)
         summary["output"] = str(settings.output.path)
     summary["seconds"] = time.perf_counter() - started
@@ -122,11 +125,19 @@ def selected_groups(source: Results, layers: LayerSelection, path: Path) -> list
 
 
 def sample_rows(settings: SpectrumSettings, n: int, path: Path) -> slice:
-    """Positions `--offset` / `--limit` select among the file's n samples."""
+    """Positions `--offset` / `--limit` (and `--shard`) select among the file's n samples."""
     offset, limit = settings.data.offset, settings.data.limit
     if offset >= n:
         raise UsageError(f"--offset {offset} is past the end of {path} ({n} samples)")
-    return slice(offset, n if limit is None else min(n, offset + limit))
+    rows = slice(offset, n if limit is None else min(n, offset + limit))
+    if settings.data.shard is None:
+        return rows
+    index, count = settings.data.shard
+    start, stop = shard_range(rows.stop - rows.start, index, count)
+    if stop == start:
+        raise UsageError(f"--shard {index}/{count}: only {rows.stop - rows.start} samples "
+                         f"are selected, too few for {count} shards; use fewer shards")
+    return slice(rows.start + start, rows.start + stop)
 
 
 def is_results_file(path: Path) -> bool:

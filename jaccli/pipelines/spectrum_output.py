@@ -80,8 +80,10 @@ def summarize(entries, results, *, profile_rows: list[dict], profile_note: str, 
 
 
 def write_spectra(settings: SpectrumSettings, summary: dict, results: dict[str, EntryResult],
-                  profile_rows: list[dict], bounds, indices, provenance: dict) -> None:
-    """The spectra file (docs/FORMAT.md, `kind = "spectra"`)."""
+                  profile_rows: list[dict], bounds, indices, provenance: dict, *,
+                  profile_count: np.ndarray | None = None) -> None:
+    """The spectra file (docs/FORMAT.md, `kind = "spectra"`); profile_count: `(L,)` how
+    many σ² values each profile row averages (what `jaccli merge` weights shards by)."""
     output = settings.output
     with ResultsWriter(output.path, kind="spectra", sample_index=indices, attrs=provenance,
                        compression=output.compression,
@@ -113,6 +115,8 @@ def write_spectra(settings: SpectrumSettings, summary: dict, results: dict[str, 
             g.attrs["layers"] = [r["layer"] for r in profile_rows]
             g.create_dataset("mean_sigma2", data=[r["mean_sigma2"] for r in profile_rows])
             g.create_dataset("var_sigma2", data=[r["var_sigma2"] for r in profile_rows])
+            if profile_count is not None:
+                g.create_dataset("count", data=np.asarray(profile_count, dtype=np.int64))
         if bounds is not None:
             g = writer.file.create_group("bounds")
             for key, values in bounds.items():

@@ -4,7 +4,10 @@ Shards are results files of one run split by sample range (`--shard i/n`). The m
 has the first shard's layout: every per-sample dataset (N, ...) is a virtual dataset mapping
 the shards' rows in sample order through paths relative to the master's folder (move the
 folder, it still reads); shared datasets (a Linear layer's W) are written once. `copy=True`
-writes real datasets instead, a self-contained file. See docs/FORMAT.md.
+writes real datasets instead, a self-contained file. Spectra files (`jaccli spectrum`
+shards) join the same way; their aggregates over samples are recombined: each Jacobian's
+seconds are summed, the depth profile's moments are weighted by each shard's count of σ²
+values. See docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from .writer import chunk_shape
 
 # Root attributes that differ between the shards of one run (everything else must match).
 PER_SHARD = ("created", "command", "seconds", "n_samples", "data_offset", "batch_size",
-             "device", "complete", "shards", "merged")
+             "device", "complete", "shards", "merged", "profile_note")
+KINDS = ("jacobians", "spectra", "products")  # the files written per sample range
 GROUPS = ("layers", "end_to_end", "params")
 
 
@@ -41,15 +45,16 @@ class Shard:
     attrs: dict
 
 
-def read_shard(path: Path) -> Shard:
-    """Open `path` as a results file holding a contiguous run of samples."""
+def read_shard(path: Path, kinds: tuple[str, ...] = KINDS) -> Shard:
+    """Open `path` as a results file of one of `kinds` holding a contiguous run of samples."""
     with open_results(path) as results:
         index = results.sample_index
         attrs = dict(results.attrs)
-    if attrs.get("kind") != "jacobians":
+    if attrs.get("kind") not in kinds:
         raise ResultsFormatError(
             f"{path} is a {attrs.get('kind')!r} file; merge joins only files written by "
-            f"jaccli compute (spectra files hold aggregates over samples that are not joined)")
+            f"jaccli compute, spectrum, jvp or vjp (other kinds hold aggregates over samples "
+            f"that are not joined)")
     if len(index) == 0 or not np.array_equal(index, np.arange(index[0], index[0] + len(index))):
         raise ResultsFormatError(f"{path} does not hold one contiguous run of samples, so "
                                  f"it is not a shard; give the files written with --shard")
@@ -140,11 +145,17 @@ def _write(master: h5py.File, shards: list[Shard], sources: list[h5py.File], fol
     master.attrs.update(attrs)
     master.attrs["complete"] = False
     jacobians = first.attrs.get("kind") == "jacobians"
+    spectra = first.attrs.get("kind") == "spectra"
 
     def visit(name: str, item) -> None:
+        if spectra and name.split("/")[0] == "profile":
+            return  # recombined below
         if isinstance(item, h5py.Group):
             group = master.require_group(name)
             group.attrs.update(dict(item.attrs))
+            if spectra and "seconds" in item.attrs:  # one Jacobian's time: every shard's
+                group.attrs["seconds"] = float(sum(float(s[name].attrs["seconds"])
+                                                   for s in sources))
             return
         parent = item.parent
         shared = jacobians and parent.name.split("/")[1] in GROUPS and \
@@ -162,7 +173,39 @@ def _write(master: h5py.File, shards: list[Shard], sources: list[h5py.File], fol
         master[name].attrs.update(dict(item.attrs))
 
     first.visititems(visit)
+    if spectra:
+        _profile(master, shards, sources)
     master.attrs["complete"] = True
+
+
+def _profile(master: h5py.File, shards: list[Shard], sources: list[h5py.File]) -> None:
+    """The depth profile over all shards: the moments of σ² weighted by each shard's count
+    of σ² values; none when a shard has none (its note says why)."""
+    missing = [i for i, s in enumerate(sources) if "profile" not in s]
+    if missing:
+        master.attrs["profile_note"] = str(sources[missing[0]].attrs.get("profile_note", ""))
+        return
+    if any("count" not in s["profile"] for s in sources):
+        raise ResultsFormatError(f"{shards[0].path} predates profile/count: its depth "
+                                 "profile cannot be joined with the others; rerun the shards "
+                                 "with this jaccli or with --no-profile")
+    layers = list(sources[0]["profile"].attrs["layers"])
+    for shard, source in zip(shards, sources, strict=True):
+        if list(source["profile"].attrs["layers"]) != layers:
+            raise ResultsFormatError(f"{shard.path} profiles other layers than "
+                                     f"{shards[0].path}; the shards are not of one model")
+    count = np.sum([s["profile/count"][:] for s in sources], axis=0)
+    weight = np.maximum(count, 1)
+    mean = np.sum([s["profile/mean_sigma2"][:] * s["profile/count"][:] for s in sources],
+                  axis=0) / weight
+    fourth = np.sum([(s["profile/var_sigma2"][:] + s["profile/mean_sigma2"][:] ** 2)
+                     * s["profile/count"][:] for s in sources], axis=0) / weight
+    group = master.create_group("profile")
+    group.attrs.update(dict(sources[0]["profile"].attrs))
+    group.create_dataset("mean_sigma2", data=mean)
+    group.create_dataset("var_sigma2", data=fourth - mean ** 2)
+    group.create_dataset("count", data=count)
+    master.attrs["profile_note"] = str(sources[0].attrs.get("profile_note", ""))
 
 
 def _copy(master, name, item, sources, total) -> None:
