@@ -8,6 +8,12 @@ the CLI waits for and pays. Cases (`--cases`):
   an eager module (trusted pickle), `.pt2` and TorchScript; target: within 1.2× of eager.
 - `mlp-script`: the MLP from `.pt2`, 64 samples, per-layer Jacobians to HDF5, against a
   15-line `vmap(jacrev)`-per-leaf + h5py script; target: ≥ 5× faster.
+- `mlp-inprocess`: the same two, side by side in one process (`jaccli.run_compute` on the
+  `.pt2` vs the script's load + vmap(jacrev) + h5py as a function): each run first in a fresh
+  process right after `import torch` (what a first call pays), then best of 2 after a warm-up.
+- `startup`: `jaccli compute` of the sample MLP (the `make demo` command) against
+  `python -c "import torch"`, median of 5 interleaved runs, graph cache warm and off;
+  target: within 1.0 s of the torch import.
 - `mtcnn`: an O-Net-shaped face network (conv → PReLU → max-pool ×3, dense, three heads) from
   `.pt2`, 16 samples: compute, spectrum and check; target: each under 30 s.
 - `resnet`: a ResNet-18-shaped network (BatchNorm in eval) at 3×64×64 from `.pt2`, 32
@@ -45,26 +51,58 @@ sys.exit(code)
 """
 
 # The peer: what a user writes today — vmap(jacrev) of every leaf on its recorded input, h5py.
-_PEER_SCRIPT = """
-import resource, sys, h5py, torch
-from torch.func import jacrev, vmap
-model = torch.export.load(sys.argv[1]).module()
-import numpy as np
-x = torch.from_numpy(np.load(sys.argv[2]))
-inputs = {}
-leaves = {n: m for n, m in torch.load(sys.argv[4], weights_only=False).named_modules()
-          if not list(m.children())}
-eager = torch.load(sys.argv[4], weights_only=False).eval()
-hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
-         for n, m in eager.named_modules() if n in leaves]
-with torch.no_grad():
-    model(x)
-    eager(x)
-with h5py.File(sys.argv[3], "w") as f:
-    for name, m in eager.named_modules():
-        if name in inputs:
-            f[name] = vmap(jacrev(m))(inputs[name]).detach().numpy()
+_PEER = """
+def peer(pt2, x_path, out, eager_path):
+    import h5py, numpy as np, torch
+    from torch.func import jacrev, vmap
+    model = torch.export.load(pt2).module()
+    x = torch.from_numpy(np.load(x_path))
+    inputs = {}
+    leaves = {n: m for n, m in torch.load(eager_path, weights_only=False).named_modules()
+              if not list(m.children())}
+    eager = torch.load(eager_path, weights_only=False).eval()
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in eager.named_modules() if n in leaves]
+    with torch.no_grad():
+        model(x)
+        eager(x)
+    with h5py.File(out, "w") as f:
+        for name, m in eager.named_modules():
+            if name in inputs:
+                f[name] = vmap(jacrev(m))(inputs[name]).detach().numpy()
+"""
+_PEER_SCRIPT = _PEER + """
+import resource, sys
+peer(*sys.argv[1:5])
 print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+# Side by side in one process: `which` = jaccli | peer | both; prints one JSON line of
+# seconds: the first call of each (in that order), then the best of `repeat` after it.
+_IN_PROCESS = _PEER + """
+import json, sys, time
+import torch
+which, pt2, x_path, folder, eager_path, repeat = sys.argv[1:7]
+
+
+def ours(out):
+    from jaccli.pipelines.compute import run_compute
+    from jaccli.settings import ComputeSettings
+    run_compute(ComputeSettings.from_options(model=pt2, data=x_path, output=out,
+                                             command_line="bench"))
+
+
+runs = {"jaccli": lambda i: ours(f"{folder}/ours{i}.h5"),
+        "peer": lambda i: peer(pt2, x_path, f"{folder}/peer{i}.h5", eager_path)}
+times = {}
+for name in (["jaccli", "peer"] if which == "both" else [which]):
+    seconds = []
+    for i in range(1 + int(repeat)):
+        start = time.perf_counter()
+        runs[name](i)
+        seconds.append(time.perf_counter() - start)
+    times[name] = {"first": seconds[0], "best": min(seconds[1:] or seconds)}
+print(json.dumps(times))
 """
 
 
@@ -220,6 +258,78 @@ def case_mlp_script(folder: Path, quick: bool) -> Case:
     return case
 
 
+def _in_process(which: str, paths: dict, x: Path, folder: Path, repeat: int) -> dict:
+    import json
+
+    done = subprocess.run([sys.executable, "-c", _IN_PROCESS, which, str(paths["pt2"]),
+                           str(x), str(folder), str(paths["eager"]), str(repeat)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"in-process benchmark failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def case_mlp_inprocess(folder: Path, quick: bool) -> Case:
+    n = 16 if quick else 64
+    case = Case(f"MLP 784→1000³→10 from `.pt2`, {n} samples, per-layer Jacobians to HDF5, "
+                "in one process")
+    paths = save_formats(mlp(), (784,), folder, "mlp")
+    x = data(folder, "mlp", n, (784,))
+    repeat = 1 if quick else 2
+    alone = {name: _in_process(name, paths, x, folder, 0)[name] for name in ("jaccli", "peer")}
+    both = _in_process("both", paths, x, folder, repeat)
+    case.rows += [
+        Row("jaccli.run_compute(model.pt2), warm", both["jaccli"]["best"]),
+        Row("vmap(jacrev) per leaf + h5py, warm", both["peer"]["best"]),
+        Row("jaccli.run_compute(model.pt2), first call after import torch",
+            alone["jaccli"]["first"]),
+        Row("vmap(jacrev) per leaf + h5py, first call after import torch",
+            alone["peer"]["first"]),
+    ]
+    case.notes.append(_agreement(folder / "ours0.h5", folder / "peer0.h5"))
+    case.notes.append(f"warm: best of {repeat} after one warm-up run, both in one process; "
+                      "first call: each alone in a fresh process, timed from after "
+                      "`import torch` (it pays loading the `.pt2`: torch.export's imports)")
+    case.notes.append(f"warm speed-up {both['peer']['best'] / both['jaccli']['best']:.1f}×, "
+                      "first-call speed-up "
+                      f"{alone['peer']['first'] / alone['jaccli']['first']:.1f}×; target ≥ 5×")
+    return case
+
+
+def case_startup(folder: Path, quick: bool) -> Case:
+    import os
+    import statistics
+
+    rounds = 2 if quick else 5
+    case = Case("Start-up: `jaccli compute` of the sample MLP vs `import torch`")
+    samples = ROOT / "sample_models"
+    command = [sys.executable, "-m", "jaccli", "compute", str(samples / "digits_mlp.safetensors"),
+               str(samples / "digits_test.npy"), "--granularity", "block", "-q",
+               "-o", str(folder / "demo.h5")]
+    env = {**os.environ, "JACCLI_CACHE_DIR": str(folder / "cache")}
+    env.pop("JACCLI_CACHE", None)
+    subprocess.run(command, env=env, check=True, capture_output=True)  # fills the cache
+    variants = {"python -c 'import torch'": ([sys.executable, "-c", "import torch"], env),
+                "jaccli compute (graph cache warm)": (command, env),
+                "jaccli compute (JACCLI_CACHE=off)": (command, {**env, "JACCLI_CACHE": "off"})}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (argv, environment) in variants.items():
+            start = time.perf_counter()
+            subprocess.run(argv, env=environment, check=True, capture_output=True)
+            times[name].append(time.perf_counter() - start)
+    torch_median = statistics.median(times["python -c 'import torch'"])
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        case.rows.append(Row(name, median, note=f"+{median - torch_median:.2f} s over the "
+                                                "torch import" if "jaccli" in name else ""))
+    load = os.getloadavg()
+    case.notes.append(f"median of {rounds} interleaved runs; load average during the runs "
+                      f"{load[0]:.1f} (1 min), {load[1]:.1f} (5 min)")
+    case.notes.append("target: jaccli compute within 1.0 s of the torch import")
+    return case
+
+
 def _agreement(ours: Path, peer: Path) -> str:
     """Largest relative difference between jaccli's and the script's layer Jacobians."""
     import h5py
@@ -280,8 +390,9 @@ def main() -> None:
     title = header("Formats, ", device, args.quick)
     print(title, flush=True)
     report = [title]
-    runners = {"parity": case_parity, "mlp-script": case_mlp_script, "mtcnn": case_mtcnn,
-               "resnet": case_resnet}
+    runners = {"parity": case_parity, "mlp-script": case_mlp_script,
+               "mlp-inprocess": case_mlp_inprocess, "startup": case_startup,
+               "mtcnn": case_mtcnn, "resnet": case_resnet}
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             torch.manual_seed(0)

@@ -255,7 +255,7 @@ def capture_graph(model, example: torch.Tensor, device: torch.device, dtype: tor
     `device` in `dtype`; or None and why it could not be captured. layout / held: how a
     forward taking several arguments is called (`jaccli.graph.capture`). cache_key: the
     graph cache's key for this module and example (`graph_cache.cache_key`), None: no cache."""
-    graph = None if cache_key is None else graph_cache.load_graph(cache_key, model)
+    graph = graph_cache.load_graph(cache_key, model)
     if graph is None:
         try:
             with warnings.catch_warnings():  # torch's deprecation notices are not the user's
@@ -265,8 +265,7 @@ def capture_graph(model, example: torch.Tensor, device: torch.device, dtype: tor
             if is_out_of_memory(exc):
                 raise
             return None, f"the operator graph could not be captured ({first_line(exc)})"
-        if cache_key is not None:
-            graph_cache.store_graph(cache_key, graph, model)
+        graph_cache.store_graph(cache_key, graph, model)
     graph.state = {name: (qualified, _moved(value, device, dtype))
                    for name, (qualified, value) in graph.state.items()}
     for node in graph.nodes.values():  # tensors the program creates follow --dtype too

@@ -91,11 +91,11 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_graph(key: str, module: torch.nn.Module) -> OpGraph | None:
-    """The cached graph for `key`, its state bound to `module`'s tensors; None on a miss or
-    an entry that cannot be used."""
+def load_graph(key: str | None, module: torch.nn.Module) -> OpGraph | None:
+    """The cached graph for `key`, its state bound to `module`'s tensors; None on a miss, an
+    entry that cannot be used, or no key."""
     folder = cache_dir()
-    path = None if folder is None else folder / f"{key}.safetensors"
+    path = None if folder is None or key is None else folder / f"{key}.safetensors"
     if path is None or not path.is_file():
         return None
     try:
@@ -109,11 +109,11 @@ def load_graph(key: str, module: torch.nn.Module) -> OpGraph | None:
         return None  # record of another version or failing the checks counts as a miss
 
 
-def store_graph(key: str, graph: OpGraph, module: torch.nn.Module) -> bool:
-    """Write `graph` under `key` (atomically); False when it is not cacheable or the cache
-    cannot be written (no error: the command goes on)."""
+def store_graph(key: str | None, graph: OpGraph, module: torch.nn.Module) -> bool:
+    """Write `graph` under `key` (atomically); False when there is no key, the graph is not
+    cacheable or the cache cannot be written (no error: the command goes on)."""
     folder = cache_dir()
-    if folder is None:
+    if folder is None or key is None:
         return False
     try:
         record, tensors = to_record(graph, module_tensors(module))
