@@ -269,31 +269,26 @@ def _in_process(which: str, paths: dict, x: Path, folder: Path, repeat: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def case_mlp_inprocess(folder: Path, quick: bool) -> Case:
+def case_mlp_inprocess(folder: Path, quick: bool) -> list[Case]:
     n = 16 if quick else 64
-    case = Case(f"MLP 784→1000³→10 from `.pt2`, {n} samples, per-layer Jacobians to HDF5, "
-                "in one process")
+    title = f"MLP 784→1000³→10 from `.pt2`, {n} samples, per-layer Jacobians to HDF5, "
     paths = save_formats(mlp(), (784,), folder, "mlp")
     x = data(folder, "mlp", n, (784,))
     repeat = 1 if quick else 2
     alone = {name: _in_process(name, paths, x, folder, 0)[name] for name in ("jaccli", "peer")}
     both = _in_process("both", paths, x, folder, repeat)
-    case.rows += [
-        Row("jaccli.run_compute(model.pt2), warm", both["jaccli"]["best"]),
-        Row("vmap(jacrev) per leaf + h5py, warm", both["peer"]["best"]),
-        Row("jaccli.run_compute(model.pt2), first call after import torch",
-            alone["jaccli"]["first"]),
-        Row("vmap(jacrev) per leaf + h5py, first call after import torch",
-            alone["peer"]["first"]),
-    ]
-    case.notes.append(_agreement(folder / "ours0.h5", folder / "peer0.h5"))
-    case.notes.append(f"warm: best of {repeat} after one warm-up run, both in one process; "
-                      "first call: each alone in a fresh process, timed from after "
-                      "`import torch` (it pays loading the `.pt2`: torch.export's imports)")
-    case.notes.append(f"warm speed-up {both['peer']['best'] / both['jaccli']['best']:.1f}×, "
-                      "first-call speed-up "
-                      f"{alone['peer']['first'] / alone['jaccli']['first']:.1f}×; target ≥ 5×")
-    return case
+    warm = Case(title + "in one process, warm")
+    warm.rows += [Row("jaccli.run_compute(model.pt2)", both["jaccli"]["best"]),
+                  Row("vmap(jacrev) per leaf + h5py", both["peer"]["best"])]
+    warm.notes.append(_agreement(folder / "ours0.h5", folder / "peer0.h5"))
+    warm.notes.append(f"best of {repeat} after one warm-up run, both in one process; "
+                      "target ≥ 5×")
+    first = Case(title + "first call after `import torch`")
+    first.rows += [Row("jaccli.run_compute(model.pt2)", alone["jaccli"]["first"]),
+                   Row("vmap(jacrev) per leaf + h5py", alone["peer"]["first"])]
+    first.notes.append("each alone in a fresh process, timed from after `import torch`: both "
+                       "pay loading the `.pt2` (torch.export's imports); target ≥ 5×")
+    return [warm, first]
 
 
 def case_startup(folder: Path, quick: bool) -> Case:
@@ -312,17 +307,28 @@ def case_startup(folder: Path, quick: bool) -> Case:
     variants = {"python -c 'import torch'": ([sys.executable, "-c", "import torch"], env),
                 "jaccli compute (graph cache warm)": (command, env),
                 "jaccli compute (JACCLI_CACHE=off)": (command, {**env, "JACCLI_CACHE": "off"})}
+    import resource
+
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, (argv, environment) in variants.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             subprocess.run(argv, env=environment, check=True, capture_output=True)
             times[name].append(time.perf_counter() - start)
-    torch_median = statistics.median(times["python -c 'import torch'"])
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime
+                             - before.ru_stime)
+    base = "python -c 'import torch'"
+    torch_median, torch_cpu = statistics.median(times[base]), statistics.median(cpu[base])
     for name, seconds in times.items():
-        median = statistics.median(seconds)
-        case.rows.append(Row(name, median, note=f"+{median - torch_median:.2f} s over the "
-                                                "torch import" if "jaccli" in name else ""))
+        median, busy = statistics.median(seconds), statistics.median(cpu[name])
+        note = f"CPU (user+sys) {busy:.2f} s"
+        if name != base:
+            note += (f"; +{median - torch_median:.2f} s wall, +{busy - torch_cpu:.2f} s CPU "
+                     "over the torch import")
+        case.rows.append(Row(name, median, note=note))
     load = os.getloadavg()
     case.notes.append(f"median of {rounds} interleaved runs; load average during the runs "
                       f"{load[0]:.1f} (1 min), {load[1]:.1f} (5 min)")
@@ -396,7 +402,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             torch.manual_seed(0)
-            text = runners[name](Path(tmp), args.quick).markdown()
+            result = runners[name](Path(tmp), args.quick)
+            text = "\n".join(c.markdown() for c in (result if isinstance(result, list)
+                                                      else [result]))
             print(text, flush=True)
             report.append(text)
     if args.output:

@@ -88,6 +88,18 @@ def test_a_hit_skips_the_capture_and_gives_the_same_jacobians(tmp_path, cache, c
     _check_end_to_end(second, model, x)
 
 
+def test_a_torchscript_archive_hits_too(tmp_path, cache, captures):
+    model = _model(tmp_path, CNN_SPEC).double()
+    x = _data(tmp_path, CNN_SPEC["input_shape"])
+    torch.jit.save(torch.jit.trace(model, x[:2]), tmp_path / "ts.pt")
+    first = _compute(tmp_path, model_file="ts.pt", out="first.h5")
+    second = _compute(tmp_path, model_file="ts.pt", out="second.h5")
+    assert len(captures) == 1 and len(list(cache.glob("*.safetensors"))) == 1
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+    _check_end_to_end(second, model, x)
+
+
 def test_a_changed_model_file_misses(tmp_path, cache, captures):
     _model(tmp_path, MLP_SPEC)
     x = _data(tmp_path, [6])

@@ -6,10 +6,12 @@ file: the graph as JSON metadata (`jaccli.graph.serialize`, no pickle) plus its 
 constants; parameters and buffers are not stored but bound again, by name, to the module
 loaded from the model file.
 
-Cached: models whose file fully determines the module — self-describing safetensors, and a
-state_dict with a JSON `--arch` spec file. Not cached: `.pt2` and TorchScript archives,
+Cached: models whose file fully determines the module — self-describing safetensors, a
+state_dict with a JSON `--arch` spec file, and TorchScript archives (converted to a graph,
+then exported: the slowest capture; their weights are stored in the entry, as the converted
+graph holds its own copies). Not cached: `.pt2` archives (their program is the graph),
 pickled modules and `--arch package:factory` (the module's code lives outside the file),
-models called with `--input/--const`.
+models called with `--input/--const`, and graphs captured on a GPU.
 
 Key: SHA-256 of the model file (and spec file), the example's shape, dtype and device, the
 torch and jaccli versions and a hash of jaccli's capture and model-building code.
@@ -37,7 +39,7 @@ from ..io.hashing import sha256_file
 
 _METADATA_KEY = "jaccli.graph"
 _CACHED_SOURCES = {"self-describing safetensors", "safetensors state_dict + --arch",
-                   "state_dict + --arch"}
+                   "state_dict + --arch", "TorchScript archive"}
 _PACKAGE = Path(__file__).resolve().parents[1]
 # The code whose changes change what a capture returns.
 _CODE = ("graph/*.py", "io/models/*.py", "pipelines/graph_cache.py")
@@ -60,7 +62,7 @@ def cache_key(source, loaded, example: torch.Tensor, *, layout=None) -> str | No
             or source.constants:
         return None
     files = [sha256_file(source.path)]
-    if loaded.source != "self-describing safetensors":
+    if loaded.source not in ("self-describing safetensors", "TorchScript archive"):
         if not source.arch or not Path(source.arch).is_file():
             return None  # an import string: the module's code is not in any file we hash
         files.append(sha256_file(source.arch))
