@@ -6,9 +6,11 @@ the CLI waits for and pays. Cases (`--cases`):
 
 - `parity`: the sample CNN and the 784→1000→1000→1000→10 tanh MLP, per-layer Jacobians from
   an eager module (trusted pickle), `.pt2` and TorchScript; target: within 1.2× of eager.
+- `parity-in-process`: the same runs as `run_compute` calls in one process after a warm-up,
+  so that start-up (the same for every format) does not hide the format's own cost.
 - `mlp-script`: the MLP from `.pt2`, 64 samples, per-layer Jacobians to HDF5, against a
   15-line `vmap(jacrev)`-per-leaf + h5py script; target: ≥ 5× faster.
-- `mlp-inprocess`: the same two, side by side in one process (`jaccli.run_compute` on the
+- `mlp-in-process`: the same two, side by side in one process (`jaccli.run_compute` on the
   `.pt2` vs the script's load + vmap(jacrev) + h5py as a function): each run first in a fresh
   process right after `import torch` (what a first call pays), then best of 2 after a warm-up.
 - `startup`: `jaccli compute` of the sample MLP (the `make demo` command) against
@@ -22,6 +24,7 @@ the CLI waits for and pays. Cases (`--cases`):
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -106,19 +109,21 @@ print(json.dumps(times))
 """
 
 
-def run(args: list[str], *, script: str = _RUN_JACCLI) -> tuple[float, int]:
+def run(args: list[str], *, script: str = _RUN_JACCLI, env: dict | None = None
+        ) -> tuple[float, int]:
     """Wall seconds and peak RSS bytes of one command in a fresh process; fails loudly."""
-    seconds, peak, code, said = run_gate(args, script=script)
+    seconds, peak, code, said = run_gate(args, script=script, env=env)
     if code != 0:
         raise SystemExit(f"benchmark command failed ({code}): {' '.join(args)}\n{said}")
     return seconds, peak
 
 
-def run_gate(args: list[str], *, script: str = _RUN_JACCLI) -> tuple[float, int, int, str]:
+def run_gate(args: list[str], *, script: str = _RUN_JACCLI, env: dict | None = None
+             ) -> tuple[float, int, int, str]:
     """(wall seconds, peak RSS bytes, exit code, last stderr line) of one command."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
     lines = done.stderr.strip().splitlines()
     if not lines or not lines[-1].startswith("MAXRSS"):
@@ -229,14 +234,87 @@ def case_parity(folder: Path, quick: bool) -> Case:
         paths = save_formats(model, shape, folder, title.split()[0])
         x = data(folder, "parity", n, shape)
         eager = None
-        for fmt, path in paths.items():
-            seconds, peak = run(compute_args(path, x, folder / "out.h5", fmt))
+        env = {**os.environ, "JACCLI_CACHE_DIR": str(folder / f"cache-{title.split()[0]}")}
+        env.pop("JACCLI_CACHE", None)
+        runs = [*paths.items(), ("torchscript, graph cache warm", paths["torchscript"])]
+        for fmt, path in runs:
+            seconds, peak = run(compute_args(path, x, folder / "out.h5", fmt), env=env)
             eager = eager or (seconds, peak)
             case.rows.append(Row(f"{title}, {fmt}", seconds, peak_bytes=peak,
                                  note=f"{seconds / eager[0]:.2f}× the eager time, "
                                       f"{peak / eager[1]:.2f}× its peak"))
     case.notes.append("each row is a whole `jaccli compute` process (start-up, load, capture, "
                       "compute, write); target: `.pt2` and TorchScript within 1.2× of eager")
+    case.notes.append("graph cache: a fresh folder per model, so the eager (pickled module: "
+                      "never cached), `.pt2` (never cached) and first TorchScript runs capture; "
+                      "the last row reruns TorchScript with the entry its first run stored")
+    return case
+
+
+# Per-format compute in one process: `run_compute` of each file after a warm-up of all of
+# them, best of `repeat`, with the RSS growth while it runs; one JSON line.
+_PARITY_IN_PROCESS = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from common import PeakMemory
+import torch
+from jaccli.pipelines.compute import run_compute
+from jaccli.settings import ComputeSettings
+x, out, repeat, files = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+
+
+def once(path):
+    run_compute(ComputeSettings.from_options(model=path, data=x, output=out,
+                                             trust_pickle=path.endswith(".pt") and
+                                             not path.endswith("_ts.pt"),
+                                             command_line="bench"))
+
+
+for path in files:
+    once(path)
+result = {}
+for path in files:
+    best, peak = float("inf"), 0
+    for _ in range(repeat):
+        with PeakMemory(torch.device("cpu")) as memory:
+            start = time.perf_counter()
+            once(path)
+            best = min(best, time.perf_counter() - start)
+        peak = max(peak, memory.peak)
+    result[path] = [best, peak]
+print(json.dumps(result))
+"""
+
+
+def case_parity_in_process(folder: Path, quick: bool) -> Case:
+    import json
+
+    case = Case("Format parity in one process: `run_compute` per format after a warm-up")
+    import jaccli
+
+    cnn = jaccli.load_model(ROOT / "sample_models" / "digits_cnn.safetensors").module
+    for title, model, shape, n in (("sample CNN", cnn.eval(), (1, 8, 8), 360),
+                                   ("MLP 784→1000³→10", mlp(), (784,), 64)):
+        n = min(n, 16) if quick else n
+        paths = save_formats(model, shape, folder, title.split()[0])
+        x = data(folder, "parity", n, shape)
+        done = subprocess.run([sys.executable, "-c", _PARITY_IN_PROCESS,
+                               str(Path(__file__).parent), str(x), str(folder / "out.h5"),
+                               "1" if quick else "3", *map(str, paths.values())],
+                              capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "JACCLI_CACHE": "off"})
+        if done.returncode != 0:
+            raise SystemExit(f"in-process parity failed: {done.stderr[-2000:]}")
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        eager = measured[str(paths["eager"])]
+        for fmt, path in paths.items():
+            seconds, peak = measured[str(path)]
+            case.rows.append(Row(f"{title}, {fmt}", seconds, peak_bytes=peak,
+                                 note=f"{seconds / eager[0]:.2f}× the eager time"))
+    case.notes.append("each: load, capture (graph cache off), compute and write, best of 3 "
+                      "after a warm-up of every format; peak: RSS growth while it runs (misses "
+                      "memory the allocator reuses: a rough lower bound); target: `.pt2` and "
+                      "TorchScript within 1.2× of eager")
     return case
 
 
@@ -269,7 +347,7 @@ def _in_process(which: str, paths: dict, x: Path, folder: Path, repeat: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def case_mlp_inprocess(folder: Path, quick: bool) -> list[Case]:
+def case_mlp_in_process(folder: Path, quick: bool) -> list[Case]:
     n = 16 if quick else 64
     title = f"MLP 784→1000³→10 from `.pt2`, {n} samples, per-layer Jacobians to HDF5, "
     paths = save_formats(mlp(), (784,), folder, "mlp")
@@ -396,8 +474,9 @@ def main() -> None:
     title = header("Formats, ", device, args.quick)
     print(title, flush=True)
     report = [title]
-    runners = {"parity": case_parity, "mlp-script": case_mlp_script,
-               "mlp-inprocess": case_mlp_inprocess, "startup": case_startup,
+    runners = {"parity": case_parity, "parity-in-process": case_parity_in_process,
+               "mlp-script": case_mlp_script,
+               "mlp-in-process": case_mlp_in_process, "startup": case_startup,
                "mtcnn": case_mtcnn, "resnet": case_resnet}
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:

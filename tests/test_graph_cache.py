@@ -88,12 +88,17 @@ def test_a_hit_skips_the_capture_and_gives_the_same_jacobians(tmp_path, cache, c
     _check_end_to_end(second, model, x)
 
 
-def test_a_torchscript_archive_hits_too(tmp_path, cache, captures):
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_archives_hit_too(tmp_path, cache, captures, fmt):
     model = _model(tmp_path, CNN_SPEC).double()
     x = _data(tmp_path, CNN_SPEC["input_shape"])
-    torch.jit.save(torch.jit.trace(model, x[:2]), tmp_path / "ts.pt")
-    first = _compute(tmp_path, model_file="ts.pt", out="first.h5")
-    second = _compute(tmp_path, model_file="ts.pt", out="second.h5")
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.trace(model, x[:2]), tmp_path / "archive")
+    else:
+        torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes=(
+            {0: torch.export.Dim("batch")},)), tmp_path / "archive")
+    first = _compute(tmp_path, model_file="archive", out="first.h5")
+    second = _compute(tmp_path, model_file="archive", out="second.h5")
     assert len(captures) == 1 and len(list(cache.glob("*.safetensors"))) == 1
     for name in first:
         np.testing.assert_array_equal(first[name], second[name])

@@ -255,7 +255,7 @@ def capture_graph(model, example: torch.Tensor, device: torch.device, dtype: tor
     `device` in `dtype`; or None and why it could not be captured. layout / held: how a
     forward taking several arguments is called (`jaccli.graph.capture`). cache_key: the
     graph cache's key for this module and example (`graph_cache.cache_key`), None: no cache."""
-    graph = graph_cache.load_graph(cache_key, model)
+    graph = graph_cache.load_graph(cache_key, model)  # model: also an ExportedProgram
     if graph is None:
         try:
             with warnings.catch_warnings():  # torch's deprecation notices are not the user's

@@ -7,11 +7,12 @@ constants; parameters and buffers are not stored but bound again, by name, to th
 loaded from the model file.
 
 Cached: models whose file fully determines the module — self-describing safetensors, a
-state_dict with a JSON `--arch` spec file, and TorchScript archives (converted to a graph,
+state_dict with a JSON `--arch` spec file, `.pt2` archives (their program, functionalized:
+its weights bound to the loaded program's) and TorchScript archives (converted to a graph,
 then exported: the slowest capture; their weights are stored in the entry, as the converted
-graph holds its own copies). Not cached: `.pt2` archives (their program is the graph),
-pickled modules and `--arch package:factory` (the module's code lives outside the file),
-models called with `--input/--const`, and graphs captured on a GPU.
+graph holds its own copies). Not cached: pickled modules and `--arch package:factory` (the
+module's code lives outside the file), models called with `--input/--const`, and graphs
+captured on a GPU.
 
 Key: SHA-256 of the model file (and spec file), the example's shape, dtype and device, the
 torch and jaccli versions and a hash of jaccli's capture and model-building code.
@@ -39,7 +40,8 @@ from ..io.hashing import sha256_file
 
 _METADATA_KEY = "jaccli.graph"
 _CACHED_SOURCES = {"self-describing safetensors", "safetensors state_dict + --arch",
-                   "state_dict + --arch", "TorchScript archive"}
+                   "state_dict + --arch", "TorchScript archive", "torch.export archive"}
+_SELF_CONTAINED = ("self-describing safetensors", "TorchScript archive", "torch.export archive")
 _PACKAGE = Path(__file__).resolve().parents[1]
 # The code whose changes change what a capture returns.
 _CODE = ("graph/*.py", "io/models/*.py", "pipelines/graph_cache.py")
@@ -62,7 +64,7 @@ def cache_key(source, loaded, example: torch.Tensor, *, layout=None) -> str | No
             or source.constants:
         return None
     files = [sha256_file(source.path)]
-    if loaded.source not in ("self-describing safetensors", "TorchScript archive"):
+    if loaded.source not in _SELF_CONTAINED:
         if not source.arch or not Path(source.arch).is_file():
             return None  # an import string: the module's code is not in any file we hash
         files.append(sha256_file(source.arch))
@@ -86,14 +88,17 @@ def _code_hash() -> str:
     return _code_digest
 
 
-def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Qualified name -> every parameter and buffer of `module` (tied names included)."""
+def module_tensors(module) -> dict[str, torch.Tensor]:
+    """Qualified name -> every parameter and buffer of `module` (tied names included); for an
+    ExportedProgram, its state_dict and tensor constants."""
+    if not isinstance(module, torch.nn.Module):  # an ExportedProgram
+        return {**module.state_dict, **module.constants}
     out = dict(module.named_buffers(remove_duplicate=False))
     out.update(module.named_parameters(remove_duplicate=False))
     return out
 
 
-def load_graph(key: str | None, module: torch.nn.Module) -> OpGraph | None:
+def load_graph(key: str | None, module) -> OpGraph | None:
     """The cached graph for `key`, its state bound to `module`'s tensors; None on a miss, an
     entry that cannot be used, or no key."""
     folder = cache_dir()
@@ -111,7 +116,7 @@ def load_graph(key: str | None, module: torch.nn.Module) -> OpGraph | None:
         return None  # record of another version or failing the checks counts as a miss
 
 
-def store_graph(key: str | None, graph: OpGraph, module: torch.nn.Module) -> bool:
+def store_graph(key: str | None, graph: OpGraph, module) -> bool:
     """Write `graph` under `key` (atomically); False when there is no key, the graph is not
     cacheable or the cache cannot be written (no error: the command goes on)."""
     folder = cache_dir()
