@@ -220,3 +220,15 @@ def test_models_whose_code_is_outside_the_file_are_not_cached(tmp_path, cache):
     loaded = jaccli.load_model(tmp_path / "m.safetensors")
     key = graph_cache.cache_key(source, loaded, torch.zeros(2, 6))
     assert key is not None and key != graph_cache.cache_key(source, loaded, torch.zeros(3, 6))
+
+
+def test_a_graph_that_read_the_example_values_is_not_stored(cache):
+    """A static-batch program's batch axes come from perturbing a sample of the example: the
+    key (the example's shape) does not determine such a graph."""
+    model, graph = _captured(MLP_SPEC, [6])
+    assert graph_cache.store_graph("k" * 64, graph, model) and len(list(cache.iterdir())) == 1
+    graph.capture_path = "program-static"
+    assert not graph_cache.store_graph("s" * 64, graph, model)
+    assert [p.name for p in cache.iterdir()] == ["k" * 64 + ".safetensors"]
+    back = graph_cache.load_graph("k" * 64, model)
+    assert back is not None and list(back.nodes) == list(graph.nodes)

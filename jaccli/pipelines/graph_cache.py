@@ -42,6 +42,9 @@ _METADATA_KEY = "jaccli.graph"
 _CACHED_SOURCES = {"self-describing safetensors", "safetensors state_dict + --arch",
                    "state_dict + --arch", "TorchScript archive", "torch.export archive"}
 _SELF_CONTAINED = ("self-describing safetensors", "TorchScript archive", "torch.export archive")
+# Captures that read the example's values, not only its shape (a static program's batch axes
+# are told apart by perturbing a sample): not cached, as the key holds only the shape.
+_VALUE_DEPENDENT = {"program-static"}
 _PACKAGE = Path(__file__).resolve().parents[1]
 # The code whose changes change what a capture returns.
 _CODE = ("graph/*.py", "io/models/*.py", "pipelines/graph_cache.py")
@@ -120,7 +123,7 @@ def store_graph(key: str | None, graph: OpGraph, module) -> bool:
     """Write `graph` under `key` (atomically); False when there is no key, the graph is not
     cacheable or the cache cannot be written (no error: the command goes on)."""
     folder = cache_dir()
-    if folder is None or key is None:
+    if folder is None or key is None or graph.capture_path in _VALUE_DEPENDENT:
         return False
     try:
         record, tensors = to_record(graph, module_tensors(module))
