@@ -246,8 +246,8 @@ def case_parity(folder: Path, quick: bool) -> Case:
     case.notes.append("each row is a whole `jaccli compute` process (start-up, load, capture, "
                       "compute, write); target: `.pt2` and TorchScript within 1.2× of eager")
     case.notes.append("graph cache: a fresh folder per model, so the eager (pickled module: "
-                      "never cached), `.pt2` (never cached) and first TorchScript runs capture; "
-                      "the last row reruns TorchScript with the entry its first run stored")
+                      "never cached), `.pt2` and first TorchScript runs capture; the last row "
+                      "reruns TorchScript with the entry its first run stored")
     return case
 
 
