@@ -6,8 +6,16 @@ the CLI waits for and pays. Cases (`--cases`):
 
 - `parity`: the sample CNN and the 784→1000→1000→1000→10 tanh MLP, per-layer Jacobians from
   an eager module (trusted pickle), `.pt2` and TorchScript; target: within 1.2× of eager.
+- `parity-in-process`: the same runs as `run_compute` calls in one process after a warm-up,
+  so that start-up (the same for every format) does not hide the format's own cost.
 - `mlp-script`: the MLP from `.pt2`, 64 samples, per-layer Jacobians to HDF5, against a
   15-line `vmap(jacrev)`-per-leaf + h5py script; target: ≥ 5× faster.
+- `mlp-in-process`: the same two, side by side in one process (`jaccli.run_compute` on the
+  `.pt2` vs the script's load + vmap(jacrev) + h5py as a function): each run first in a fresh
+  process right after `import torch` (what a first call pays), then best of 2 after a warm-up.
+- `startup`: `jaccli compute` of the sample MLP (the `make demo` command) against
+  `python -c "import torch"`, median of 5 interleaved runs, graph cache warm and off;
+  target: within 1.0 s of the torch import.
 - `mtcnn`: an O-Net-shaped face network (conv → PReLU → max-pool ×3, dense, three heads) from
   `.pt2`, 16 samples: compute, spectrum and check; target: each under 30 s.
 - `resnet`: a ResNet-18-shaped network (BatchNorm in eval) at 3×64×64 from `.pt2`, 32
@@ -16,6 +24,7 @@ the CLI waits for and pays. Cases (`--cases`):
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,42 +54,76 @@ sys.exit(code)
 """
 
 # The peer: what a user writes today — vmap(jacrev) of every leaf on its recorded input, h5py.
-_PEER_SCRIPT = """
-import resource, sys, h5py, torch
-from torch.func import jacrev, vmap
-model = torch.export.load(sys.argv[1]).module()
-import numpy as np
-x = torch.from_numpy(np.load(sys.argv[2]))
-inputs = {}
-leaves = {n: m for n, m in torch.load(sys.argv[4], weights_only=False).named_modules()
-          if not list(m.children())}
-eager = torch.load(sys.argv[4], weights_only=False).eval()
-hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
-         for n, m in eager.named_modules() if n in leaves]
-with torch.no_grad():
-    model(x)
-    eager(x)
-with h5py.File(sys.argv[3], "w") as f:
-    for name, m in eager.named_modules():
-        if name in inputs:
-            f[name] = vmap(jacrev(m))(inputs[name]).detach().numpy()
+_PEER = """
+def peer(pt2, x_path, out, eager_path):
+    import h5py, numpy as np, torch
+    from torch.func import jacrev, vmap
+    model = torch.export.load(pt2).module()
+    x = torch.from_numpy(np.load(x_path))
+    inputs = {}
+    leaves = {n: m for n, m in torch.load(eager_path, weights_only=False).named_modules()
+              if not list(m.children())}
+    eager = torch.load(eager_path, weights_only=False).eval()
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in eager.named_modules() if n in leaves]
+    with torch.no_grad():
+        model(x)
+        eager(x)
+    with h5py.File(out, "w") as f:
+        for name, m in eager.named_modules():
+            if name in inputs:
+                f[name] = vmap(jacrev(m))(inputs[name]).detach().numpy()
+"""
+_PEER_SCRIPT = _PEER + """
+import resource, sys
+peer(*sys.argv[1:5])
 print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 """
 
+# Side by side in one process: `which` = jaccli | peer | both; prints one JSON line of
+# seconds: the first call of each (in that order), then the best of `repeat` after it.
+_IN_PROCESS = _PEER + """
+import json, sys, time
+import torch
+which, pt2, x_path, folder, eager_path, repeat = sys.argv[1:7]
 
-def run(args: list[str], *, script: str = _RUN_JACCLI) -> tuple[float, int]:
+
+def ours(out):
+    from jaccli.pipelines.compute import run_compute
+    from jaccli.settings import ComputeSettings
+    run_compute(ComputeSettings.from_options(model=pt2, data=x_path, output=out,
+                                             command_line="bench"))
+
+
+runs = {"jaccli": lambda i: ours(f"{folder}/ours{i}.h5"),
+        "peer": lambda i: peer(pt2, x_path, f"{folder}/peer{i}.h5", eager_path)}
+times = {}
+for name in (["jaccli", "peer"] if which == "both" else [which]):
+    seconds = []
+    for i in range(1 + int(repeat)):
+        start = time.perf_counter()
+        runs[name](i)
+        seconds.append(time.perf_counter() - start)
+    times[name] = {"first": seconds[0], "best": min(seconds[1:] or seconds)}
+print(json.dumps(times))
+"""
+
+
+def run(args: list[str], *, script: str = _RUN_JACCLI, env: dict | None = None
+        ) -> tuple[float, int]:
     """Wall seconds and peak RSS bytes of one command in a fresh process; fails loudly."""
-    seconds, peak, code, said = run_gate(args, script=script)
+    seconds, peak, code, said = run_gate(args, script=script, env=env)
     if code != 0:
         raise SystemExit(f"benchmark command failed ({code}): {' '.join(args)}\n{said}")
     return seconds, peak
 
 
-def run_gate(args: list[str], *, script: str = _RUN_JACCLI) -> tuple[float, int, int, str]:
+def run_gate(args: list[str], *, script: str = _RUN_JACCLI, env: dict | None = None
+             ) -> tuple[float, int, int, str]:
     """(wall seconds, peak RSS bytes, exit code, last stderr line) of one command."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
     lines = done.stderr.strip().splitlines()
     if not lines or not lines[-1].startswith("MAXRSS"):
@@ -191,14 +234,87 @@ def case_parity(folder: Path, quick: bool) -> Case:
         paths = save_formats(model, shape, folder, title.split()[0])
         x = data(folder, "parity", n, shape)
         eager = None
-        for fmt, path in paths.items():
-            seconds, peak = run(compute_args(path, x, folder / "out.h5", fmt))
+        env = {**os.environ, "JACCLI_CACHE_DIR": str(folder / f"cache-{title.split()[0]}")}
+        env.pop("JACCLI_CACHE", None)
+        runs = [*paths.items(), ("torchscript, graph cache warm", paths["torchscript"])]
+        for fmt, path in runs:
+            seconds, peak = run(compute_args(path, x, folder / "out.h5", fmt), env=env)
             eager = eager or (seconds, peak)
             case.rows.append(Row(f"{title}, {fmt}", seconds, peak_bytes=peak,
                                  note=f"{seconds / eager[0]:.2f}× the eager time, "
                                       f"{peak / eager[1]:.2f}× its peak"))
     case.notes.append("each row is a whole `jaccli compute` process (start-up, load, capture, "
                       "compute, write); target: `.pt2` and TorchScript within 1.2× of eager")
+    case.notes.append("graph cache: a fresh folder per model, so the eager (pickled module: "
+                      "never cached), `.pt2` and first TorchScript runs capture; the last row "
+                      "reruns TorchScript with the entry its first run stored")
+    return case
+
+
+# Per-format compute in one process: `run_compute` of each file after a warm-up of all of
+# them, best of `repeat`, with the RSS growth while it runs; one JSON line.
+_PARITY_IN_PROCESS = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from common import PeakMemory
+import torch
+from jaccli.pipelines.compute import run_compute
+from jaccli.settings import ComputeSettings
+x, out, repeat, files = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+
+
+def once(path):
+    run_compute(ComputeSettings.from_options(model=path, data=x, output=out,
+                                             trust_pickle=path.endswith(".pt") and
+                                             not path.endswith("_ts.pt"),
+                                             command_line="bench"))
+
+
+for path in files:
+    once(path)
+result = {}
+for path in files:
+    best, peak = float("inf"), 0
+    for _ in range(repeat):
+        with PeakMemory(torch.device("cpu")) as memory:
+            start = time.perf_counter()
+            once(path)
+            best = min(best, time.perf_counter() - start)
+        peak = max(peak, memory.peak)
+    result[path] = [best, peak]
+print(json.dumps(result))
+"""
+
+
+def case_parity_in_process(folder: Path, quick: bool) -> Case:
+    import json
+
+    case = Case("Format parity in one process: `run_compute` per format after a warm-up")
+    import jaccli
+
+    cnn = jaccli.load_model(ROOT / "sample_models" / "digits_cnn.safetensors").module
+    for title, model, shape, n in (("sample CNN", cnn.eval(), (1, 8, 8), 360),
+                                   ("MLP 784→1000³→10", mlp(), (784,), 64)):
+        n = min(n, 16) if quick else n
+        paths = save_formats(model, shape, folder, title.split()[0])
+        x = data(folder, "parity", n, shape)
+        done = subprocess.run([sys.executable, "-c", _PARITY_IN_PROCESS,
+                               str(Path(__file__).parent), str(x), str(folder / "out.h5"),
+                               "1" if quick else "3", *map(str, paths.values())],
+                              capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "JACCLI_CACHE": "off"})
+        if done.returncode != 0:
+            raise SystemExit(f"in-process parity failed: {done.stderr[-2000:]}")
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        eager = measured[str(paths["eager"])]
+        for fmt, path in paths.items():
+            seconds, peak = measured[str(path)]
+            case.rows.append(Row(f"{title}, {fmt}", seconds, peak_bytes=peak,
+                                 note=f"{seconds / eager[0]:.2f}× the eager time"))
+    case.notes.append("each: load, capture (graph cache off), compute and write, best of 3 "
+                      "after a warm-up of every format; peak: RSS growth while it runs (misses "
+                      "memory the allocator reuses: a rough lower bound); target: `.pt2` and "
+                      "TorchScript within 1.2× of eager")
     return case
 
 
@@ -217,6 +333,90 @@ def case_mlp_script(folder: Path, quick: bool) -> Case:
     case.rows.append(Row("vmap(jacrev) per leaf + h5py script", peer, peak_bytes=peer_peak))
     case.notes.append(_agreement(folder / "out.h5", folder / "peer.h5"))
     case.notes.append("target: jaccli ≥ 5× faster than the script (both whole processes)")
+    return case
+
+
+def _in_process(which: str, paths: dict, x: Path, folder: Path, repeat: int, *,
+                cache: bool) -> dict:
+    import json
+
+    env = {**os.environ, "JACCLI_CACHE_DIR": str(folder / "cache-in-process")}
+    env["JACCLI_CACHE"] = "on" if cache else "off"
+    done = subprocess.run([sys.executable, "-c", _IN_PROCESS, which, str(paths["pt2"]),
+                           str(x), str(folder), str(paths["eager"]), str(repeat)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"in-process benchmark failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def case_mlp_in_process(folder: Path, quick: bool) -> list[Case]:
+    n = 16 if quick else 64
+    title = f"MLP 784→1000³→10 from `.pt2`, {n} samples, per-layer Jacobians to HDF5, "
+    paths = save_formats(mlp(), (784,), folder, "mlp")
+    x = data(folder, "mlp", n, (784,))
+    both = _in_process("both", paths, x, folder, 1, cache=False)
+    cold = _in_process("jaccli", paths, x, folder, 1, cache=True)  # fills the cache
+    warm_cache = _in_process("jaccli", paths, x, folder, 0, cache=True)["jaccli"]["first"]
+    peer_first = _in_process("peer", paths, x, folder, 0, cache=False)["peer"]["first"]
+    warm = Case(title + "in one process, after a warm-up run")
+    warm.rows += [Row("jaccli.run_compute(model.pt2), graph cache off", both["jaccli"]["best"]),
+                  Row("jaccli.run_compute(model.pt2), graph cache hit", cold["jaccli"]["best"]),
+                  Row("vmap(jacrev) per leaf + h5py", both["peer"]["best"])]
+    warm.notes.append(_agreement(folder / "ours0.h5", folder / "peer0.h5"))
+    warm.notes.append("jaccli (cache off) and the script: one process, one warm-up run each, "
+                      "then one timed run each; target ≥ 5×")
+    first = Case(title + "first call in a fresh process, timed after `import torch`")
+    first.rows += [Row("jaccli.run_compute(model.pt2), graph cache cold", cold["jaccli"]["first"]),
+                   Row("jaccli.run_compute(model.pt2), graph cache warm", warm_cache),
+                   Row("vmap(jacrev) per leaf + h5py", peer_first)]
+    first.notes.append("each alone in a fresh process: both pay loading the `.pt2` "
+                       "(torch.export's imports); target ≥ 5×")
+    return [warm, first]
+
+
+def case_startup(folder: Path, quick: bool) -> Case:
+    import os
+    import statistics
+
+    rounds = 2 if quick else 5
+    case = Case("Start-up: `jaccli compute` of the sample MLP vs `import torch`")
+    samples = ROOT / "sample_models"
+    command = [sys.executable, "-m", "jaccli", "compute", str(samples / "digits_mlp.safetensors"),
+               str(samples / "digits_test.npy"), "--granularity", "block", "-q",
+               "-o", str(folder / "demo.h5")]
+    env = {**os.environ, "JACCLI_CACHE_DIR": str(folder / "cache")}
+    env.pop("JACCLI_CACHE", None)
+    subprocess.run(command, env=env, check=True, capture_output=True)  # fills the cache
+    variants = {"python -c 'import torch'": ([sys.executable, "-c", "import torch"], env),
+                "jaccli compute (graph cache warm)": (command, env),
+                "jaccli compute (JACCLI_CACHE=off)": (command, {**env, "JACCLI_CACHE": "off"})}
+    import resource
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (argv, environment) in variants.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            subprocess.run(argv, env=environment, check=True, capture_output=True)
+            times[name].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime
+                             - before.ru_stime)
+    base = "python -c 'import torch'"
+    torch_median, torch_cpu = statistics.median(times[base]), statistics.median(cpu[base])
+    for name, seconds in times.items():
+        median, busy = statistics.median(seconds), statistics.median(cpu[name])
+        note = f"CPU (user+sys) {busy:.2f} s"
+        if name != base:
+            note += (f"; +{median - torch_median:.2f} s wall, +{busy - torch_cpu:.2f} s CPU "
+                     "over the torch import")
+        case.rows.append(Row(name, median, note=note))
+    load = os.getloadavg()
+    case.notes.append(f"median of {rounds} interleaved runs; load average during the runs "
+                      f"{load[0]:.1f} (1 min), {load[1]:.1f} (5 min)")
+    case.notes.append("target: jaccli compute within 1.0 s of the torch import")
     return case
 
 
@@ -280,12 +480,16 @@ def main() -> None:
     title = header("Formats, ", device, args.quick)
     print(title, flush=True)
     report = [title]
-    runners = {"parity": case_parity, "mlp-script": case_mlp_script, "mtcnn": case_mtcnn,
-               "resnet": case_resnet}
+    runners = {"parity": case_parity, "parity-in-process": case_parity_in_process,
+               "mlp-script": case_mlp_script,
+               "mlp-in-process": case_mlp_in_process, "startup": case_startup,
+               "mtcnn": case_mtcnn, "resnet": case_resnet}
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             torch.manual_seed(0)
-            text = runners[name](Path(tmp), args.quick).markdown()
+            result = runners[name](Path(tmp), args.quick)
+            text = "\n".join(c.markdown() for c in (result if isinstance(result, list)
+                                                      else [result]))
             print(text, flush=True)
             report.append(text)
     if args.output:

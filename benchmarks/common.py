@@ -15,7 +15,8 @@ import torch
 JACOBIAN_CASES = ("mlp-layers", "mlp-e2e", "cnn", "samples", "pipeline")
 SPECTRA_CASES = ("spectra-all", "spectra-topk")
 PARAMS_CASES = ("params-mlp", "params-cnn", "products")
-FORMAT_CASES = ("parity", "mlp-script", "mtcnn", "resnet")
+FORMAT_CASES = ("parity", "parity-in-process", "mlp-script", "mlp-in-process", "startup",
+                "mtcnn", "resnet")
 NTK_CASES = ("ntk-cnn", "ntk-mlp")
 SCALING_CASES = ("scaling",)
 

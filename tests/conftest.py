@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per test worker, inherited by the jaccli processes tests start: the workers
@@ -12,6 +13,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     # xdist passes its terminal's width to workers as COLUMNS; tests that want a width set it.
     os.environ.pop("COLUMNS", None)
+# Graphs the tests capture are cached in a folder of this test run, not the user's cache.
+os.environ.setdefault("JACCLI_CACHE_DIR", tempfile.mkdtemp(prefix="jaccli-test-graphs-"))
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import sympy
 import torch
 from torch.utils import _pytree as pytree
 
@@ -140,6 +139,11 @@ class Trace:
         for node in self.graph.nodes.values():
             if node.kind != SYMBOLIC:
                 continue
+            if str(node.sym_expr) == symbol:  # the batch size itself: 1 for one sample
+                out[node.name] = 1
+                continue
+            import sympy  # only for size expressions (costs ~1 s of start-up)
+
             subs = {s: 1 for s in node.sym_expr.free_symbols if str(s) == symbol}
             value = sympy.sympify(node.sym_expr.xreplace(subs))
             if value.free_symbols:

@@ -20,6 +20,7 @@ from ..graph.opgraph import BATCHED, OpGraph
 from ..io.models import ModelFormat
 from ..settings import LayerSelection, RunOptions
 from ..tracing.layers import Layer
+from . import graph_cache
 
 # A product along a path holds its operand and result, and applying a convolution to them
 # (as a transposed convolution) an im2col workspace several times as large.
@@ -248,18 +249,23 @@ def _entry(row: LayerPlan, module: nn.Module | None) -> EntryPlan:
 
 
 def capture_graph(model, example: torch.Tensor, device: torch.device, dtype: torch.dtype, *,
-                  layout=None, held: tuple = ()) -> tuple[OpGraph | None, str]:
+                  layout=None, held: tuple = (), cache_key: str | None = None
+                  ) -> tuple[OpGraph | None, str]:
     """The operator graph of `model` (module, ExportedProgram or ScriptModule), its state on
     `device` in `dtype`; or None and why it could not be captured. layout / held: how a
-    forward taking several arguments is called (`jaccli.graph.capture`)."""
-    try:
-        with warnings.catch_warnings():  # torch's own deprecation notices are not the user's
-            warnings.simplefilter("ignore")
-            graph = capture(model, example, layout=layout, held=held)
-    except Exception as exc:  # export and conversion fail in many ways
-        if is_out_of_memory(exc):
-            raise
-        return None, f"the operator graph could not be captured ({first_line(exc)})"
+    forward taking several arguments is called (`jaccli.graph.capture`). cache_key: the
+    graph cache's key for this module and example (`graph_cache.cache_key`), None: no cache."""
+    graph = graph_cache.load_graph(cache_key, model)  # model: also an ExportedProgram
+    if graph is None:
+        try:
+            with warnings.catch_warnings():  # torch's deprecation notices are not the user's
+                warnings.simplefilter("ignore")
+                graph = capture(model, example, layout=layout, held=held)
+        except Exception as exc:  # export and conversion fail in many ways
+            if is_out_of_memory(exc):
+                raise
+            return None, f"the operator graph could not be captured ({first_line(exc)})"
+        graph_cache.store_graph(cache_key, graph, model)
     graph.state = {name: (qualified, _moved(value, device, dtype))
                    for name, (qualified, value) in graph.state.items()}
     for node in graph.nodes.values():  # tensors the program creates follow --dtype too
@@ -288,9 +294,10 @@ def make_engine(inputs, layers: LayerSelection, run: RunOptions, *, inputs_wrt: 
     end_to_end = layers.end_to_end and inputs_wrt
     if inputs.graph is None and not inputs.capture_note:
         target = loaded.program if loaded.program is not None else inputs.model
+        key = graph_cache.cache_key(inputs.source, loaded, inputs.example, layout=inputs.layout)
         inputs.graph, inputs.capture_note = capture_graph(
             target, inputs.example, inputs.device, inputs.dtype,
-            layout=inputs.layout, held=inputs.held_example)
+            layout=inputs.layout, held=inputs.held_example, cache_key=key)
     if inputs.graph is not None:
         module = None if loaded.format is ModelFormat.TORCHSCRIPT else inputs.model
         engine = GraphRun(inputs.graph, granularity=layers.granularity,

@@ -11,9 +11,9 @@ broadcast is the same for every sample.
 from __future__ import annotations
 
 import torch
-from torch.func import jvp
 
 from ...engine.structures import Diagonal
+from ..forward_ad import jvp
 from ..opgraph import BATCHED, OpGraph, OpNode, Ref
 from ..replay import OpCall
 from ..structures import Gather, Identity
