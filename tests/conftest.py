@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -13,8 +15,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     # xdist passes its terminal's width to workers as COLUMNS; tests that want a width set it.
     os.environ.pop("COLUMNS", None)
-# Graphs the tests capture are cached in a folder of this test run, not the user's cache.
-os.environ.setdefault("JACCLI_CACHE_DIR", tempfile.mkdtemp(prefix="jaccli-test-graphs-"))
+# Graphs the tests capture are cached in a folder of this test process (and the jaccli
+# processes it starts), never in the user's cache; removed when the process ends.
+os.environ["JACCLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaccli-test-graphs-")
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,8 @@ import torch
 from torch import nn
 
 import jaccli
+
+atexit.register(shutil.rmtree, os.environ["JACCLI_CACHE_DIR"], ignore_errors=True)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
