@@ -55,7 +55,9 @@ def folder(tmp_path_factory):
 
 def _model(folder, name):
     namespace = {}
-    exec(compile(FACTORIES, "recurrent_factories.py", "exec"), namespace)  # noqa: S102
+    # named by the file's real path: TorchScript reads the class's source back from it
+    exec(compile(FACTORIES, str(folder / "recurrent_factories.py"), "exec"),  # noqa: S102
+         namespace)
     return namespace[name]().eval()
 
 
