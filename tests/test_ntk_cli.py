@@ -308,19 +308,74 @@ class _BothHeads(torch.nn.Module):
         return torch.cat([head.flatten(1) for head in self.model(x)], dim=1)
 
 
-def test_a_two_head_network_from_pt2_gives_the_kernel_of_both_heads(tmp_path):
-    """MTCNN-style O-Net (PReLU convs, a softmax head and a box head) from `.pt2`: the
-    kernel's C = 6 outputs are both heads, flattened in order."""
+class _OneHead(torch.nn.Module):
+    """The reference's view of one head of a two-head model: `(N, C_head)`."""
+
+    def __init__(self, model, head: int):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x):
+        return self.model(x)[self.head].flatten(1)
+
+
+@pytest.fixture(scope="module")
+def two_heads(tmp_path_factory):
+    """MTCNN-style O-Net (PReLU convs, a softmax head `0` and a box head `1`) as `.pt2`,
+    X (3 samples), the float64 eager model for the reference."""
     from .graph.zoo import mtcnn
 
+    folder = tmp_path_factory.mktemp("two_heads")
     torch.manual_seed(5)
     model, shape = mtcnn()
     x = torch.from_numpy(np.random.default_rng(6).normal(size=(3, *shape)))
-    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(folder / "x.npy", x.numpy())
     program = torch.export.export(model, (torch.randn(2, *shape),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, tmp_path / "model.pt2")
+    torch.export.save(program, folder / "model.pt2")
+    return folder, model.double(), x
+
+
+def test_a_two_head_network_from_pt2_gives_the_kernel_of_both_heads(two_heads, tmp_path):
+    """By default the kernel's C = 6 outputs are both heads, flattened in order, and the
+    summary says so."""
+    folder, model, x = two_heads
     out = tmp_path / "ntk.h5"
-    invoke(tmp_path / "model.pt2", tmp_path / "x.npy", "--dtype", "float64", "-q", "-o", out)
-    torch.testing.assert_close(kernel(out), reference_ntk(_BothHeads(model.double()), x),
-                               **TOL)
+    summary = summary_of(invoke(folder / "model.pt2", folder / "x.npy", "--dtype", "float64",
+                                "--json", "-o", out))
+    assert summary["n_outputs"] == 6
+    assert summary["model_output"].startswith("all 2 outputs (0, 1), flattened"), summary
+    torch.testing.assert_close(kernel(out), reference_ntk(_BothHeads(model), x), **TOL)
+
+
+@pytest.mark.parametrize(("choice", "head", "c"), [("0", 0, 2), ("1", 1, 4)])
+def test_model_output_gives_the_kernel_of_the_chosen_head(two_heads, tmp_path, choice, head,
+                                                          c):
+    """`--model-output` (as for compute): Θ of that head alone, C = its entries, against
+    the float64 jacrev contraction of that head (parameters of the other head add 0)."""
+    folder, model, x = two_heads
+    out = tmp_path / "ntk.h5"
+    summary = summary_of(invoke(folder / "model.pt2", folder / "x.npy", "--model-output",
+                                choice, "--dtype", "float64", "--per-layer", "--json",
+                                "-o", out))
+    assert summary["n_outputs"] == c and summary["kernel_shape"] == [3, 3, c, c]
+    assert summary["model_output"] == f"{head} (of the model's 2 outputs 0, 1)"
+    one = _OneHead(model, head)
+    torch.testing.assert_close(kernel(out), reference_ntk(one, x), **TOL)
+    for layer, part in reference_layer_ntk(one, x).items():  # layers of one.model
+        name = layer.removeprefix("model.")
+        torch.testing.assert_close(kernel(out, f"ntk/layers/{name}/kernel"), part, **TOL,
+                                   msg=name)
+    with h5py.File(out, "r") as f:
+        assert f["ntk"].attrs["model_output"] == summary["model_output"]
+    text = invoke(folder / "model.pt2", folder / "x.npy", "--model-output", choice,
+                  "--dry-run").stdout
+    assert f"output: {head} (of the model's 2 outputs 0, 1), {c} values" in text
+
+
+def test_an_unknown_model_output_is_refused(two_heads, tmp_path):
+    folder, _, _ = two_heads
+    line = refused(folder / "model.pt2", folder / "x.npy", "--model-output", "box", "-o",
+                   tmp_path / "ntk.h5", code=2)
+    assert "no output 'box'" in line and "0, 1" in line
+    assert not (tmp_path / "ntk.h5").exists()

@@ -25,6 +25,8 @@ def render_ntk(summary: dict, out) -> None:
               + f", {summary['n_outputs']} outputs", highlight=False)
     out.print(f"{summary['method']} ({summary['engine']}); {summary['blocks']} block(s) of "
               f"{summary['block_size']} samples", highlight=False)
+    if summary.get("model_output"):
+        out.print(f"output: {summary['model_output']}", highlight=False)
     out.print(f"trace Σᵢ Σ_c Θ(xᵢ, xᵢ)_cc = {summary['trace']:.6g}", highlight=False)
     table = Table(title="share of the trace by layer")
     for column, justify in (("layer", "left"), ("trace", "right"), ("share", "right"),
@@ -52,6 +54,8 @@ def render_ntk_plan(plan: dict, out) -> None:
     out.print(f"jaccli ntk plan: {MODE_WORDS[plan['mode']]} {_shape(plan['kernel_shape'])}"
               + (" (cross kernel)" if plan["cross"] else "")
               + f", engine {plan['engine']}", highlight=False)
+    out.print(f"output: {plan['model_output']}, {plan['n_outputs']} values per sample",
+              highlight=False)
     columns = [Column("parameter", lambda p: p["name"], "left", wrap=True),
                Column("shape", lambda p: _shape(p["shape"])),
                Column("route", lambda p: p["route"], "left"),

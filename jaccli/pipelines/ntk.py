@@ -68,6 +68,7 @@ class NtkRun:
     params: list[ParamPlan]
     layers: list[str]
     n_outputs: int
+    model_output: str
     blocks: BlockPlan
     budget: int
     budget_source: str
@@ -94,7 +95,7 @@ def prepare_ntk(settings: NtkSettings) -> NtkRun:
     guard_output(settings.output, settings.model, settings.data, settings.data2)
     inputs = load_inputs(settings.model, settings.data, settings.run)
     second = _second_data(settings, inputs) if settings.data2 is not None else None
-    factors, path, note, hows = _factor_source(inputs, settings)
+    factors, path, note, hows, chosen = _factor_source(inputs, settings)
     one = factors(inputs.example[:1])
     if not one:
         raise UsageError("no parameter moves the model's outputs: its NTK is zero")
@@ -107,7 +108,7 @@ def prepare_ntk(settings: NtkSettings) -> NtkRun:
     budget, source = memory_budget(inputs.device, settings.run.max_memory)
     n = len(inputs.data)
     m = len(second) if second is not None else n
-    run = NtkRun(settings, inputs, second, factors, path, note, params, layers, c,
+    run = NtkRun(settings, inputs, second, factors, path, note, params, layers, c, chosen,
                  None, budget, source)  # type: ignore[arg-type]
     run.blocks = plan_blocks(run, _activation_bytes(inputs, c, itemsize), n, m)
     if settings.spectrum:
@@ -144,8 +145,10 @@ def _second_data(settings: NtkSettings, inputs: Inputs) -> DataSource:
 
 def _factor_source(inputs: Inputs, settings: NtkSettings):
     """`x (B, *in_shape) -> {param: Factor}`, on the operator graph or by module hooks; the
-    engine's path and note; `{param: how}` in words (graph route)."""
-    engine = make_engine(inputs, LayerSelection(include_layers=False, end_to_end=False),
+    engine's path and note; `{param: how}` in words (graph route); the model output(s) the
+    kernel is of, in words (`--model-output`, chosen as `compute` chooses it)."""
+    engine = make_engine(inputs, LayerSelection(include_layers=False, end_to_end=False,
+                                                output=settings.model_output),
                          settings.run, inputs_wrt=False)
     if isinstance(engine, GraphRun):
         from ..graph.ntk import ntk_factors, param_routes
@@ -158,13 +161,37 @@ def _factor_source(inputs: Inputs, settings: NtkSettings):
             with torch.no_grad():
                 return ntk_factors(engine.engine, x, routes)
 
-        return on_graph, engine.path, engine.note, {r.name: r.how for r in routes}
+        return (on_graph, engine.path, engine.note, {r.name: r.how for r in routes},
+                _chosen_output(list(engine.graph.outputs), [
+                    n for n, node in engine.graph.outputs.items()
+                    if node in engine.engine.outputs]))
     loaded = inputs.loaded
     if not loaded.hookable or loaded.format is ModelFormat.TORCHSCRIPT:
         raise UsageError(f"ntk needs the operator graph or module hooks, and {engine.note}")
     linear = frozenset(name for name, m in inputs.model.named_modules()
                        if loaded.type_name(name, m) == "Linear")
-    return (lambda x: hook_factors(inputs.model, x, linear)), engine.path, engine.note, {}
+    return ((lambda x: hook_factors(inputs.model, x, linear)), engine.path, engine.note, {},
+            _hook_output(inputs))
+
+
+def _chosen_output(names: list[str], chosen: list[str]) -> str:
+    """The summary's `output: ...` for a graph run: which of the model's outputs Θ is of."""
+    if len(names) == 1:
+        return "the model's output"
+    if len(chosen) == 1:
+        return f"{chosen[0]} (of the model's {len(names)} outputs {', '.join(names)})"
+    return (f"all {len(names)} outputs ({', '.join(names)}), flattened and concatenated in "
+            "order (choose one with --model-output)")
+
+
+def _hook_output(inputs: Inputs) -> str:
+    """The hook route differentiates the first tensor the model returns."""
+    with torch.no_grad():
+        value = inputs.model(inputs.example[:1])
+    if isinstance(value, torch.Tensor):
+        return "the model's output"
+    return ("its first tensor output (the operator graph could not be captured: module "
+            "hooks take the first tensor the model returns)")
 
 
 def _param_plan(name: str, factor: Factor, mode: str, itemsize: int, how: str, path: str
@@ -250,7 +277,8 @@ def ntk_plan(run: NtkRun) -> dict:
         "cross": run.second is not None, "per_layer": settings.per_layer,
         "n_samples": len(run.inputs.data),
         "m_samples": len(run.second) if run.second is not None else len(run.inputs.data),
-        "n_outputs": run.n_outputs, "kernel_shape": list(run.kernel_shape),
+        "n_outputs": run.n_outputs, "model_output": run.model_output,
+        "kernel_shape": list(run.kernel_shape),
         "kernel_bytes": run.kernel_bytes, "output_bytes": run.kernel_bytes * copies,
         "params": [{"name": p.name, "layer": p.layer, "shape": list(p.shape),
                     "route": p.route, "how": p.how,
