@@ -125,16 +125,27 @@ def test_trace_diagonal_and_cross_kernels(case, tmp_path):
         assert list(f["samples/index2"]) == [0, 1, 2]
 
 
+def budget_for(plan: dict) -> int:
+    """The smallest --max-memory (bytes) whose terms hold `plan`'s blocks: on CPU the
+    allocator's reserve is `RESERVE` of the budget, on top of the other terms."""
+    from jaccli.pipelines.planner import RESERVE
+
+    held = sum(t["bytes"] for t in plan["memory_terms"]
+               if "reserve" not in t["name"] and "cached" not in t["name"])
+    return int(held / (1 - RESERVE)) + 16
+
+
 @pytest.mark.parametrize("extra", [(), ("--trace",), ("--diagonal",), ("Y",),
                                    ("Y", "--trace")], ids=str)
 def test_a_tiny_memory_budget_uses_many_blocks_and_the_same_kernel(case, tmp_path, extra):
     _, folder, model, x, y = case
     args = [folder / "y.npy" if a == "Y" else a for a in extra]
     out = tmp_path / "ntk.h5"
-    summary = summary_of(invoke(folder / "model.safetensors", folder / "x.npy", *args,
-                                "--dtype", "float64", "--per-layer", "--max-memory", "2KiB",
-                                "--json", "-o", out))
-    assert summary["block_size"] < 3 and summary["blocks"] > 2, summary
+    common = (folder / "model.safetensors", folder / "x.npy", *args, "--dtype", "float64",
+              "--per-layer", "--json")
+    two = summary_of(invoke(*common, "--dry-run", "--batch-size", "2"))
+    summary = summary_of(invoke(*common, "--max-memory", budget_for(two), "-o", out))
+    assert summary["block_size"] == 2 and summary["blocks"] > 2, summary
     second = y if "Y" in extra else None
     wanted = {"(total)": reference_ntk(model, x, second),
               **reference_layer_ntk(model, x, second)}
@@ -241,9 +252,43 @@ def test_bad_input_is_refused_in_one_line_without_an_output_file(case, tmp_path)
     assert "exclude each other" in refused(model, x, "--trace", "--diagonal", "-o", out,
                                            code=2)
     assert "drop --trace" in refused(model, x, "--trace", "--spectrum", "-o", out, code=2)
-    assert "over the memory budget" in refused(model, x, "--spectrum", "--max-memory",
-                                               "1KiB", "-o", out, code=1)
+    line = refused(model, x, "--spectrum", "--max-memory", "1KiB", "-o", out, code=1)
+    assert "the spectrum's 15×15 kernel matrix" in line and "need 3.5 KiB" in line
+    assert "more than the memory budget (1.0 KiB, --max-memory)" in line and "--limit" in line
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_budget_below_one_sample_is_refused_as_compute_refuses(case, tmp_path):
+    """Where not even one sample's block fits, ntk refuses (naming the term and its size) as
+    compute does on the same budget; the smallest budget that holds it runs in blocks of 1;
+    a --batch-size over the budget is refused with the one that fits."""
+    _, folder, model, x, _ = case
+    out = tmp_path / "ntk.h5"
+    args = (folder / "model.safetensors", folder / "x.npy", "--dtype", "float64")
+    one = summary_of(invoke(*args, "--dry-run", "--batch-size", "1", "--json"))
+    from jaccli.pipelines.planner import RESERVE
+    from jaccli.units import format_bytes
+
+    terms = {t["name"]: t["bytes"] for t in one["memory_terms"]
+             if "reserve" not in t["name"] and "cached" not in t["name"]}
+    enough = budget_for(one)
+    name, largest = max(terms.items(), key=lambda kv: kv[1])
+    below = int((sum(terms.values()) - largest / 2) / (1 - RESERVE))  # half of it is over
+    line = refused(*args, "--max-memory", below, "-o", out, code=1)
+    assert line.startswith(f"jaccli: error: one sample's {name.removeprefix('the ')}"), line
+    assert f"need {format_bytes(largest)}" in line, line
+    assert f"more than the memory budget ({format_bytes(below)}, --max-memory)" in line
+    assert not out.exists()
+    compute = runner.invoke(app, ["compute", *map(str, args), "--wrt", "params",
+                                  "--max-memory", "1KiB", "-o", str(out)])
+    assert compute.exit_code == 1 and "one sample's" in compute.stderr
+    line = refused(*args, "--max-memory", "1KiB", "-o", out, code=1)
+    assert "one sample's" in line and "(1.0 KiB, --max-memory) allows" in line
+    summary = summary_of(invoke(*args, "--max-memory", enough, "--json", "-o", out))
+    assert summary["block_size"] == 1 and summary["blocks"] == 15
+    torch.testing.assert_close(kernel(out), reference_ntk(model, x), **TOL)
+    line = refused(*args, "--max-memory", enough, "--batch-size", "4", code=1)
+    assert "blocks of 4 samples need" in line and "use --batch-size 1 or less" in line
 
 
 def test_json_documents_match_the_schemas_and_show_needs_no_torch(case, tmp_path):

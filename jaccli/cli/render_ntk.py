@@ -71,6 +71,12 @@ def render_ntk_plan(plan: dict, out) -> None:
     out.print(f"peak about {format_bytes(int(plan['peak_bytes']))} of the memory budget "
               f"{format_bytes(plan['memory_budget_bytes'])} ({plan['memory_budget_source']}); "
               f"{plan['device']}, {plan['dtype']}", highlight=False)
+    held = ", ".join(f"{t['name'].removeprefix('the ')} {format_bytes(int(t['bytes']))}"
+                     for t in plan.get("memory_terms", []) if t["bytes"])
+    if held:
+        out.print(f"a block holds: {held}; beside the budget, the process held "
+                  f"{format_bytes(plan['baseline_bytes'])} ({plan['baseline_source']})",
+                  highlight=False)
     out.print(f"kernel {format_bytes(plan['kernel_bytes'])}; output "
               f"{format_bytes(plan['output_bytes'])}"
               + (" (with per-layer parts)" if plan["per_layer"] else ""), highlight=False)

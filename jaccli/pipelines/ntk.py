@@ -1,6 +1,7 @@
 """The `ntk` pipeline, its set-up: load model and data (and DATA2 for a cross kernel), find
 each parameter's factors (operator graph, else module hooks), and plan the blocks over
-sample pairs from the cost model and the memory budget (`ntk_run` then computes them).
+sample pairs from the cost model and the memory budget (`ntk_memory`; `ntk_run` then
+computes them).
 
 Shapes: N samples of DATA, M of DATA2 (M = N without it), C model outputs (flattened),
 B samples per block. Kernel: full `(N, M, C, C)`, trace `(N, M)`, diagonal `(N, C, C)`.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import JaccliError, ShapeMismatchError, UsageError
+from ..errors import ShapeMismatchError, UsageError
 from ..io.data import DataSource, load_data
 from ..io.models import ModelFormat
 from ..params.ntk import Factor, factor_costs, factor_route, layer_of
@@ -22,6 +23,7 @@ from ..params.ntk_hooks import hook_factors
 from ..settings import LayerSelection
 from .common import Inputs, check_independence, guard_output, load_inputs
 from .engines import GraphRun, make_engine
+from .ntk_memory import BlockPlan, plan_blocks
 from .ntk_settings import NtkSettings
 from .resources import memory_budget
 
@@ -38,23 +40,6 @@ class ParamPlan:
     how: str
     pair_multiply_adds: float
     bytes_per_sample: float
-
-
-@dataclass
-class BlockPlan:
-    """Blocks of B samples over the pairs: how many are computed, and whether the factors
-    of DATA2's blocks are kept between rows (else computed again for every row)."""
-
-    block_size: int
-    row_blocks: int
-    col_blocks: int
-    computed_blocks: int
-    pairs: int
-    cache_factors: bool
-    factor_passes: int
-    bytes_per_sample: float
-    bytes_per_pair: float
-    peak_bytes: float
 
 
 @dataclass
@@ -111,21 +96,8 @@ def prepare_ntk(settings: NtkSettings) -> NtkRun:
     run = NtkRun(settings, inputs, second, factors, path, note, params, layers, c, chosen,
                  None, budget, source)  # type: ignore[arg-type]
     run.blocks = plan_blocks(run, _activation_bytes(inputs, c, itemsize), n, m)
-    if settings.spectrum:
-        need = 2 * (n * c) ** 2 * 8  # the (N·C)² matrix in float64 and eigvalsh's copy
-        if need > budget:
-            raise JaccliError(
-                f"--spectrum needs the {n * c}×{n * c} kernel in memory ({_gib(need)}), over "
-                f"the memory budget of {_gib(budget)} ({source}); use fewer samples "
-                f"(--limit) or raise --max-memory")
     check_independence(inputs, run.blocks.block_size)
     return run
-
-
-def _gib(size: float) -> str:
-    from ..units import format_bytes
-
-    return format_bytes(int(size))
 
 
 def _second_data(settings: NtkSettings, inputs: Inputs) -> DataSource:
@@ -224,46 +196,6 @@ def _activation_bytes(inputs: Inputs, c: int, itemsize: int) -> float:
     return float(itemsize * (sum(sizes) + 2 * c * max(sizes, default=0)))
 
 
-def plan_blocks(run: NtkRun, activation_bytes: float, n: int, m: int) -> BlockPlan:
-    """The block size B: factors of two blocks and the B×B kernel blocks (total, per-layer
-    parts, one temporary) fit the budget: 2·B·s + B²·p ≤ budget (`--batch-size` sets B)."""
-    settings, c = run.settings, run.n_outputs
-    itemsize = run.inputs.dtype.itemsize
-    mode = settings.mode
-    s = sum(p.bytes_per_sample for p in run.params) + activation_bytes
-    copies = 2 + (len(run.layers) if settings.per_layer else 0)
-    cc = 1 if mode == "trace" else c * c
-    p = float(itemsize * cc * copies)
-    largest = max(n, m) if mode != "diagonal" else n
-    if mode == "diagonal":
-        fit = run.budget / (s + p)
-    else:
-        fit = (-2 * s + math.sqrt(4 * s * s + 4 * p * run.budget)) / (2 * p)
-    b = settings.run.batch_size or max(1, min(largest, int(fit)))
-    b = min(b, largest)
-    rows = -(-n // b)
-    cols = rows if mode == "diagonal" or run.second is None else -(-m // b)
-    symmetric = run.second is None and mode != "diagonal"
-    if mode == "diagonal":
-        computed, pairs = rows, n
-    elif symmetric:
-        computed = rows * (rows + 1) // 2
-        pairs = sum(min(b, n - i * b) * min(b, n - j * b)
-                    for i in range(rows) for j in range(i, rows))
-    else:
-        computed, pairs = rows * cols, n * m
-    pair_bytes = p if mode != "diagonal" else 0.0
-    peak = 2 * b * s + b * b * pair_bytes
-    cache = cols > 1 and mode != "diagonal" and (m + b) * s + b * b * pair_bytes <= run.budget
-    if mode == "diagonal":
-        passes = rows
-    elif cache or cols == 1:
-        passes = rows + (0 if symmetric else cols)
-    else:
-        passes = rows + (computed - rows if symmetric else computed)
-    return BlockPlan(b, rows, cols, computed, pairs, cache, passes, s, pair_bytes, peak)
-
-
 def ntk_plan(run: NtkRun) -> dict:
     """The `--dry-run` document: each parameter's route and predicted cost, the blocks."""
     settings, blocks = run.settings, run.blocks
@@ -289,6 +221,8 @@ def ntk_plan(run: NtkRun) -> dict:
         "factor_passes": blocks.factor_passes, "cache_factors": blocks.cache_factors,
         "bytes_per_sample": blocks.bytes_per_sample, "bytes_per_pair": blocks.bytes_per_pair,
         "peak_bytes": blocks.peak_bytes, "memory_budget_bytes": run.budget,
-        "memory_budget_source": run.budget_source, "device": str(run.inputs.device),
+        "memory_budget_source": run.budget_source, "memory_terms": blocks.terms,
+        "baseline_bytes": blocks.baseline_bytes, "baseline_source": blocks.baseline_source,
+        "device": str(run.inputs.device),
         "dtype": str(run.inputs.dtype).removeprefix("torch."),
     }
