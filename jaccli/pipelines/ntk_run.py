@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..io.results.writer import ResultsWriter
-from ..params.ntk import layer_parts
+from ..params.ntk import kernel_total, layer_parts, layer_traces
 from .common import provenance, to_tensor
 from .ntk import NtkRun, ntk_plan, prepare_ntk
 from .resources import tf32_mode
@@ -55,12 +55,16 @@ def _blocks(run: NtkRun, sink: _Sink, on_block) -> None:
     def factors(source, start, stop):
         return run.factors(to_tensor(source.read(start, stop), inputs.device, inputs.dtype))
 
+    def blocks(row, col, how):  # {layer: Θ_l}, or without --per-layer {"": Θ} at once
+        if run.settings.per_layer:
+            return layer_parts(row, col, how)
+        return {"": kernel_total(row, col, how)}
+
     for i, (r0, r1) in enumerate(rows):
         row = factors(first_data, r0, r1)
-        diagonal = layer_parts(row, None, "diagonal")
-        sink.add_trace(diagonal)
+        sink.add_traces(layer_traces(row))
         if mode == "diagonal":
-            sink.write(diagonal, (r0, r1), None, mirror=False)
+            sink.write(blocks(row, None, "diagonal"), (r0, r1), None, mirror=False)
             _tick(on_block)
             continue
         if run.symmetric and run.blocks.cache_factors:
@@ -76,8 +80,8 @@ def _blocks(run: NtkRun, sink: _Sink, on_block) -> None:
                 col = factors(other, c0, c1)
                 if run.blocks.cache_factors:
                     cache[j] = col
-            parts = layer_parts(row, col, mode)
-            sink.write(parts, (r0, r1), (c0, c1), mirror=run.symmetric and j != i)
+            sink.write(blocks(row, col, mode), (r0, r1), (c0, c1),
+                       mirror=run.symmetric and j != i)
             _tick(on_block)
 
 
@@ -130,10 +134,10 @@ class _Sink:
                 self.layers[layer] = writer.create_dataset(group, "kernel", run.kernel_shape,
                                                            dtype)
 
-    def add_trace(self, diagonal: dict[str, torch.Tensor]) -> None:
-        for layer, block in diagonal.items():
-            self.traces[layer] = self.traces.get(layer, 0.0) + float(
-                block.diagonal(dim1=1, dim2=2).sum())
+    def add_traces(self, traces: dict[str, float]) -> None:
+        """Σᵢ Σ_c Θ_l(xᵢ, xᵢ)_cc of a row block, per layer (`layer_traces`)."""
+        for layer, value in traces.items():
+            self.traces[layer] = self.traces.get(layer, 0.0) + value
 
     def write(self, parts: dict[str, torch.Tensor], rows, cols, *, mirror: bool) -> None:
         total = sum(parts.values())
