@@ -205,7 +205,7 @@ def test_dry_run_prints_the_routes_and_the_cost_model(case, tmp_path):
                and ("head" in k or name == "mlp")), routes
     if name == "cnn":
         assert routes["features.0.weight"] == "jacobian"  # conv: closed-form per-sample VJP
-        assert routes["features.1.weight"] == "generic"  # BatchNorm: the generic per-op VJP
+        assert routes["features.1.weight"] == "jacobian"  # eval BatchNorm: closed form
     c = 3
     assert plan["kernel_shape"] == [5, 5, c, c] and plan["block_size"] == 5
     assert plan["pairs"] == 25 and plan["blocks"] == 1  # one block: all pairs at once
@@ -289,6 +289,18 @@ def test_a_budget_below_one_sample_is_refused_as_compute_refuses(case, tmp_path)
     torch.testing.assert_close(kernel(out), reference_ntk(model, x), **TOL)
     line = refused(*args, "--max-memory", enough, "--batch-size", "4", code=1)
     assert "blocks of 4 samples need" in line and "use --batch-size 1 or less" in line
+
+
+def test_several_torchrun_ranks_are_refused(case, tmp_path, monkeypatch):
+    """Rows of blocks are not split across ranks yet: every rank would compute the whole
+    kernel and write the same file, so more than one rank is refused before any work."""
+    _, folder, _, _, _ = case
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "ntk.h5"
+    line = refused(folder / "model.safetensors", folder / "x.npy", "-o", out, code=2)
+    assert "does not split its blocks over torchrun ranks" in line
+    assert not out.exists()
 
 
 def test_json_documents_match_the_schemas_and_show_needs_no_torch(case, tmp_path):

@@ -82,12 +82,18 @@ def ntk(
     out = stdout_console(quiet)
 
     def run() -> None:
+        from ..errors import UsageError
+        from ..pipelines.distributed import detect
         from ..pipelines.ntk import ntk_plan, prepare_ntk
         from ..pipelines.ntk_run import run_ntk
         from ..pipelines.ntk_settings import NtkSettings
         from .render import emit_json, progress_bar
         from .render_ntk import render_ntk, render_ntk_plan
 
+        launch = detect()
+        if launch is not None and launch.world_size > 1:  # every rank would redo it all
+            raise UsageError("`jaccli ntk` does not split its blocks over torchrun ranks yet: "
+                             "run it in one process (without torchrun)")
         settings = settings_from(NtkSettings, ctx)
         prepared = prepare_ntk(settings)
         if dry_run:
