@@ -169,14 +169,33 @@ def kernel_total(first: dict[str, Factor], second: dict[str, Factor] | None, mod
             j2 = j1 if mode == "diagonal" or other is factor else as_jacobian(other)
             if mode == "diagonal":
                 out.baddbmm_(j1, j1.transpose(1, 2))
-            elif mode == "trace":
-                out.addmm_(j1.reshape(n1, -1), j2.reshape(n2, -1).T)
             else:
-                out.addmm_(j1.reshape(n1 * c, -1), j2.reshape(n2 * c, -1).T)
+                rows = n1 if mode == "trace" else n1 * c
+                _add_products(out, j1.reshape(rows, -1),
+                              None if j2 is j1 else j2.reshape(out.shape[1], -1))
         else:
             block = contract(factor, other, mode, route)
             out += block if mode != "full" else block.transpose(1, 2).reshape(shape)
     return out.reshape(n1, c, n2, c).transpose(1, 2) if mode == "full" else out
+
+
+SYMMETRIC_PARTS = 4  # row chunks of a symmetric product: 10 of 16 products formed
+
+
+def _add_products(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
+    """out += a bᵀ; b None: out += a aᵀ, symmetric, so only the chunks on and above the
+    diagonal are multiplied and each off-diagonal one is also added transposed."""
+    if b is not None or a.shape[0] < 64 * SYMMETRIC_PARTS:
+        out.addmm_(a, (a if b is None else b).T)
+        return
+    step = -(-a.shape[0] // SYMMETRIC_PARTS)
+    bounds = [(i, min(i + step, a.shape[0])) for i in range(0, a.shape[0], step)]
+    for k, (r0, r1) in enumerate(bounds):
+        for c0, c1 in bounds[k:]:
+            block = a[r0:r1] @ a[c0:c1].T
+            out[r0:r1, c0:c1] += block
+            if c0 != r0:
+                out[c0:c1, r0:r1] += block.T
 
 
 def _leading(factor: Factor) -> torch.Tensor:

@@ -188,12 +188,14 @@ def _param_plan(name: str, factor: Factor, mode: str, itemsize: int, how: str, p
 
 def _activation_bytes(inputs: Inputs, c: int, itemsize: int) -> float:
     """Per sample, what the forward and the reverse pass with C cotangents hold at once
-    (estimated from the graph: every activation once, the widest C times over twice)."""
+    (estimated from the graph: every activation once, the widest C times over three times:
+    the cotangents flowing back, a residual branch's pending ones, and a closed form's
+    working copy of them, e.g. the im2col product's)."""
     graph = inputs.graph
     if graph is None:
         return 4.0 * c * inputs.example[0].numel() * itemsize
     sizes = [graph[a].numel for a in graph.activations()]
-    return float(itemsize * (sum(sizes) + 2 * c * max(sizes, default=0)))
+    return float(itemsize * (sum(sizes) + 3 * c * max(sizes, default=0)))
 
 
 def ntk_plan(run: NtkRun) -> dict:
