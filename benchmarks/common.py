@@ -17,7 +17,7 @@ SPECTRA_CASES = ("spectra-all", "spectra-topk")
 PARAMS_CASES = ("params-mlp", "params-cnn", "products")
 FORMAT_CASES = ("parity", "parity-in-process", "mlp-script", "mlp-in-process", "startup",
                 "mtcnn", "resnet")
-NTK_CASES = ("ntk-cnn", "ntk-mlp")
+NTK_CASES = ("ntk-cnn", "ntk-mlp", "ntk-resnet")
 SCALING_CASES = ("scaling",)
 
 

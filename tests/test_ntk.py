@@ -53,6 +53,13 @@ def cnn():
                          nn.Linear(3 * 2 * 2, 5))
 
 
+def strided():
+    """Convolutions with stride, padding, dilation and groups (the im2col route's cases)."""
+    return nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+                         nn.Tanh(), nn.Conv2d(6, 4, (1, 2), bias=False), nn.Flatten(),
+                         nn.Linear(4 * 4 * 3, 3))
+
+
 def randomised(model):
     """Non-trivial BatchNorm statistics and affine parameters, then eval mode, float64."""
     torch.manual_seed(1)
@@ -70,6 +77,7 @@ def randomised(model):
 CASES = {
     "mlp": (mlp, (6,)),
     "cnn": (cnn, (2, 8, 8)),
+    "strided": (strided, (4, 7, 7)),
     "residual": (Residual, (3, 5, 5)),
     "attention": (Attention, (4, 3)),
 }
@@ -115,6 +123,33 @@ def test_layers_sum_to_the_kernel_and_match_their_parameters(case):
         j = torch.cat(mine, 2)
         torch.testing.assert_close(part, torch.einsum("ncp,mdp->nmcd", j, j),
                                    rtol=1e-9, atol=1e-10)
+
+
+def test_kernel_total_and_layer_traces_from_graph_factors(case):
+    """What `jaccli ntk` without --per-layer computes: every parameter's product accumulated
+    into one buffer (`kernel_total`), in each mode and for a cross kernel, and the per-layer
+    traces from the factors alone (`layer_traces`), against the reference."""
+    from jaccli.api import _engine
+    from jaccli.graph.ntk import ntk_factors, param_routes
+    from jaccli.params.ntk import kernel_total, layer_traces
+
+    from .ntk_reference import reference_layer_ntk
+
+    model, x, y = case
+    engine = _engine(model, x, end_to_end=False, include_layers=False).engine
+    routes = param_routes(engine)
+    with torch.no_grad():
+        first, second = ntk_factors(engine, x, routes), ntk_factors(engine, y, routes)
+    expected, cross = reference_ntk(model, x), reference_ntk(model, x, y)
+    wanted = {("full", None): expected, ("trace", None): torch.einsum("nmcc->nm", expected),
+              ("diagonal", None): torch.einsum("nncd->ncd", expected),
+              ("full", "y"): cross, ("trace", "y"): torch.einsum("nmcc->nm", cross)}
+    for (mode, other), value in wanted.items():
+        got = kernel_total(first, second if other else None, mode)
+        torch.testing.assert_close(got, value, rtol=1e-9, atol=1e-10, msg=f"{mode} {other}")
+    traces = layer_traces(first)
+    for layer, part in reference_layer_ntk(model, x).items():
+        assert traces[layer] == pytest.approx(float(torch.einsum("nncc->", part)), rel=1e-9)
 
 
 def test_kernel_is_symmetric_positive_semidefinite(case):

@@ -125,16 +125,27 @@ def test_trace_diagonal_and_cross_kernels(case, tmp_path):
         assert list(f["samples/index2"]) == [0, 1, 2]
 
 
+def budget_for(plan: dict) -> int:
+    """The smallest --max-memory (bytes) whose terms hold `plan`'s blocks: on CPU the
+    allocator's reserve is `RESERVE` of the budget, on top of the other terms."""
+    from jaccli.pipelines.planner import RESERVE
+
+    held = sum(t["bytes"] for t in plan["memory_terms"]
+               if "reserve" not in t["name"] and "cached" not in t["name"])
+    return int(held / (1 - RESERVE)) + 16
+
+
 @pytest.mark.parametrize("extra", [(), ("--trace",), ("--diagonal",), ("Y",),
                                    ("Y", "--trace")], ids=str)
 def test_a_tiny_memory_budget_uses_many_blocks_and_the_same_kernel(case, tmp_path, extra):
     _, folder, model, x, y = case
     args = [folder / "y.npy" if a == "Y" else a for a in extra]
     out = tmp_path / "ntk.h5"
-    summary = summary_of(invoke(folder / "model.safetensors", folder / "x.npy", *args,
-                                "--dtype", "float64", "--per-layer", "--max-memory", "2KiB",
-                                "--json", "-o", out))
-    assert summary["block_size"] < 3 and summary["blocks"] > 2, summary
+    common = (folder / "model.safetensors", folder / "x.npy", *args, "--dtype", "float64",
+              "--per-layer", "--json")
+    two = summary_of(invoke(*common, "--dry-run", "--batch-size", "2"))
+    summary = summary_of(invoke(*common, "--max-memory", budget_for(two), "-o", out))
+    assert summary["block_size"] == 2 and summary["blocks"] > 2, summary
     second = y if "Y" in extra else None
     wanted = {"(total)": reference_ntk(model, x, second),
               **reference_layer_ntk(model, x, second)}
@@ -194,7 +205,7 @@ def test_dry_run_prints_the_routes_and_the_cost_model(case, tmp_path):
                and ("head" in k or name == "mlp")), routes
     if name == "cnn":
         assert routes["features.0.weight"] == "jacobian"  # conv: closed-form per-sample VJP
-        assert routes["features.1.weight"] == "generic"  # BatchNorm: the generic per-op VJP
+        assert routes["features.1.weight"] == "jacobian"  # eval BatchNorm: closed form
     c = 3
     assert plan["kernel_shape"] == [5, 5, c, c] and plan["block_size"] == 5
     assert plan["pairs"] == 25 and plan["blocks"] == 1  # one block: all pairs at once
@@ -241,9 +252,43 @@ def test_bad_input_is_refused_in_one_line_without_an_output_file(case, tmp_path)
     assert "exclude each other" in refused(model, x, "--trace", "--diagonal", "-o", out,
                                            code=2)
     assert "drop --trace" in refused(model, x, "--trace", "--spectrum", "-o", out, code=2)
-    assert "over the memory budget" in refused(model, x, "--spectrum", "--max-memory",
-                                               "1KiB", "-o", out, code=1)
+    line = refused(model, x, "--spectrum", "--max-memory", "1KiB", "-o", out, code=1)
+    assert "the spectrum's 15×15 kernel matrix" in line and "need 3.5 KiB" in line
+    assert "more than the memory budget (1.0 KiB, --max-memory)" in line and "--limit" in line
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_budget_below_one_sample_is_refused_as_compute_refuses(case, tmp_path):
+    """Where not even one sample's block fits, ntk refuses (naming the term and its size) as
+    compute does on the same budget; the smallest budget that holds it runs in blocks of 1;
+    a --batch-size over the budget is refused with the one that fits."""
+    _, folder, model, x, _ = case
+    out = tmp_path / "ntk.h5"
+    args = (folder / "model.safetensors", folder / "x.npy", "--dtype", "float64")
+    one = summary_of(invoke(*args, "--dry-run", "--batch-size", "1", "--json"))
+    from jaccli.pipelines.planner import RESERVE
+    from jaccli.units import format_bytes
+
+    terms = {t["name"]: t["bytes"] for t in one["memory_terms"]
+             if "reserve" not in t["name"] and "cached" not in t["name"]}
+    enough = budget_for(one)
+    name, largest = max(terms.items(), key=lambda kv: kv[1])
+    below = int((sum(terms.values()) - largest / 2) / (1 - RESERVE))  # half of it is over
+    line = refused(*args, "--max-memory", below, "-o", out, code=1)
+    assert line.startswith(f"jaccli: error: one sample's {name.removeprefix('the ')}"), line
+    assert f"need {format_bytes(largest)}" in line, line
+    assert f"more than the memory budget ({format_bytes(below)}, --max-memory)" in line
+    assert not out.exists()
+    compute = runner.invoke(app, ["compute", *map(str, args), "--wrt", "params",
+                                  "--max-memory", "1KiB", "-o", str(out)])
+    assert compute.exit_code == 1 and "one sample's" in compute.stderr
+    line = refused(*args, "--max-memory", "1KiB", "-o", out, code=1)
+    assert "one sample's" in line and "(1.0 KiB, --max-memory) allows" in line
+    summary = summary_of(invoke(*args, "--max-memory", enough, "--json", "-o", out))
+    assert summary["block_size"] == 1 and summary["blocks"] == 15
+    torch.testing.assert_close(kernel(out), reference_ntk(model, x), **TOL)
+    line = refused(*args, "--max-memory", enough, "--batch-size", "4", code=1)
+    assert "blocks of 4 samples need" in line and "use --batch-size 1 or less" in line
 
 
 def test_json_documents_match_the_schemas_and_show_needs_no_torch(case, tmp_path):
@@ -308,19 +353,74 @@ class _BothHeads(torch.nn.Module):
         return torch.cat([head.flatten(1) for head in self.model(x)], dim=1)
 
 
-def test_a_two_head_network_from_pt2_gives_the_kernel_of_both_heads(tmp_path):
-    """MTCNN-style O-Net (PReLU convs, a softmax head and a box head) from `.pt2`: the
-    kernel's C = 6 outputs are both heads, flattened in order."""
+class _OneHead(torch.nn.Module):
+    """The reference's view of one head of a two-head model: `(N, C_head)`."""
+
+    def __init__(self, model, head: int):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x):
+        return self.model(x)[self.head].flatten(1)
+
+
+@pytest.fixture(scope="module")
+def two_heads(tmp_path_factory):
+    """MTCNN-style O-Net (PReLU convs, a softmax head `0` and a box head `1`) as `.pt2`,
+    X (3 samples), the float64 eager model for the reference."""
     from .graph.zoo import mtcnn
 
+    folder = tmp_path_factory.mktemp("two_heads")
     torch.manual_seed(5)
     model, shape = mtcnn()
     x = torch.from_numpy(np.random.default_rng(6).normal(size=(3, *shape)))
-    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(folder / "x.npy", x.numpy())
     program = torch.export.export(model, (torch.randn(2, *shape),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, tmp_path / "model.pt2")
+    torch.export.save(program, folder / "model.pt2")
+    return folder, model.double(), x
+
+
+def test_a_two_head_network_from_pt2_gives_the_kernel_of_both_heads(two_heads, tmp_path):
+    """By default the kernel's C = 6 outputs are both heads, flattened in order, and the
+    summary says so."""
+    folder, model, x = two_heads
     out = tmp_path / "ntk.h5"
-    invoke(tmp_path / "model.pt2", tmp_path / "x.npy", "--dtype", "float64", "-q", "-o", out)
-    torch.testing.assert_close(kernel(out), reference_ntk(_BothHeads(model.double()), x),
-                               **TOL)
+    summary = summary_of(invoke(folder / "model.pt2", folder / "x.npy", "--dtype", "float64",
+                                "--json", "-o", out))
+    assert summary["n_outputs"] == 6
+    assert summary["model_output"].startswith("all 2 outputs (0, 1), flattened"), summary
+    torch.testing.assert_close(kernel(out), reference_ntk(_BothHeads(model), x), **TOL)
+
+
+@pytest.mark.parametrize(("choice", "head", "c"), [("0", 0, 2), ("1", 1, 4)])
+def test_model_output_gives_the_kernel_of_the_chosen_head(two_heads, tmp_path, choice, head,
+                                                          c):
+    """`--model-output` (as for compute): Θ of that head alone, C = its entries, against
+    the float64 jacrev contraction of that head (parameters of the other head add 0)."""
+    folder, model, x = two_heads
+    out = tmp_path / "ntk.h5"
+    summary = summary_of(invoke(folder / "model.pt2", folder / "x.npy", "--model-output",
+                                choice, "--dtype", "float64", "--per-layer", "--json",
+                                "-o", out))
+    assert summary["n_outputs"] == c and summary["kernel_shape"] == [3, 3, c, c]
+    assert summary["model_output"] == f"{head} (of the model's 2 outputs 0, 1)"
+    one = _OneHead(model, head)
+    torch.testing.assert_close(kernel(out), reference_ntk(one, x), **TOL)
+    for layer, part in reference_layer_ntk(one, x).items():  # layers of one.model
+        name = layer.removeprefix("model.")
+        torch.testing.assert_close(kernel(out, f"ntk/layers/{name}/kernel"), part, **TOL,
+                                   msg=name)
+    with h5py.File(out, "r") as f:
+        assert f["ntk"].attrs["model_output"] == summary["model_output"]
+    text = invoke(folder / "model.pt2", folder / "x.npy", "--model-output", choice,
+                  "--dry-run").stdout
+    assert f"output: {head} (of the model's 2 outputs 0, 1), {c} values" in text
+
+
+def test_an_unknown_model_output_is_refused(two_heads, tmp_path):
+    folder, _, _ = two_heads
+    line = refused(folder / "model.pt2", folder / "x.npy", "--model-output", "box", "-o",
+                   tmp_path / "ntk.h5", code=2)
+    assert "no output 'box'" in line and "0, 1" in line
+    assert not (tmp_path / "ntk.h5").exists()

@@ -21,6 +21,7 @@ from .options import (
     KeyOpt,
     LimitOpt,
     MaxMemoryOpt,
+    ModelOutputOpt,
     OffsetOpt,
     ProgressOpt,
     QuietOpt,
@@ -58,6 +59,7 @@ def ntk(
     top_k: Annotated[int, typer.Option(
         "--top-k", min=1, help="--spectrum: how many of the largest eigenvalues to show.",
         rich_help_panel=KERNEL)] = 10,
+    model_output: ModelOutputOpt = None,
     arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     batch_size: BatchSizeOpt = None, max_memory: MaxMemoryOpt = None,

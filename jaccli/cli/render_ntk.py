@@ -25,6 +25,8 @@ def render_ntk(summary: dict, out) -> None:
               + f", {summary['n_outputs']} outputs", highlight=False)
     out.print(f"{summary['method']} ({summary['engine']}); {summary['blocks']} block(s) of "
               f"{summary['block_size']} samples", highlight=False)
+    if summary.get("model_output"):
+        out.print(f"output: {summary['model_output']}", highlight=False)
     out.print(f"trace Σᵢ Σ_c Θ(xᵢ, xᵢ)_cc = {summary['trace']:.6g}", highlight=False)
     table = Table(title="share of the trace by layer")
     for column, justify in (("layer", "left"), ("trace", "right"), ("share", "right"),
@@ -52,6 +54,8 @@ def render_ntk_plan(plan: dict, out) -> None:
     out.print(f"jaccli ntk plan: {MODE_WORDS[plan['mode']]} {_shape(plan['kernel_shape'])}"
               + (" (cross kernel)" if plan["cross"] else "")
               + f", engine {plan['engine']}", highlight=False)
+    out.print(f"output: {plan['model_output']}, {plan['n_outputs']} values per sample",
+              highlight=False)
     columns = [Column("parameter", lambda p: p["name"], "left", wrap=True),
                Column("shape", lambda p: _shape(p["shape"])),
                Column("route", lambda p: p["route"], "left"),
@@ -67,6 +71,12 @@ def render_ntk_plan(plan: dict, out) -> None:
     out.print(f"peak about {format_bytes(int(plan['peak_bytes']))} of the memory budget "
               f"{format_bytes(plan['memory_budget_bytes'])} ({plan['memory_budget_source']}); "
               f"{plan['device']}, {plan['dtype']}", highlight=False)
+    held = ", ".join(f"{t['name'].removeprefix('the ')} {format_bytes(int(t['bytes']))}"
+                     for t in plan.get("memory_terms", []) if t["bytes"])
+    if held:
+        out.print(f"a block holds: {held}; beside the budget, the process held "
+                  f"{format_bytes(plan['baseline_bytes'])} ({plan['baseline_source']})",
+                  highlight=False)
     out.print(f"kernel {format_bytes(plan['kernel_bytes'])}; output "
               f"{format_bytes(plan['output_bytes'])}"
               + (" (with per-layer parts)" if plan["per_layer"] else ""), highlight=False)

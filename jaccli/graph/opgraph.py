@@ -86,8 +86,14 @@ class OpNode:
 
     def leaves(self) -> tuple[list, Any]:
         """The flat arguments (`(args, kwargs)` as a pytree, None kept as a leaf, so that a
-        top-level argument's position is its index) and the spec to rebuild them."""
-        return pytree.tree_flatten((self.args, self.kwargs), is_leaf=lambda a: a is None)
+        top-level argument's position is its index) and the spec to rebuild them. Flattened
+        once per `args`/`kwargs` object (rules ask for them on every pass); a new list each
+        call."""
+        memo = self.__dict__.get("_leaves")
+        if memo is None or memo[0] is not self.args or memo[1] is not self.kwargs:
+            flat, spec = pytree.tree_flatten((self.args, self.kwargs), is_leaf=lambda a: a is None)
+            memo = self.__dict__["_leaves"] = (self.args, self.kwargs, flat, spec)
+        return list(memo[2]), memo[3]
 
     def refs(self) -> list[str]:
         """Names of the nodes this one reads, in argument order (with repeats)."""

@@ -146,6 +146,96 @@ def layer_parts(first: dict[str, Factor], second: dict[str, Factor] | None, mode
     return parts
 
 
+def kernel_total(first: dict[str, Factor], second: dict[str, Factor] | None, mode: str
+                 ) -> torch.Tensor:
+    """Θ = Σ_P Θ_P between two batches of factors (as `layer_parts`, without the per-layer
+    parts): every parameter's product accumulated in place into one flat buffer
+    `(N₁·C, N₂·C)` (`trace`: `(N₁, N₂)`, `diagonal`: `(N₁, C, C)`), shaped as
+    `layer_parts`'s blocks at the end."""
+    factors = list(first.items())
+    g = _leading(factors[0][1])
+    n1, c = g.shape[:2]
+    n2 = n1 if second is None or mode == "diagonal" else _leading(
+        next(iter(second.values()))).shape[0]
+    shape = {"full": (n1 * c, n2 * c), "trace": (n1, n2), "diagonal": (n1, c, c)}[mode]
+    out = g.new_zeros(shape)
+    for name, factor in factors:
+        other = factor if second is None else second[name]
+        route = factor_route(factor, mode).route
+        if factor.kind == GRAM and route == GRAM and factor.inputs.shape[1] == 1:
+            _add_gram_one(out, factor, other, mode, n1, n2, c)
+        elif factor.kind == JACOBIAN or route == JACOBIAN:
+            j1 = as_jacobian(factor)
+            j2 = j1 if mode == "diagonal" or other is factor else as_jacobian(other)
+            if mode == "diagonal":
+                out.baddbmm_(j1, j1.transpose(1, 2))
+            else:
+                rows = n1 if mode == "trace" else n1 * c
+                _add_products(out, j1.reshape(rows, -1),
+                              None if j2 is j1 else j2.reshape(out.shape[1], -1))
+        else:
+            block = contract(factor, other, mode, route)
+            out += block if mode != "full" else block.transpose(1, 2).reshape(shape)
+    return out.reshape(n1, c, n2, c).transpose(1, 2) if mode == "full" else out
+
+
+SYMMETRIC_PARTS = 4  # row chunks of a symmetric product: 10 of 16 products formed
+
+
+def _add_products(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
+    """out += a bᵀ; b None: out += a aᵀ, symmetric, so only the chunks on and above the
+    diagonal are multiplied and each off-diagonal one is also added transposed."""
+    if b is not None or a.shape[0] < 64 * SYMMETRIC_PARTS:
+        out.addmm_(a, (a if b is None else b).T)
+        return
+    step = -(-a.shape[0] // SYMMETRIC_PARTS)
+    bounds = [(i, min(i + step, a.shape[0])) for i in range(0, a.shape[0], step)]
+    for k, (r0, r1) in enumerate(bounds):
+        for c0, c1 in bounds[k:]:
+            block = a[r0:r1] @ a[c0:c1].T
+            out[r0:r1, c0:c1] += block
+            if c0 != r0:
+                out[c0:c1, r0:r1] += block.T
+
+
+def _leading(factor: Factor) -> torch.Tensor:
+    """A tensor of the factor whose leading axes are (N, C)."""
+    return factor.cotangents if factor.kind == GRAM else factor.jacobian
+
+
+def _add_gram_one(out, first: Factor, second: Factor, mode: str, n1: int, n2: int, c: int
+                  ) -> None:
+    """A linear weight at one position, (aᵢ·aⱼ)(Gᵢ Gⱼᵀ), added to `kernel_total`'s buffer."""
+    x1, h1 = first.inputs[:, 0], first.cotangents[:, :, 0]
+    if mode == "diagonal":
+        out.add_((x1 * x1).sum(1)[:, None, None] * (h1 @ h1.transpose(1, 2)))
+        return
+    x2, h2 = second.inputs[:, 0], second.cotangents[:, :, 0]
+    gram = x1 @ x2.T
+    if mode == "trace":
+        out.addcmul_(gram, h1.reshape(n1, -1) @ h2.reshape(n2, -1).T)
+        return
+    outer = (h1.reshape(n1 * c, -1) @ h2.reshape(n2 * c, -1).T).view(n1, c, n2, c)
+    out.view(n1, c, n2, c).addcmul_(gram[:, None, :, None], outer)
+
+
+def layer_traces(factors: dict[str, Factor]) -> dict[str, float]:
+    """Σᵢ Σ_c Θ_l(xᵢ, xᵢ)_cc per owning module, from the factors alone: ‖J‖² for a per-sample
+    Jacobian, Σᵢ ‖aᵢ‖² ‖Gᵢ‖² for a linear weight at one position (else its diagonal blocks)."""
+    traces: dict[str, float] = {}
+    for name, factor in factors.items():
+        if factor.kind == JACOBIAN:
+            value = float(factor.jacobian.pow(2).sum())
+        elif factor.inputs.shape[1] == 1:
+            value = float((factor.inputs.pow(2).sum((1, 2))
+                           * factor.cotangents.pow(2).sum((1, 2, 3))).sum())
+        else:
+            value = float(contract(factor, factor, "diagonal").diagonal(dim1=1, dim2=2).sum())
+        layer = factor.layer or layer_of(name)
+        traces[layer] = traces.get(layer, 0.0) + value
+    return traces
+
+
 __all__ = ["GRAM", "JACOBIAN", "MODES", "Cost", "Factor", "as_jacobian", "choose", "contract",
-           "factor_costs", "factor_route", "gram_costs", "jacobian_cost", "layer_of",
-           "layer_parts"]
+           "factor_costs", "factor_route", "gram_costs", "jacobian_cost", "kernel_total",
+           "layer_of", "layer_parts", "layer_traces"]

@@ -1,6 +1,7 @@
 """The `ntk` pipeline, its set-up: load model and data (and DATA2 for a cross kernel), find
 each parameter's factors (operator graph, else module hooks), and plan the blocks over
-sample pairs from the cost model and the memory budget (`ntk_run` then computes them).
+sample pairs from the cost model and the memory budget (`ntk_memory`; `ntk_run` then
+computes them).
 
 Shapes: N samples of DATA, M of DATA2 (M = N without it), C model outputs (flattened),
 B samples per block. Kernel: full `(N, M, C, C)`, trace `(N, M)`, diagonal `(N, C, C)`.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import JaccliError, ShapeMismatchError, UsageError
+from ..errors import ShapeMismatchError, UsageError
 from ..io.data import DataSource, load_data
 from ..io.models import ModelFormat
 from ..params.ntk import Factor, factor_costs, factor_route, layer_of
@@ -22,6 +23,7 @@ from ..params.ntk_hooks import hook_factors
 from ..settings import LayerSelection
 from .common import Inputs, check_independence, guard_output, load_inputs
 from .engines import GraphRun, make_engine
+from .ntk_memory import BlockPlan, plan_blocks
 from .ntk_settings import NtkSettings
 from .resources import memory_budget
 
@@ -41,23 +43,6 @@ class ParamPlan:
 
 
 @dataclass
-class BlockPlan:
-    """Blocks of B samples over the pairs: how many are computed, and whether the factors
-    of DATA2's blocks are kept between rows (else computed again for every row)."""
-
-    block_size: int
-    row_blocks: int
-    col_blocks: int
-    computed_blocks: int
-    pairs: int
-    cache_factors: bool
-    factor_passes: int
-    bytes_per_sample: float
-    bytes_per_pair: float
-    peak_bytes: float
-
-
-@dataclass
 class NtkRun:
     settings: NtkSettings
     inputs: Inputs
@@ -68,6 +53,7 @@ class NtkRun:
     params: list[ParamPlan]
     layers: list[str]
     n_outputs: int
+    model_output: str
     blocks: BlockPlan
     budget: int
     budget_source: str
@@ -94,7 +80,7 @@ def prepare_ntk(settings: NtkSettings) -> NtkRun:
     guard_output(settings.output, settings.model, settings.data, settings.data2)
     inputs = load_inputs(settings.model, settings.data, settings.run)
     second = _second_data(settings, inputs) if settings.data2 is not None else None
-    factors, path, note, hows = _factor_source(inputs, settings)
+    factors, path, note, hows, chosen = _factor_source(inputs, settings)
     one = factors(inputs.example[:1])
     if not one:
         raise UsageError("no parameter moves the model's outputs: its NTK is zero")
@@ -107,24 +93,11 @@ def prepare_ntk(settings: NtkSettings) -> NtkRun:
     budget, source = memory_budget(inputs.device, settings.run.max_memory)
     n = len(inputs.data)
     m = len(second) if second is not None else n
-    run = NtkRun(settings, inputs, second, factors, path, note, params, layers, c,
+    run = NtkRun(settings, inputs, second, factors, path, note, params, layers, c, chosen,
                  None, budget, source)  # type: ignore[arg-type]
     run.blocks = plan_blocks(run, _activation_bytes(inputs, c, itemsize), n, m)
-    if settings.spectrum:
-        need = 2 * (n * c) ** 2 * 8  # the (N·C)² matrix in float64 and eigvalsh's copy
-        if need > budget:
-            raise JaccliError(
-                f"--spectrum needs the {n * c}×{n * c} kernel in memory ({_gib(need)}), over "
-                f"the memory budget of {_gib(budget)} ({source}); use fewer samples "
-                f"(--limit) or raise --max-memory")
     check_independence(inputs, run.blocks.block_size)
     return run
-
-
-def _gib(size: float) -> str:
-    from ..units import format_bytes
-
-    return format_bytes(int(size))
 
 
 def _second_data(settings: NtkSettings, inputs: Inputs) -> DataSource:
@@ -144,8 +117,10 @@ def _second_data(settings: NtkSettings, inputs: Inputs) -> DataSource:
 
 def _factor_source(inputs: Inputs, settings: NtkSettings):
     """`x (B, *in_shape) -> {param: Factor}`, on the operator graph or by module hooks; the
-    engine's path and note; `{param: how}` in words (graph route)."""
-    engine = make_engine(inputs, LayerSelection(include_layers=False, end_to_end=False),
+    engine's path and note; `{param: how}` in words (graph route); the model output(s) the
+    kernel is of, in words (`--model-output`, chosen as `compute` chooses it)."""
+    engine = make_engine(inputs, LayerSelection(include_layers=False, end_to_end=False,
+                                                output=settings.model_output),
                          settings.run, inputs_wrt=False)
     if isinstance(engine, GraphRun):
         from ..graph.ntk import ntk_factors, param_routes
@@ -158,13 +133,37 @@ def _factor_source(inputs: Inputs, settings: NtkSettings):
             with torch.no_grad():
                 return ntk_factors(engine.engine, x, routes)
 
-        return on_graph, engine.path, engine.note, {r.name: r.how for r in routes}
+        return (on_graph, engine.path, engine.note, {r.name: r.how for r in routes},
+                _chosen_output(list(engine.graph.outputs), [
+                    n for n, node in engine.graph.outputs.items()
+                    if node in engine.engine.outputs]))
     loaded = inputs.loaded
     if not loaded.hookable or loaded.format is ModelFormat.TORCHSCRIPT:
         raise UsageError(f"ntk needs the operator graph or module hooks, and {engine.note}")
     linear = frozenset(name for name, m in inputs.model.named_modules()
                        if loaded.type_name(name, m) == "Linear")
-    return (lambda x: hook_factors(inputs.model, x, linear)), engine.path, engine.note, {}
+    return ((lambda x: hook_factors(inputs.model, x, linear)), engine.path, engine.note, {},
+            _hook_output(inputs))
+
+
+def _chosen_output(names: list[str], chosen: list[str]) -> str:
+    """The summary's `output: ...` for a graph run: which of the model's outputs Θ is of."""
+    if len(names) == 1:
+        return "the model's output"
+    if len(chosen) == 1:
+        return f"{chosen[0]} (of the model's {len(names)} outputs {', '.join(names)})"
+    return (f"all {len(names)} outputs ({', '.join(names)}), flattened and concatenated in "
+            "order (choose one with --model-output)")
+
+
+def _hook_output(inputs: Inputs) -> str:
+    """The hook route differentiates the first tensor the model returns."""
+    with torch.no_grad():
+        value = inputs.model(inputs.example[:1])
+    if isinstance(value, torch.Tensor):
+        return "the model's output"
+    return ("its first tensor output (the operator graph could not be captured: module "
+            "hooks take the first tensor the model returns)")
 
 
 def _param_plan(name: str, factor: Factor, mode: str, itemsize: int, how: str, path: str
@@ -189,52 +188,14 @@ def _param_plan(name: str, factor: Factor, mode: str, itemsize: int, how: str, p
 
 def _activation_bytes(inputs: Inputs, c: int, itemsize: int) -> float:
     """Per sample, what the forward and the reverse pass with C cotangents hold at once
-    (estimated from the graph: every activation once, the widest C times over twice)."""
+    (estimated from the graph: every activation once, the widest C times over three times:
+    the cotangents flowing back, a residual branch's pending ones, and a closed form's
+    working copy of them, e.g. the im2col product's)."""
     graph = inputs.graph
     if graph is None:
         return 4.0 * c * inputs.example[0].numel() * itemsize
     sizes = [graph[a].numel for a in graph.activations()]
-    return float(itemsize * (sum(sizes) + 2 * c * max(sizes, default=0)))
-
-
-def plan_blocks(run: NtkRun, activation_bytes: float, n: int, m: int) -> BlockPlan:
-    """The block size B: factors of two blocks and the B×B kernel blocks (total, per-layer
-    parts, one temporary) fit the budget: 2·B·s + B²·p ≤ budget (`--batch-size` sets B)."""
-    settings, c = run.settings, run.n_outputs
-    itemsize = run.inputs.dtype.itemsize
-    mode = settings.mode
-    s = sum(p.bytes_per_sample for p in run.params) + activation_bytes
-    copies = 2 + (len(run.layers) if settings.per_layer else 0)
-    cc = 1 if mode == "trace" else c * c
-    p = float(itemsize * cc * copies)
-    largest = max(n, m) if mode != "diagonal" else n
-    if mode == "diagonal":
-        fit = run.budget / (s + p)
-    else:
-        fit = (-2 * s + math.sqrt(4 * s * s + 4 * p * run.budget)) / (2 * p)
-    b = settings.run.batch_size or max(1, min(largest, int(fit)))
-    b = min(b, largest)
-    rows = -(-n // b)
-    cols = rows if mode == "diagonal" or run.second is None else -(-m // b)
-    symmetric = run.second is None and mode != "diagonal"
-    if mode == "diagonal":
-        computed, pairs = rows, n
-    elif symmetric:
-        computed = rows * (rows + 1) // 2
-        pairs = sum(min(b, n - i * b) * min(b, n - j * b)
-                    for i in range(rows) for j in range(i, rows))
-    else:
-        computed, pairs = rows * cols, n * m
-    pair_bytes = p if mode != "diagonal" else 0.0
-    peak = 2 * b * s + b * b * pair_bytes
-    cache = cols > 1 and mode != "diagonal" and (m + b) * s + b * b * pair_bytes <= run.budget
-    if mode == "diagonal":
-        passes = rows
-    elif cache or cols == 1:
-        passes = rows + (0 if symmetric else cols)
-    else:
-        passes = rows + (computed - rows if symmetric else computed)
-    return BlockPlan(b, rows, cols, computed, pairs, cache, passes, s, pair_bytes, peak)
+    return float(itemsize * (sum(sizes) + 3 * c * max(sizes, default=0)))
 
 
 def ntk_plan(run: NtkRun) -> dict:
@@ -250,7 +211,8 @@ def ntk_plan(run: NtkRun) -> dict:
         "cross": run.second is not None, "per_layer": settings.per_layer,
         "n_samples": len(run.inputs.data),
         "m_samples": len(run.second) if run.second is not None else len(run.inputs.data),
-        "n_outputs": run.n_outputs, "kernel_shape": list(run.kernel_shape),
+        "n_outputs": run.n_outputs, "model_output": run.model_output,
+        "kernel_shape": list(run.kernel_shape),
         "kernel_bytes": run.kernel_bytes, "output_bytes": run.kernel_bytes * copies,
         "params": [{"name": p.name, "layer": p.layer, "shape": list(p.shape),
                     "route": p.route, "how": p.how,
@@ -261,6 +223,8 @@ def ntk_plan(run: NtkRun) -> dict:
         "factor_passes": blocks.factor_passes, "cache_factors": blocks.cache_factors,
         "bytes_per_sample": blocks.bytes_per_sample, "bytes_per_pair": blocks.bytes_per_pair,
         "peak_bytes": blocks.peak_bytes, "memory_budget_bytes": run.budget,
-        "memory_budget_source": run.budget_source, "device": str(run.inputs.device),
+        "memory_budget_source": run.budget_source, "memory_terms": blocks.terms,
+        "baseline_bytes": blocks.baseline_bytes, "baseline_source": blocks.baseline_source,
+        "device": str(run.inputs.device),
         "dtype": str(run.inputs.dtype).removeprefix("torch."),
     }

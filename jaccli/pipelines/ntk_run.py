@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..io.results.writer import ResultsWriter
-from ..params.ntk import layer_parts
+from ..params.ntk import kernel_total, layer_parts, layer_traces
 from .common import provenance, to_tensor
 from .ntk import NtkRun, ntk_plan, prepare_ntk
 from .resources import tf32_mode
@@ -55,12 +55,16 @@ def _blocks(run: NtkRun, sink: _Sink, on_block) -> None:
     def factors(source, start, stop):
         return run.factors(to_tensor(source.read(start, stop), inputs.device, inputs.dtype))
 
+    def blocks(row, col, how):  # {layer: Θ_l}, or without --per-layer {"": Θ} at once
+        if run.settings.per_layer:
+            return layer_parts(row, col, how)
+        return {"": kernel_total(row, col, how)}
+
     for i, (r0, r1) in enumerate(rows):
         row = factors(first_data, r0, r1)
-        diagonal = layer_parts(row, None, "diagonal")
-        sink.add_trace(diagonal)
+        sink.add_traces(layer_traces(row))
         if mode == "diagonal":
-            sink.write(diagonal, (r0, r1), None, mirror=False)
+            sink.write(blocks(row, None, "diagonal"), (r0, r1), None, mirror=False)
             _tick(on_block)
             continue
         if run.symmetric and run.blocks.cache_factors:
@@ -76,8 +80,8 @@ def _blocks(run: NtkRun, sink: _Sink, on_block) -> None:
                 col = factors(other, c0, c1)
                 if run.blocks.cache_factors:
                     cache[j] = col
-            parts = layer_parts(row, col, mode)
-            sink.write(parts, (r0, r1), (c0, c1), mirror=run.symmetric and j != i)
+            sink.write(blocks(row, col, mode), (r0, r1), (c0, c1),
+                       mirror=run.symmetric and j != i)
             _tick(on_block)
 
 
@@ -130,10 +134,10 @@ class _Sink:
                 self.layers[layer] = writer.create_dataset(group, "kernel", run.kernel_shape,
                                                            dtype)
 
-    def add_trace(self, diagonal: dict[str, torch.Tensor]) -> None:
-        for layer, block in diagonal.items():
-            self.traces[layer] = self.traces.get(layer, 0.0) + float(
-                block.diagonal(dim1=1, dim2=2).sum())
+    def add_traces(self, traces: dict[str, float]) -> None:
+        """Σᵢ Σ_c Θ_l(xᵢ, xᵢ)_cc of a row block, per layer (`layer_traces`)."""
+        for layer, value in traces.items():
+            self.traces[layer] = self.traces.get(layer, 0.0) + value
 
     def write(self, parts: dict[str, torch.Tensor], rows, cols, *, mirror: bool) -> None:
         total = sum(parts.values())
@@ -175,6 +179,7 @@ class _Sink:
                         "per_layer": summary["per_layer"], "cross": summary["cross"],
                         "dtype": summary["dtype"], "n_samples": summary["n_samples"],
                         "m_samples": summary["m_samples"], "n_outputs": summary["n_outputs"],
+                        "model_output": summary["model_output"],
                         "symmetric": summary["symmetric"], "trace": summary["trace"],
                         "block_size": summary["block_size"], "blocks": summary["blocks"],
                         "layer_traces": encode_attr(summary["layers"]),
@@ -224,7 +229,8 @@ def _summary(run: NtkRun, sink: _Sink) -> dict:
         "mode": settings.mode, "cross": run.second is not None,
         "symmetric": run.symmetric, "per_layer": settings.per_layer,
         "n_samples": plan["n_samples"], "m_samples": plan["m_samples"],
-        "n_outputs": run.n_outputs, "kernel_shape": plan["kernel_shape"],
+        "n_outputs": run.n_outputs, "model_output": run.model_output,
+        "kernel_shape": plan["kernel_shape"],
         "kernel_bytes": plan["kernel_bytes"], "device": plan["device"],
         "dtype": plan["dtype"], "block_size": run.blocks.block_size,
         "blocks": run.blocks.computed_blocks, "factor_passes": run.blocks.factor_passes,

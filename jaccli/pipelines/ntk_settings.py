@@ -15,11 +15,15 @@ class NtkSettings(_Composed):
     """`jaccli ntk`: the empirical NTK Θ(X, X), or the cross kernel Θ(X, X2) with `data2`.
 
     Kernel shape (N samples of X, M of X2, C outputs): `(N, M, C, C)`, with `trace`
-    `(N, M)`, with `diagonal` `(N, C, C)`; `spectrum`: eigenvalues of the (N·C)² kernel."""
+    `(N, M)`, with `diagonal` `(N, C, C)`; `spectrum`: eigenvalues of the (N·C)² kernel.
+    model_output: for a model returning several outputs, the one whose C entries the kernel
+    is of (a name or an index, as `compute --model-output`; None: all of them, flattened and
+    concatenated in order)."""
 
     model: ModelSource
     data: DataSelection
     data2: Path | None = None
+    model_output: str | None = None
     trace: bool = False
     diagonal: bool = False
     per_layer: bool = False

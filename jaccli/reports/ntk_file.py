@@ -33,6 +33,7 @@ def ntk_summary(results: Results) -> dict:
         "data2": root.get("data2_path") or None,
         "model_format": str(root.get("model_format", "")),
         "engine": str(root.get("engine", "")), "device": str(root.get("device", "")),
+        "model_output": str(a.get("model_output", "")),
         "kernel_shape": list(kernel.shape),
         "kernel_bytes": int(np.prod(kernel.shape)) * kernel.dtype.itemsize,
         "layers": list(a.get("layer_traces", [])), "routes": dict(a.get("routes", {})),
