@@ -15,7 +15,7 @@ import torch
 JACOBIAN_CASES = ("mlp-layers", "mlp-e2e", "cnn", "samples", "pipeline")
 SPECTRA_CASES = ("spectra-all", "spectra-topk")
 PARAMS_CASES = ("params-mlp", "params-cnn", "products")
-FORMAT_CASES = ("parity", "mlp-script", "mtcnn", "resnet")
+FORMAT_CASES = ("parity", "mlp-script", "mtcnn", "resnet", "resnet32")
 NTK_CASES = ("ntk-cnn", "ntk-mlp")
 SCALING_CASES = ("scaling",)
 
