@@ -319,7 +319,8 @@ def _conv_agreement(model: nn.Module, spectra: Path, names: tuple[str, ...]) -> 
             jac = torch.autograd.functional.jacobian(
                 lambda v, conv=conv: conv(v[None])[0],
                 torch.zeros(*shapes[name], dtype=torch.float64))
-            expected = torch.linalg.svdvals(jac.reshape(-1, jac[0].numel()))[:got.shape[1]]
+            d_in = int(np.prod(shapes[name]))
+            expected = torch.linalg.svdvals(jac.reshape(-1, d_in))[:got.shape[1]]
             worst = max(worst, float(np.abs(got - expected.numpy()).max() / expected[0]))
             methods.append(f"{name} {group.attrs['method']}")
     if worst > 1e-4:
