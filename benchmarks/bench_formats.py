@@ -20,6 +20,9 @@ the CLI waits for and pays. Cases (`--cases`):
   `.pt2`, 16 samples: compute, spectrum and check; target: each under 30 s.
 - `resnet`: a ResNet-18-shaped network (BatchNorm in eval) at 3×64×64 from `.pt2`, 32
   samples: per-layer top-5 singular values; target: under 2 minutes.
+- `resnet32`: ResNet-18 at 3×32×32 from `.pt2`, 64 samples: every layer's top-5 singular
+  values, checked against svdvals of float64 autograd Jacobians of three convolutions;
+  target: under 60 s.
 """
 
 from __future__ import annotations
@@ -473,6 +476,59 @@ def case_resnet(folder: Path, quick: bool) -> Case:
     return case
 
 
+def case_resnet32(folder: Path, quick: bool) -> Case:
+    """Issue #15's target: every layer's top-5 singular values of ResNet-18 at 3×32×32 for
+    64 samples, checked against svdvals of the explicit float64 Jacobian (autograd) of a
+    sample of its convolutions."""
+    n = 8 if quick else 64
+    case = Case(f"ResNet-18 (random weights, BatchNorm in eval) at 3×32×32 from `.pt2`, {n} "
+                "samples: every layer's top-5 singular values")
+    torch.manual_seed(0)
+    model = resnet18()
+    paths = save_formats(model, (3, 32, 32), folder, "resnet18_32")
+    x = data(folder, "resnet18_32", n, (3, 32, 32))
+    out = folder / "resnet32_spec.h5"
+    seconds, peak = run(["spectrum", str(paths["pt2"]), str(x), "--top-k", "5", "-o",
+                         str(out)])
+    case.rows.append(Row("jaccli spectrum --top-k 5", seconds, peak_bytes=peak))
+    case.notes.append(_conv_agreement(model, out, ("7.conv2", "8.conv1", "9.conv2")))
+    case.notes.append("target: under 60 s on the 2-core CPU, exact to 1e-4 against svdvals")
+    return case
+
+
+def _conv_agreement(model: nn.Module, spectra: Path, names: tuple[str, ...]) -> str:
+    """Largest relative difference between the file's top singular values of the bias-free
+    convolutions `names` (the same for every sample) and svdvals of their float64 Jacobians,
+    built by `torch.autograd.functional.jacobian` at their input shape."""
+    import h5py
+
+    shapes = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda m, a, name=name: shapes.__setitem__(name, a[0].shape[1:])) for name in names]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    worst, methods = 0.0, []
+    with h5py.File(spectra) as f:
+        for name in names:
+            group = f[f"layers/{name}"]
+            key = "top_singular_values" if "top_singular_values" in group else "singular_values"
+            got = group[key][:]
+            conv = model.get_submodule(name).double()
+            jac = torch.autograd.functional.jacobian(
+                lambda v, conv=conv: conv(v[None])[0],
+                torch.zeros(*shapes[name], dtype=torch.float64))
+            d_in = int(np.prod(shapes[name]))
+            expected = torch.linalg.svdvals(jac.reshape(-1, d_in))[:got.shape[1]]
+            worst = max(worst, float(np.abs(got - expected.numpy()).max() / expected[0]))
+            methods.append(f"{name} {group.attrs['method']}")
+    if worst > 1e-4:
+        raise SystemExit(f"top singular values disagree with svdvals: {worst:.1e}")
+    return (f"top-5 of {', '.join(methods)} agree with svdvals of their float64 autograd "
+            f"Jacobians on every sample: max error {worst:.1e} of σ_1")
+
+
 def main() -> None:
     args, cases, device = parse_args(__doc__.splitlines()[0], FORMAT_CASES)
     if not cases:
@@ -483,7 +539,8 @@ def main() -> None:
     runners = {"parity": case_parity, "parity-in-process": case_parity_in_process,
                "mlp-script": case_mlp_script,
                "mlp-in-process": case_mlp_in_process, "startup": case_startup,
-               "mtcnn": case_mtcnn, "resnet": case_resnet}
+               "mtcnn": case_mtcnn, "resnet": case_resnet,
+               "resnet32": case_resnet32}
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             torch.manual_seed(0)

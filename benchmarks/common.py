@@ -16,7 +16,7 @@ JACOBIAN_CASES = ("mlp-layers", "mlp-e2e", "cnn", "samples", "pipeline")
 SPECTRA_CASES = ("spectra-all", "spectra-topk")
 PARAMS_CASES = ("params-mlp", "params-cnn", "products")
 FORMAT_CASES = ("parity", "parity-in-process", "mlp-script", "mlp-in-process", "startup",
-                "mtcnn", "resnet")
+                "mtcnn", "resnet", "resnet32")
 NTK_CASES = ("ntk-cnn", "ntk-mlp", "ntk-resnet")
 SCALING_CASES = ("scaling",)
 

@@ -184,3 +184,38 @@ def test_dense_store_matches_compact_store(tmp_path, cnn):
                                        atol=1e-14, err_msg=a.name)
             np.testing.assert_allclose(a["frobenius"][:], b["frobenius"][:], rtol=1e-12)
     assert (tmp_path / "compact.h5").stat().st_size < (tmp_path / "dense.h5").stat().st_size
+
+
+@pytest.mark.parametrize(("compression", "filter_name"), [("none", None), ("gzip", "gzip")])
+def test_convolution_matrix_is_streamed_in_the_shared_encoding(tmp_path, compression,
+                                                                filter_name):
+    """A convolution's shared operator is written band by band (never formed whole): the
+    file holds the documented `shared` matrix, equal to the autograd Jacobian, and ‖J‖_F."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),
+                                torch.nn.Tanh()).double().eval()
+    program = torch.export.export(model, (torch.randn(2, 2, 7, 7, dtype=torch.float64),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "conv.pt2")
+    x = np.random.default_rng(5).normal(size=(5, 2, 7, 7))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "jac.h5"
+    run_compute(compute_settings(model=tmp_path / "conv.pt2", data=tmp_path / "x.npy",
+                                 output=out, dtype="float64", batch_size=2,
+                                 compression=compression, end_to_end=False))
+    conv = model[0]
+    expected = torch.autograd.functional.jacobian(
+        lambda v: conv(v[None])[0], torch.from_numpy(x[0])).reshape(3 * 4 * 4, 2 * 7 * 7)
+    with h5py.File(out) as f:
+        group = f["layers/0"]
+        assert group.attrs["encoding"] == "shared"
+        assert group["matrix"].shape == (48, 98)
+        assert group["matrix"].compression == filter_name
+        np.testing.assert_allclose(group["matrix"][:], expected.numpy(), rtol=1e-12,
+                                   atol=1e-14)
+        np.testing.assert_allclose(group["frobenius"][:],
+                                   np.full(5, float(expected.norm())), rtol=1e-12)
+    with jaccli.open_results(out) as results:
+        np.testing.assert_allclose(np.asarray(results.layer("0").jacobian),
+                                   np.broadcast_to(expected.numpy(), (5, 48, 98)), rtol=1e-12,
+                                   atol=1e-14)

@@ -5,6 +5,7 @@ Exit codes are documented in `jaccli.cli.errors`.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -67,4 +68,17 @@ for command in (compute.compute, compute.inspect, spectrum.spectrum, reports.sho
 
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
+    _passive_openmp()
     return app(args=argv, prog_name="jaccli")
+
+
+def _passive_openmp() -> None:
+    """OpenMP threads that sleep while they wait (`OMP_WAIT_POLICY=PASSIVE`), unless the
+    environment says otherwise; only before torch is loaded, when it still takes effect.
+
+    Spinning workers starve each other on a CPU whose cores are shared with other processes:
+    on a loaded 2-core machine a 128-channel 3x3 convolution of 16 images took 84 ms with
+    spinning threads and 1.2 ms with passive ones; on an idle machine the difference is a
+    few microseconds of wake-up per parallel region."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

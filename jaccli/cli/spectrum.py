@@ -63,7 +63,8 @@ def spectrum(
         rich_help_panel="Spectrum")] = 1e-8,
     max_steps: Annotated[int | None, typer.Option(
         "--max-steps", min=1,
-        help="Lanczos: cap on Krylov vectors (default min(D, max(20k + 100, 300))).",
+        help="Lanczos: cap on Krylov vectors (default min(D, max(20k + 100, 300)) per "
+             "sample; min(D, max(60k + 400, 1000)) for a shared map, decomposed once).",
         rich_help_panel="Spectrum")] = None,
     probes: Annotated[int, typer.Option(
         "--probes", min=2, help="Hutchinson probes for matrix-free Frobenius norms.",

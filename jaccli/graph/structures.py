@@ -12,7 +12,7 @@ are the same for every sample and are stored and multiplied once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -255,6 +255,7 @@ class Operator(Structured):
         self.forward, self.transpose = forward, transpose
         self.d_out, self.d_in, self.dtype, self.device = d_out, d_in, dtype, device
         self._dense: torch.Tensor | None = None
+        self._frobenius: torch.Tensor | None = None
 
     def right_apply(self, m):
         n, _, k = m.shape
@@ -283,8 +284,31 @@ class Operator(Structured):
             out[:, start:start + count] = self.forward(columns).T
         return out
 
+    def row_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """`(start, J[start:start + c])` for consecutive bands of `c` rows `(c, D_in)`, each
+        the transpose applied to `c` identity rows of the output (`FORM_CHUNK // max(D_out,
+        D_in)` at a time): the matrix one band at a time, never whole (an HDF5 writer streams
+        it). The Frobenius norm is kept on the way, for `frobenius`."""
+        step = max(1, min(self.d_out, FORM_CHUNK // max(self.d_out, self.d_in, 1)))
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(0, self.d_out, step):
+            count = min(step, self.d_out - start)
+            rows = torch.zeros(count, self.d_out, dtype=self.dtype, device=self.device)
+            rows[torch.arange(count), torch.arange(start, start + count)] = 1
+            with torch.no_grad():  # numbers for a file: no graph back to the weights
+                band = self.transpose(rows).detach()
+                total += band.double().square().sum()
+            yield start, band
+        self._frobenius = total.sqrt().to(self.dtype).reshape(1)
+
     def frobenius(self, n):
-        return _expand(torch.linalg.matrix_norm(self.dense()), n)
+        if self._frobenius is None:
+            if self._dense is not None:
+                self._frobenius = torch.linalg.matrix_norm(self._dense)
+            else:  # band by band: the matrix is not formed for its norm
+                for _ in self.row_blocks():
+                    pass
+        return _expand(self._frobenius, n)
 
     def compact(self):
         return {"matrix": self.dense()[0]}

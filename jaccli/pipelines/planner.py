@@ -248,8 +248,9 @@ def memory_terms(engine: Engine, entries: list[PlanEntry], itemsize: int, effect
     forward pass's saved tensors and the per-op Jacobians kept for the batch; per-sample
     Jacobians: each entry's, `WORKING_COPIES` times (as computed, in a product, as copied);
     forming products: the widest intermediates of the end-to-end / block Jacobians;
-    shared matrices: each shared Jacobian formed once (a convolution's matrix for its file
-    or norm), and the largest one's identity-sized workspace while forming it; the writer's
+    shared matrices: each shared Jacobian formed once (a convolution's matrix for its norm
+    or a decomposition; written to a file, it is streamed a band at a time instead), and the
+    largest one's identity-sized workspace while forming it; the writer's
     queue: one more batch of stored Jacobians in flight while the next is computed.
     """
     held = engine.held_values(names)
@@ -265,12 +266,16 @@ def memory_terms(engine: Engine, entries: list[PlanEntry], itemsize: int, effect
         per_sample_fixes.append("--granularity module")
     if largest is not None and largest.kind == "end_to_end":
         per_sample_fixes.append("--no-end-to-end")
-    shared_entries = [e for e in entries if e.shared_bytes]
+    # A shared operator written in the compact store is streamed to the file a band of rows
+    # at a time (`Operator.row_blocks`), its norm kept on the way: never held whole.
+    streamed = effect.writing and effect.store == "compact"
+    shared_entries = [e for e in entries if e.shared_bytes
+                      and not (streamed and e.structure == "shared-operator")]
     # Forming the largest shared matrix (chunk and op workspace) and taking its norm (a
     # temporary as large as the matrix) happen one matrix at a time.
     forming = max((e.shared_bytes for e in shared_entries), default=0) + (
         FORMING_WORKSPACE * FORM_CHUNK * itemsize if any(
-            e.structure == "shared-operator" for e in shared_entries) else 0)
+            e.structure == "shared-operator" for e in entries) else 0)
     widest = max(held.accumulation.items(), key=lambda kv: kv[1], default=(None, 0))
     forming_fixes = (["--no-end-to-end"] if widest[0] == END_TO_END else list(layers))
     if effect.granularity == "block" and effect.include_layers:

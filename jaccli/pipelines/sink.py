@@ -10,6 +10,7 @@ import torch
 from ..engine.structures import Structured
 from ..graph.algebra import SHARED_TAGS
 from ..graph.storage import storable
+from ..graph.structures import Operator
 from ..io.results.background import BackgroundWriter
 from ..io.results.writer import ResultsWriter
 from .planner import Plan, PlanEntry
@@ -50,6 +51,9 @@ class ResultSink:
             group.attrs["generic_route"] = routes.get(name, "")
 
     def _write(self, name: str, start: int, count: int, jac: Structured) -> None:
+        if self.writer is not None and self.store != "dense" and isinstance(jac, Operator):
+            self._write_operator(name, start, count, jac)
+            return
         frob = jac.frobenius(count).detach().to("cpu", torch.float64).numpy()
         self.norms[name][start:start + count] = frob
         if self.writer is None:
@@ -68,7 +72,26 @@ class ResultSink:
         group["frobenius"][start:start + count] = frob
         self.writer.check()  # a full disk stops the run now, not after the last batch
 
-    def _create(self, entry: PlanEntry, encoding: str, arrays: dict) -> h5py.Group:
+    def _write_operator(self, name: str, start: int, count: int, jac: Operator) -> None:
+        """A shared operator (a convolution) in the `shared` encoding, its matrix streamed to
+        the file a band of rows at a time (`Operator.row_blocks`) the first time: it is never
+        whole in memory."""
+        group = self.groups.get(name)
+        if group is None:
+            entry = self.entries[name]
+            group = self._create(entry, "shared", None)
+            self.writer.create_shared_rows(
+                group, "matrix", (jac.d_out, jac.d_in), self.np_dtype,
+                ((first, _host(band, self.np_dtype)) for first, band in jac.row_blocks()))
+        elif group.attrs["encoding"] != "shared":
+            raise RuntimeError(f"{name}: structure changed from {group.attrs['encoding']} "
+                               "to shared between batches")
+        frob = jac.frobenius(count).detach().to("cpu", torch.float64).numpy()
+        self.norms[name][start:start + count] = frob
+        group["frobenius"][start:start + count] = frob
+        self.writer.check()
+
+    def _create(self, entry: PlanEntry, encoding: str, arrays: dict | None) -> h5py.Group:
         writer = self.writer
         group = writer.create_group(entry.name, parent=PARENTS[entry.kind], attrs={
             "type": entry.type_name, "param_shape": list(entry.param_shape or ()),
@@ -76,7 +99,8 @@ class ResultSink:
             "input_shape": list(entry.input_shape), "output_shape": list(entry.output_shape),
             "d_in": entry.d_in, "d_out": entry.d_out, "mode": entry.mode, "rule": entry.rule,
             "encoding": encoding})
-        writer.create_encoded(group, encoding, arrays, self.plan.n_samples)
+        if arrays is not None:  # else the caller writes the datasets
+            writer.create_encoded(group, encoding, arrays, self.plan.n_samples)
         writer.create_dataset(group, "frobenius", (self.plan.n_samples,), np.float64)
         self.groups[entry.name] = group
         return group

@@ -18,6 +18,7 @@ from ..spectra.exact import Spectrum, exact_spectrum
 from ..spectra.lanczos import hutchinson_frobenius, top_singular_values
 from ..spectra.plan import SpectrumEntry, plan_spectra
 from ..spectra.quantities import all_quantities
+from ..spectra.shared import SHARED_BLOCK, shared_max_steps, shared_top_singular_values
 from .common import (
     Inputs,
     check_independence,
@@ -93,16 +94,27 @@ def decomposition_terms(entries: list[SpectrumEntry], itemsize: int,
         elif e.structure in ("dense", "row-scaled"):  # batched svdvals of dense matrices
             per_sample = max(per_sample, 3 * e.d_in * e.d_out * itemsize)
     krylov = max((3 * min(e.d_in, e.d_out) * KRYLOV_VECTORS * itemsize for e in entries
-                  if e.method == "lanczos"), default=0)
+                  if e.method == "lanczos" and not e.shared), default=0)
+    shared_krylov = max((shared_krylov_bytes(e, itemsize, settings.max_steps) for e in entries
+                         if e.method == "lanczos" and e.shared), default=0)
     fixes = (["--top-k K"] if settings.top_k is None else []) + (
         ["--layers"] if settings.layers.include_layers else [])
     terms = [Term("the decompositions", shared, per_sample,
                   "(SVD and Gram workspaces of the largest Jacobian)", fixes)]
-    if krylov:
-        terms.append(Term("the Lanczos bases", 0, krylov,
-                          f"({KRYLOV_VECTORS} Krylov vectors a sample, three times over)",
+    if krylov or shared_krylov:
+        terms.append(Term("the Lanczos bases", shared_krylov, krylov,
+                          f"({KRYLOV_VECTORS} Krylov vectors a sample, three times over; a "
+                          "shared operator's basis and images once)",
                           ["--layers"] if settings.layers.include_layers else []))
     return terms
+
+
+def shared_krylov_bytes(entry: SpectrumEntry, itemsize: int, max_steps: int | None) -> int:
+    """What the one Lanczos run of a shared operator holds: its basis and their images
+    (`2 · steps · min(D_out, D_in)` values) and the operator's output for one block."""
+    dim = min(entry.d_in, entry.d_out)
+    steps = min(max_steps or shared_max_steps(entry.k, dim), dim)
+    return (2 * steps * dim + 2 * SHARED_BLOCK * max(entry.d_in, entry.d_out)) * itemsize
 
 
 @dataclass
@@ -228,6 +240,8 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
             return Spectrum(values[:, :entry.k], False, spectrum.method, spectrum.note), \
                 quantities
         return _complete(spectrum, entry)
+    if entry.shared:
+        return _shared_lanczos(entry, run, x, held, cache)
     apply_j, apply_jt = run.engine.operator(entry.name, x, held)
     result = top_singular_values(apply_j, apply_jt, n=n, d_in=entry.d_in, d_out=entry.d_out,
                                  k=entry.k, dtype=x.dtype, device=x.device, tol=settings.tol,
@@ -243,6 +257,35 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
     quantities = {"spectral_norm": result.values[:, 0], "frobenius": frob,
                   "frobenius_se": frob_se,
                   "stable_rank": frob.square() / result.values[:, 0].square().clamp_min(1e-300)}
+    return spectrum, quantities
+
+
+def _shared_lanczos(entry: SpectrumEntry, run: SpectrumRun, x, held, cache
+                    ) -> tuple[Spectrum, dict[str, torch.Tensor]]:
+    """The top-k of a Jacobian that is the same for every sample: matrix-free Lanczos on the
+    operator at the batch's first sample, once for the run (kept in `cache`), every sample
+    given the same values."""
+    n, settings = x.shape[0], run.settings
+    if entry.name not in cache:
+        apply_j, apply_jt = run.engine.operator(entry.name, x[:1], tuple(h[:1] for h in held))
+        result, frob, frob_se = shared_top_singular_values(
+            apply_j, apply_jt, d_in=entry.d_in, d_out=entry.d_out, k=entry.k, dtype=x.dtype,
+            device=x.device, tol=settings.tol, max_steps=settings.max_steps,
+            probes=settings.probes)
+        cache[entry.name] = result, frob, frob_se
+    result, frob, frob_se = cache[entry.name]
+    top = result.values.expand(n, -1)
+    spectrum = Spectrum(top, False, "lanczos",
+                        f"top-{entry.k} of the shared operator (the same for every sample) by "
+                        f"matrix-free block Lanczos, once ({result.steps} Krylov vectors, "
+                        f"residual tolerance {result.tolerance:.1e}); Frobenius norm estimated "
+                        f"by Hutch++ from {settings.probes} probes (frobenius_se)",
+                        result.residuals.expand(n, -1), result.converged.expand(n, -1),
+                        result.tolerance)
+    quantities = {"spectral_norm": top[:, 0], "frobenius": frob.expand(n),
+                  "frobenius_se": frob_se.expand(n),
+                  "stable_rank": (frob.square() / result.values[:, 0].square()
+                                  .clamp_min(1e-300)).expand(n)}
     return spectrum, quantities
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..spectra.cost import measure_rates, predict_seconds
 from ..spectra.plan import FACTORED, READ_OFF, SHARED_MAPS, SpectrumEntry
-from .spectrum import KRYLOV_VECTORS, SpectrumRun
+from .spectrum import KRYLOV_VECTORS, SpectrumRun, shared_krylov_bytes
 
 
 def method_label(entry: SpectrumEntry, exact: bool) -> str:
@@ -13,7 +13,7 @@ def method_label(entry: SpectrumEntry, exact: bool) -> str:
     if entry.method == "fft":
         return "FFT (exact, circular)"
     if entry.method == "lanczos":
-        return f"Lanczos (top {entry.k})"
+        return f"Lanczos (top {entry.k}{', once' if entry.shared else ''})"
     if entry.structure in READ_OFF or entry.structure in FACTORED \
             or entry.structure in SHARED_MAPS:
         return "exact structured"
@@ -37,7 +37,9 @@ def spectrum_dry_run(run: SpectrumRun) -> dict:
     for entry in run.entries:
         seconds = predict_seconds(entry, n, rates, max_steps=settings.max_steps)
         held = stored.get(entry.name)
-        if entry.method == "lanczos":
+        if entry.method == "lanczos" and entry.shared:
+            batch_bytes = shared_krylov_bytes(entry, itemsize, settings.max_steps)
+        elif entry.method == "lanczos":
             batch_bytes = 3 * min(entry.d_in, entry.d_out) * KRYLOV_VECTORS * itemsize \
                 * run.batch_size
         elif held is not None:

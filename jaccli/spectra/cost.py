@@ -12,6 +12,8 @@ import torch
 
 from .lanczos import default_max_steps
 from .plan import FACTORED, READ_OFF, SHARED_MAPS, SpectrumEntry
+from .shared import SHARED_BLOCK, shared_max_steps
+from .threads import decomposition_threads
 
 _GEMM_SIZE = 384
 _DECOMPOSITION_SIZE = 160
@@ -50,10 +52,11 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
             torch.cuda.synchronize(device)
         return value
 
-    torch.linalg.svdvals(m)  # warm-up (LAPACK workspace, CUDA handles)
     gemm = _best_seconds(lambda: sync(a @ a))
-    svd = _best_seconds(lambda: sync(torch.linalg.svdvals(m)))
-    eigh = _best_seconds(lambda: sync(torch.linalg.eigvalsh(s)))
+    with decomposition_threads(m):  # as the runs decompose matrices of this size
+        torch.linalg.svdvals(m)  # warm-up (LAPACK workspace, CUDA handles)
+        svd = _best_seconds(lambda: sync(torch.linalg.svdvals(m)))
+        eigh = _best_seconds(lambda: sync(torch.linalg.eigvalsh(s)))
     return Rates(_GEMM_SIZE**3 / gemm, _DECOMPOSITION_SIZE**3 / svd,
                  _DECOMPOSITION_SIZE**3 / eigh)
 
@@ -70,6 +73,18 @@ def apply_cost(entry: SpectrumEntry) -> float:
     return float(entry.d_in) * entry.d_out
 
 
+def _lanczos_seconds(entry: SpectrumEntry, steps: int, rates: Rates, block: int) -> float:
+    """One Lanczos run of `steps` vectors in blocks of `block`: the products with J and Jᵀ,
+    the re-orthogonalization (each vector against the basis, twice: `2·steps²·r` multiply-
+    adds) and the Rayleigh–Ritz eigendecompositions (about four of the final size,
+    checks growing the basis by a tenth)."""
+    r = min(entry.d_out, entry.d_in)
+    products = steps * 2 * apply_cost(entry) / rates.gemm
+    orthogonalize = 2 * steps * steps * r / rates.gemm
+    ritz = 4 * steps**3 / rates.eigh + 2 * steps * steps * r / rates.gemm
+    return products + orthogonalize + ritz
+
+
 def predict_seconds(entry: SpectrumEntry, n_samples: int, rates: Rates, *,
                     max_steps: int | None = None) -> float:
     """Predicted time of one entry's spectra over `n_samples` samples (the decompositions;
@@ -80,10 +95,13 @@ def predict_seconds(entry: SpectrumEntry, n_samples: int, rates: Rates, *,
         height_width = entry.d_in // max(1, entry.module.weight.shape[1])
         c_out, c_in = entry.module.weight.shape[:2]
         return height_width * c_out * c_in * min(c_out, c_in) / rates.svd
+    if entry.method == "lanczos" and entry.shared:  # one run for all samples
+        steps = min(max_steps or shared_max_steps(entry.k, r), r)
+        return _lanczos_seconds(entry, steps, rates, SHARED_BLOCK)
     if entry.method == "lanczos":
         steps = min(max_steps or default_max_steps(entry.k, r), r)
-        per_sample = steps * (2 * apply_cost(entry) / rates.gemm + steps * r / rates.gemm)
-        return n_samples * per_sample
+        block = min(max(entry.k, 2), 8)
+        return n_samples * _lanczos_seconds(entry, steps, rates, block)
     if structure in READ_OFF or structure in FACTORED:
         return n_samples * m * max(1.0, math.log2(max(m, 2))) / rates.gemm
     if structure in SHARED_MAPS:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.structures import Diagonal, RowScaled, Selection, Structured
+from .threads import decomposition_threads
 
 GRAM_NOTE = ("Gram matrix (float64): σ_i below σ_max·1e-7 lose relative accuracy "
              "(~1e-16·(σ_max/σ_i)²); pass --exact for svdvals of the dense matrices")
@@ -77,7 +78,9 @@ def exact_spectrum(jac: Structured, n: int, *, exact: bool = False,
         return _flag(Spectrum(cache[key].expand(n, -1), True, jac.tag))
     if getattr(jac, "shared", False):  # one matrix (or a map known by how it acts)
         if key not in cache:
-            cache[key] = _finite_only(torch.linalg.svdvals, jac.dense(), r)
+            matrix = jac.dense()
+            with decomposition_threads(matrix):
+                cache[key] = _finite_only(torch.linalg.svdvals, matrix, r)
         return _flag(Spectrum(cache[key].expand(n, -1), True, "svd-shared"))
     if isinstance(jac, RowScaled) and not exact:
         return _flag(_row_scaled_gram(jac, r, cache, key))

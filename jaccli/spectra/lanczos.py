@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from .threads import decomposition_threads
 from .trace import hutchinson_frobenius, hutchinson_trace
 
 __all__ = ["DEFAULT_MAX_STEPS_HELP", "TOLERANCE_EPS_FACTOR", "LanczosResult", "default_max_steps",
@@ -108,8 +109,10 @@ def top_eigenvalues(operator: Apply, *, n: int, dim: int, k: int, dtype: torch.d
     b = min(block or min(max(k, 2), 8), cap)
     tolerance = effective_tolerance(tol, dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    basis = torch.zeros(n, dim, cap, dtype=dtype, device=device)
-    images = torch.zeros_like(basis)  # A applied to each basis vector
+    # Stored vector-major, (N, cap, dim), and used through a transposed view (N, dim, cap):
+    # the first m vectors are then one contiguous block, which BLAS takes without a copy.
+    basis = torch.zeros(n, cap, dim, dtype=dtype, device=device).transpose(1, 2)
+    images = torch.zeros(n, cap, dim, dtype=dtype, device=device).transpose(1, 2)
     projected = torch.zeros(n, cap, cap, dtype=dtype, device=device)  # basisᵀ A basis
     norm_bound = torch.zeros(n, dtype=dtype, device=device)  # max ‖A q‖ so far, ≤ ‖A‖
     found = _Found(n, k, dtype, device)
@@ -171,7 +174,9 @@ class _Found:
 def _rayleigh_ritz(basis, images, projected, k, which, tolerance, block):
     """The k extreme Ritz values `(N, k)`, their residuals `‖A y − θ y‖ / ‖A‖` `(N, k)` and
     which of them rank below a Ritz value repeated `block` times or more `(N, k)` bool."""
-    theta, s = torch.linalg.eigh(projected)  # (N, m) ascending, (N, m, m)
+    with decomposition_threads(projected):  # in float64: the Ritz values are only numbers
+        theta, s = torch.linalg.eigh(projected.double())  # (N, m) ascending, (N, m, m)
+    theta, s = theta.to(projected.dtype), s.to(projected.dtype)
     key = theta.abs() if which == "magnitude" else theta
     order = torch.argsort(key, dim=1, descending=True)[:, :k]
     top = torch.gather(theta, 1, order)

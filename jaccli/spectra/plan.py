@@ -11,8 +11,12 @@ from torch import nn
 from .conv_fft import fft_applicable
 
 DEFAULT_TOP_K = 10
-# Above this many multiply-adds, one shared SVD is left to the matrix-free path.
-MAX_SHARED_SVD_COST = 2e11
+# Above this many multiply-adds (`min(D_out, D_in)² · max(D_out, D_in)`, ~1260³), one shared
+# SVD is left to the matrix-free path, run once for all samples: a full SVD of a 4096 x 6400
+# convolution takes minutes on a 2-core CPU, its top-10 by Lanczos a few seconds.
+MAX_SHARED_SVD_COST = 2e9
+# With --top-k, a shared map costing more than this for a full SVD gets its top-k by Lanczos.
+MIN_SHARED_TOP_K_COST = 1e8
 # Structures whose singular values come from the structure itself (no decomposition, or
 # small factors' decompositions).
 READ_OFF = ("diagonal", "shared-diagonal", "selection", "identity", "gather", "shared-gather")
@@ -47,6 +51,11 @@ class SpectrumEntry:
     def complete(self) -> bool:
         return self.method != "lanczos" and self.k == min(self.d_in, self.d_out)
 
+    @property
+    def shared(self) -> bool:
+        """The Jacobian is the same matrix for every sample: its spectrum is computed once."""
+        return self.structure in SHARED_MAPS
+
 
 def plan_spectra(entries: Sequence[Any], *, itemsize: int, budget: int, top_k: int | None,
                  exact: bool) -> list[SpectrumEntry]:
@@ -76,10 +85,18 @@ def _choose(entry, itemsize: int, budget: int, top_k: int | None, exact: bool):
     if structure in FACTORED:
         return "structured", f"{structure}: singular values of the small factors"
     if structure in SHARED_MAPS:
-        fits = 3 * d_in * d_out * itemsize <= budget and r * r * big <= MAX_SHARED_SVD_COST
+        cost = r * r * big
+        fits = 3 * d_in * d_out * itemsize <= budget and cost <= MAX_SHARED_SVD_COST
+        few = top_k is not None and top_k < r / 4 and not exact and cost > MIN_SHARED_TOP_K_COST
+        if fits and few:
+            return "lanczos", (f"--top-k {top_k} of a shared map: matrix-free Lanczos, once for "
+                               "all samples (cheaper than its full SVD)")
         if fits:
             return "structured", "one shared matrix: one SVD for all samples"
-        return "lanczos", "shared matrix too large to decompose within the memory budget"
+        why = ("too large to decompose within the memory budget"
+               if 3 * d_in * d_out * itemsize > budget else "too large for one full SVD")
+        return "lanczos", (f"shared {'operator' if structure == 'shared-operator' else 'matrix'}"
+                           f" {why}: matrix-free Lanczos, once for all samples")
     wants_top_k = top_k is not None and top_k < r / 4 and not exact
     if wants_top_k:
         return "lanczos", f"--top-k {top_k}: matrix-free Lanczos"

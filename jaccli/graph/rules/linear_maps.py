@@ -97,6 +97,21 @@ class ConvolutionRule(LinearMapRule):
     family = "affine"
     zeroed = (2,)
 
+    def _transpose(self, call: OpCall, rows: torch.Tensor) -> torch.Tensor:
+        """Jᵀ applied to `(M, *out)` -> `(M, *in)`: the convolution's input gradient
+        (`aten.convolution_backward`), without the forward pass a VJP would run first; other
+        convolution overloads (string padding) by the VJP."""
+        settings = _convolution_settings(call)
+        if settings is None:
+            return super()._transpose(call, rows)
+        weight = call.values[1].to(rows.dtype)
+        shape = (rows.shape[0], *call.in_shape(0))
+        stride, padding, dilation, transposed, output_padding, groups = settings
+        grad, _, _ = aten.convolution_backward(
+            rows.contiguous(), rows.new_empty(shape), weight, None, stride, padding,
+            dilation, transposed, output_padding, groups, [True, False, False])
+        return grad
+
     def param_vjp(self, call, position, u):
         """Per-sample `uᵀ ∂out/∂W` `(B, k, *W.shape)` (VJP w.r.t. the weight per sample), and
         `uᵀ ∂out/∂bias` = u summed over positions."""
@@ -115,6 +130,33 @@ class ConvolutionRule(LinearMapRule):
             return torch.vmap(lambda c: pullback(c)[0])(ui)
 
         return torch.vmap(per_sample)(x, u)
+
+
+def _convolution_settings(call: OpCall):
+    """(stride, padding, dilation, transposed, output_padding, groups) of a convolution
+    node as `aten.convolution` takes them, each spatial setting one int per dimension; None
+    for an overload this does not cover (string padding, transposed conv*d overloads)."""
+    args, kwargs = call.arguments()
+    target, dims = call.node.target, len(call.in_shape(0)) - 1
+
+    def arg(index, name, default):
+        return args[index] if len(args) > index else kwargs.get(name, default)
+
+    def spatial(value):
+        value = [value] if isinstance(value, int) else list(value)
+        return value * dims if len(value) == 1 else value
+
+    if target is aten.convolution.default:
+        return (spatial(arg(3, "stride", 1)), spatial(arg(4, "padding", 0)),
+                spatial(arg(5, "dilation", 1)), bool(arg(6, "transposed", False)),
+                spatial(arg(7, "output_padding", 0)), int(arg(8, "groups", 1)))
+    if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
+        padding = arg(4, "padding", 0)
+        if isinstance(padding, str):
+            return None
+        return (spatial(arg(3, "stride", 1)), spatial(padding), spatial(arg(5, "dilation", 1)),
+                False, [0] * dims, int(arg(6, "groups", 1)))
+    return None
 
 
 @register(*POOLS, *RESAMPLING, *REDUCTIONS)

@@ -8,6 +8,7 @@ so an interrupted or failed run never leaves a file that looks finished
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,19 @@ class ResultsWriter:
             else:
                 self.create_dataset(group, field.name, (n_samples, *value.shape[1:]),
                                     value.dtype)
+
+    def create_shared_rows(self, group: h5py.Group, name: str, shape: tuple[int, int],
+                           dtype: np.dtype, bands: Iterable[tuple[int, np.ndarray]]) -> None:
+        """A shared dataset `(rows, columns)` written from `(first row, band)` pieces in
+        order, so the whole never has to be in memory (chunked and filtered like the other
+        datasets when compression is on)."""
+        self.check()
+        dtype = np.dtype(dtype)
+        options = ({"chunks": chunk_shape(shape, dtype.itemsize), **self._filters}
+                   if self._filters else {})
+        dataset = group.create_dataset(name, shape=shape, dtype=dtype, **options)
+        for first, band in bands:
+            dataset[first:first + len(band)] = band
 
     @staticmethod
     def write_encoded(group: h5py.Group, name: str, start: int,
