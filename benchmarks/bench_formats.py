@@ -1,7 +1,7 @@
 """Deployable formats on the operator graph: `.pt2` and TorchScript against the eager module.
 
 Every run is a whole command in its own process (`jaccli compute|spectrum|check ...`, or the
-peer script), timed by wall clock, with its peak resident memory (ru_maxrss) — what a user of
+peer script), timed by wall clock, with its peak resident memory (VmHWM) — what a user of
 the CLI waits for and pays. Cases (`--cases`):
 
 - `parity`: the sample CNN and the 784→1000→1000→1000→10 tanh MLP, per-layer Jacobians from
@@ -45,14 +45,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs one jaccli command in this process and reports its peak RSS on stderr's last line.
 _RUN_JACCLI = """
-import resource, sys
+import sys
 from jaccli.cli import main
 code = 0
 try:
     main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code or 0
-print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+def peak_kib():  # this process's own high-water RSS (ru_maxrss also counts the parent
+    # that spawned it: Linux carries the spawning mm's high-water mark across exec)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print("MAXRSS", peak_kib(), file=sys.stderr)
 sys.exit(code)
 """
 
@@ -78,9 +82,13 @@ def peer(pt2, x_path, out, eager_path):
                 f[name] = vmap(jacrev(m))(inputs[name]).detach().numpy()
 """
 _PEER_SCRIPT = _PEER + """
-import resource, sys
+import sys
 peer(*sys.argv[1:5])
-print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+def peak_kib():  # this process's own high-water RSS (ru_maxrss also counts the parent
+    # that spawned it: Linux carries the spawning mm's high-water mark across exec)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print("MAXRSS", peak_kib(), file=sys.stderr)
 """
 
 # Side by side in one process: `which` = jaccli | peer | both; prints one JSON line of

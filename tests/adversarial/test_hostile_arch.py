@@ -71,8 +71,10 @@ def test_huge_declared_layer_fails_before_allocating(tmp_path):
     spec = {"format": "jaccli-arch", "version": 1, "input_shape": [30000],
             "model": {"type": "Linear", "args": [30000, 30000]}}
     model = _self_describing(tmp_path / "huge.safetensors", spec)
-    script = ("import resource, sys\nfrom jaccli.cli import main\ntry:\n    main(sys.argv[2:])\n"
-              "finally:\n    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    # VmHWM, not ru_maxrss: the latter also counts the test worker that spawned the process
+    script = ("import sys\nfrom jaccli.cli import main\ntry:\n    main(sys.argv[2:])\n"
+              "finally:\n    peak = next(int(line.split()[1]) for line in open("
+              "'/proc/self/status') if line.startswith('VmHWM:'))\n"
               "    open(sys.argv[1], 'w').write(str(peak))\n")
     process = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "peak"), "inspect", str(model)],
@@ -80,7 +82,7 @@ def test_huge_declared_layer_fails_before_allocating(tmp_path):
         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert process.returncode == 1, process.stderr
     assert "2 missing (weight; bias)" in process.stderr
-    peak_bytes = int((tmp_path / "peak").read_text()) * 1024  # ru_maxrss is in KiB on Linux
+    peak_bytes = int((tmp_path / "peak").read_text()) * 1024  # VmHWM is in KiB
     assert peak_bytes < 1.5 * 2**30  # the weights alone would be 3.4 GiB
 
 
