@@ -193,9 +193,11 @@ def test_no_color_and_no_progress_in_pipelines():
 
 
 def test_help_and_show_do_not_import_torch(runs):
-    probe = ("import sys, runpy\nsys.argv = ['jaccli'] + sys.argv[1:]\ntry:\n"
-             "    runpy.run_module('jaccli', run_name='__main__')\nexcept SystemExit:\n"
-             "    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    # jaccli ends the process itself (without the interpreter's teardown) but runs the exit
+    # handlers first: the probe is one.
+    probe = ("import atexit, sys, runpy\nsys.argv = ['jaccli'] + sys.argv[1:]\n"
+             "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NO-TORCH',"
+             " file=sys.stderr))\nrunpy.run_module('jaccli', run_name='__main__')")
     for args in (["--help"], ["show", str(runs / "spec_orig.h5")],
                  ["show", str(runs / "jac_orig.h5"), "--json"]):
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True)
@@ -208,3 +210,16 @@ def test_readme_documents_the_gate():
     assert "docs/ci-example.yml" in readme
     assert re.search(r"jaccli check .*--max-spectral-norm", readme)
     assert Path(ROOT / "docs" / "ci-example.yml").is_file()
+
+
+def test_the_command_exits_with_its_code_and_flushed_output(tmp_path):
+    """`jaccli` ends its process itself: exit codes, stdout and the written file are whole."""
+    out = tmp_path / "r.h5"
+    done = jaccli_process("compute", MLP, DATA, "--limit", "4", "-o", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["n_samples"] == 4
+    assert jaccli.open_results(out).n_samples == 4
+    missing = jaccli_process("compute", str(tmp_path / "none.pt"), DATA)
+    assert (missing.returncode, missing.stdout) == (1, b"")
+    assert missing.stderr.decode().count("\n") == 1
+    assert jaccli_process("compute", "--no-such-option").returncode == 2
