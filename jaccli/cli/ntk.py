@@ -15,8 +15,10 @@ from .options import (
     BatchSizeOpt,
     CompressionLevelOpt,
     CompressionOpt,
+    ConstOpt,
     DeviceOpt,
     DtypeOpt,
+    InputOpt,
     JsonOpt,
     KeyOpt,
     LimitOpt,
@@ -61,6 +63,7 @@ def ntk(
         rich_help_panel=KERNEL)] = 10,
     model_output: ModelOutputOpt = None,
     arch: ArchOpt = None, arch_path: ArchPathOpt = None, trust_pickle: TrustPickleOpt = False,
+    input: InputOpt = None, const: ConstOpt = None,
     key: KeyOpt = None, offset: OffsetOpt = 0, limit: LimitOpt = None,
     batch_size: BatchSizeOpt = None, max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.float32, tf32: Tf32Opt = False,
@@ -76,7 +79,9 @@ def ntk(
     a C×C block, from each layer's structure (never the N×C×P Jacobians of linear layers).
 
     --offset, --limit and --key select the samples of DATA and DATA2 alike; --batch-size is
-    the block size (samples per block of pairs)."""
+    the block size (samples per block of pairs). A forward of several arguments: --input
+    NAME=FILE[:KEY] per-sample inputs (rows going with DATA's) and --const NAME=VALUE, both
+    held fixed (the kernel is over the parameters)."""
     from .render import stdout_console
 
     out = stdout_console(quiet)

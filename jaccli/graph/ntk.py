@@ -234,11 +234,12 @@ def output_count(engine: GraphEngine) -> int:
     return sum(engine.graph[o].numel for o in engine.outputs)
 
 
-def ntk_factors(engine: GraphEngine, x: torch.Tensor, routes: list[ParamRoute]
-                ) -> dict[str, Factor]:
+def ntk_factors(engine: GraphEngine, x: torch.Tensor, routes: list[ParamRoute],
+                held: tuple = ()) -> dict[str, Factor]:
     """Every route's factors for a batch `x (B, *in_shape)`: one forward, one reverse pass
-    with the C unit cotangents (`{qualified name: Factor}`)."""
-    diff = engine._differentiator(x)
+    with the C unit cotangents (`{qualified name: Factor}`). held: the batch's rows `(B, ...)`
+    of the graph's inputs held fixed (`graph.held`: a forward of several arguments)."""
+    diff = engine._differentiator(x, held)
     values = [diff.trace.values[o] for o in engine.outputs]
     b, c = x.shape[0], output_count(engine)
     basis = torch.eye(c, dtype=x.dtype, device=x.device)

@@ -243,6 +243,8 @@ class Operator(Structured):
 
     forward: rows `(M, D_in)` -> `(M, D_out)`; transpose: rows `(M, D_out)` -> `(M, D_in)`.
     Convolutions and pooling apply it through the op itself with the weight fixed.
+    exact_frobenius: `() -> ‖J‖_F` (a 0-d tensor) where the op knows it without forming J
+    (a convolution, from its weight); None otherwise (`frobenius` then forms J band by band).
     """
 
     shared = True
@@ -251,9 +253,11 @@ class Operator(Structured):
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor],
                  transpose: Callable[[torch.Tensor], torch.Tensor], d_out: int, d_in: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 exact_frobenius: Callable[[], torch.Tensor] | None = None):
         self.forward, self.transpose = forward, transpose
         self.d_out, self.d_in, self.dtype, self.device = d_out, d_in, dtype, device
+        self.exact_frobenius = exact_frobenius
         self._dense: torch.Tensor | None = None
         self._frobenius: torch.Tensor | None = None
 
@@ -303,7 +307,9 @@ class Operator(Structured):
 
     def frobenius(self, n):
         if self._frobenius is None:
-            if self._dense is not None:
+            if self.exact_frobenius is not None:
+                self._frobenius = self.exact_frobenius().to(self.dtype).reshape(1)
+            elif self._dense is not None:
                 self._frobenius = torch.linalg.matrix_norm(self._dense)
             else:  # band by band: the matrix is not formed for its norm
                 for _ in self.row_blocks():

@@ -47,7 +47,7 @@ class NtkRun:
     settings: NtkSettings
     inputs: Inputs
     second: DataSource | None
-    factors: Callable[[torch.Tensor], dict[str, Factor]]
+    factors: Callable[..., dict[str, Factor]]  # (x (B, ...), held rows (B, ...)) -> factors
     engine_path: str
     engine_note: str
     params: list[ParamPlan]
@@ -78,10 +78,13 @@ class NtkRun:
 def prepare_ntk(settings: NtkSettings) -> NtkRun:
     """Load, find the factors of every parameter on one sample, and plan the blocks."""
     guard_output(settings.output, settings.model, settings.data, settings.data2)
+    if settings.data2 is not None and settings.model.inputs:
+        raise UsageError("--input gives per-sample inputs that go with DATA's rows, and "
+                         "DATA2 has none: the cross kernel takes --const only; drop DATA2")
     inputs = load_inputs(settings.model, settings.data, settings.run)
     second = _second_data(settings, inputs) if settings.data2 is not None else None
     factors, path, note, hows, chosen = _factor_source(inputs, settings)
-    one = factors(inputs.example[:1])
+    one = factors(inputs.example[:1], tuple(h[:1] for h in inputs.held_example))
     if not one:
         raise UsageError("no parameter moves the model's outputs: its NTK is zero")
     itemsize = inputs.dtype.itemsize
@@ -116,7 +119,8 @@ def _second_data(settings: NtkSettings, inputs: Inputs) -> DataSource:
 
 
 def _factor_source(inputs: Inputs, settings: NtkSettings):
-    """`x (B, *in_shape) -> {param: Factor}`, on the operator graph or by module hooks; the
+    """`(x (B, *in_shape), held) -> {param: Factor}` (held: the rows `(B, ...)` of the
+    inputs `--input` holds fixed), on the operator graph or by module hooks; the
     engine's path and note; `{param: how}` in words (graph route); the model output(s) the
     kernel is of, in words (`--model-output`, chosen as `compute` chooses it)."""
     engine = make_engine(inputs, LayerSelection(include_layers=False, end_to_end=False,
@@ -129,9 +133,9 @@ def _factor_source(inputs: Inputs, settings: NtkSettings):
         if not routes:
             raise UsageError("the model has no parameters: its NTK is zero")
 
-        def on_graph(x):
+        def on_graph(x, held=()):
             with torch.no_grad():
-                return ntk_factors(engine.engine, x, routes)
+                return ntk_factors(engine.engine, x, routes, held)
 
         return (on_graph, engine.path, engine.note, {r.name: r.how for r in routes},
                 _chosen_output(list(engine.graph.outputs), [
@@ -142,7 +146,8 @@ def _factor_source(inputs: Inputs, settings: NtkSettings):
         raise UsageError(f"ntk needs the operator graph or module hooks, and {engine.note}")
     linear = frozenset(name for name, m in inputs.model.named_modules()
                        if loaded.type_name(name, m) == "Linear")
-    return ((lambda x: hook_factors(inputs.model, x, linear)), engine.path, engine.note, {},
+    return ((lambda x, held=(): hook_factors(inputs.model, x, linear)), engine.path,
+            engine.note, {},
             _hook_output(inputs))
 
 

@@ -52,8 +52,10 @@ def _blocks(run: NtkRun, sink: _Sink, on_block) -> None:
     rows, cols = _ranges(len(first_data), b), _ranges(len(other), b)
     cache: dict[int, dict] = {}
 
-    def factors(source, start, stop):
-        return run.factors(to_tensor(source.read(start, stop), inputs.device, inputs.dtype))
+    def factors(source, start, stop):  # DATA's rows go with those of the held inputs
+        held = inputs.held(start, stop) if source is first_data else ()
+        return run.factors(to_tensor(source.read(start, stop), inputs.device, inputs.dtype),
+                           held)
 
     def blocks(row, col, how):  # {layer: Θ_l}, or without --per-layer {"": Θ} at once
         if run.settings.per_layer:

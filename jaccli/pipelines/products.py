@@ -49,9 +49,6 @@ def prepare_products(settings: ProductSettings) -> PreparedProducts:
     s = settings
     if s.layer is not None and s.wrt == "params":
         raise UsageError("--layer goes with --wrt inputs")
-    if s.wrt == "params" and (s.model.inputs or s.model.constants):
-        raise UsageError("jvp/vjp --wrt params take models of one input; --input and --const "
-                         "go with --wrt inputs or --wrt NAME")
     guard_output(s.output, s.model, s.data, s.vectors)
     inputs = load_inputs(s.model, s.data, s.run)
     n = len(inputs.data)
@@ -87,7 +84,8 @@ def product_values(p: PreparedProducts) -> np.ndarray:
         stop = min(start + p.batch, n)
         x, held = inputs.batch(start, stop)
         v = p.vectors[start:stop] if p.vectors.shape[0] == n else p.vectors
-        product = (_param_product(s, inputs, p.engine, p.params, x, v) if p.params is not None
+        product = (_param_product(s, inputs, p.engine, p.params, x, v, held)
+                   if p.params is not None
                    else _input_product(s, p.engine, p.entry, x, v, held))
         products.append(product.detach().cpu())
     return torch.cat(products).to(torch.float64).numpy()
@@ -145,10 +143,16 @@ def _entry_name(settings: ProductSettings, engine: Engine) -> str | None:
     return settings.layer
 
 
+def _graph_only(inputs: Inputs) -> bool:
+    """Parameter products on the operator graph: a TorchScript model (torch.func cannot
+    call it), or a forward whose other inputs `--input`/`--const` hold fixed."""
+    return inputs.loaded.format is ModelFormat.TORCHSCRIPT or inputs.call is not None
+
+
 def _params(settings: ProductSettings, inputs: Inputs, engine: Engine):
-    """The selected parameters: graph names for a TorchScript model (torch.func cannot call
-    it), module parameters otherwise."""
-    if inputs.loaded.format is ModelFormat.TORCHSCRIPT:
+    """The selected parameters: graph names where the products run on the operator graph
+    (`_graph_only`), module parameters otherwise."""
+    if _graph_only(inputs):
         if not isinstance(engine, GraphRun):
             raise UsageError("--wrt params of a TorchScript model needs its operator graph, "
                              f"and {engine.note}")
@@ -190,16 +194,17 @@ def _input_product(settings: ProductSettings, engine: Engine, entry, x, v, held
     return (apply_j if settings.direction == "jvp" else apply_jt)(block)[:, :, 0]
 
 
-def _param_product(settings: ProductSettings, inputs: Inputs, engine: Engine, params, x, v
-                   ) -> torch.Tensor:
-    """Parameter tangents (jvp) or output cotangents (vjp), per sample. A TorchScript model
-    goes through its operator graph (for jvp: its per-sample parameter Jacobians, contracted)."""
+def _param_product(settings: ProductSettings, inputs: Inputs, engine: Engine, params, x, v,
+                   held: tuple = ()) -> torch.Tensor:
+    """Parameter tangents (jvp) or output cotangents (vjp), per sample. A TorchScript model,
+    or one called with inputs held fixed (`held`, rows `(B, ...)`), goes through its operator
+    graph (its per-sample parameter Jacobians, contracted)."""
     b = x.shape[0]
     v = v.to(device=x.device, dtype=x.dtype)
     shapes = [tuple(p.shape) if hasattr(p, "shape") else p[1] for p in params]
     names = [p.name if hasattr(p, "name") else p[0] for p in params]
     sizes = [math.prod(s) for s in shapes]
-    graph_only = inputs.loaded.format is ModelFormat.TORCHSCRIPT
+    graph_only = _graph_only(inputs)
     if settings.direction == "jvp":
         flat = v.reshape(-1)
         if flat.numel() != sum(sizes):
@@ -207,13 +212,13 @@ def _param_product(settings: ProductSettings, inputs: Inputs, engine: Engine, pa
                                      f"parameters have {sum(sizes)}")
         tangents = dict(zip(names, torch.split(flat, sizes), strict=True))
         if graph_only:
-            jac = engine.engine.param_jacobians(x, None, names)
+            jac = engine.engine.param_jacobians(x, None, names, held=held)
             return sum(jac[q].reshape(b, jac[q].shape[1], -1) @ t for q, t in tangents.items())
         return param_jvp(inputs.model, x, objective(), {
             q: t.reshape(s) for (q, t), s in zip(tangents.items(), shapes, strict=True)})
     u = v.expand(b, -1) if v.shape[0] == 1 else v
     if graph_only:
-        jac = engine.engine.param_jacobians(x, None, names)
+        jac = engine.engine.param_jacobians(x, None, names, held=held)
         grads = {q: torch.einsum("bc,bcp->bp", u, jac[q].reshape(b, u.shape[1], -1))
                  for q in names}
     else:

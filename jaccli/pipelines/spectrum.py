@@ -18,7 +18,7 @@ from ..spectra.exact import Spectrum, exact_spectrum
 from ..spectra.lanczos import hutchinson_frobenius, top_singular_values
 from ..spectra.plan import SpectrumEntry, plan_spectra
 from ..spectra.quantities import all_quantities
-from ..spectra.shared import SHARED_BLOCK, shared_max_steps, shared_top_singular_values
+from ..spectra.shared import SHARED_BLOCK, shared_max_steps
 from .common import (
     Inputs,
     check_independence,
@@ -31,6 +31,7 @@ from .memory import Term
 from .planner import Plan, in_effect, make_plan
 from .resources import baseline_memory, memory_budget, tf32_mode
 from .spectrum_output import EntryResult, summarize, write_spectra
+from .spectrum_shared import shared_lanczos
 
 # A Lanczos basis holds up to ~100 vectors per sample and Jacobian, three times over.
 KRYLOV_VECTORS = 100
@@ -241,7 +242,7 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
                 quantities
         return _complete(spectrum, entry)
     if entry.shared:
-        return _shared_lanczos(entry, run, x, held, cache)
+        return shared_lanczos(entry, run, x, held, cache)
     apply_j, apply_jt = run.engine.operator(entry.name, x, held)
     result = top_singular_values(apply_j, apply_jt, n=n, d_in=entry.d_in, d_out=entry.d_out,
                                  k=entry.k, dtype=x.dtype, device=x.device, tol=settings.tol,
@@ -257,35 +258,6 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
     quantities = {"spectral_norm": result.values[:, 0], "frobenius": frob,
                   "frobenius_se": frob_se,
                   "stable_rank": frob.square() / result.values[:, 0].square().clamp_min(1e-300)}
-    return spectrum, quantities
-
-
-def _shared_lanczos(entry: SpectrumEntry, run: SpectrumRun, x, held, cache
-                    ) -> tuple[Spectrum, dict[str, torch.Tensor]]:
-    """The top-k of a Jacobian that is the same for every sample: matrix-free Lanczos on the
-    operator at the batch's first sample, once for the run (kept in `cache`), every sample
-    given the same values."""
-    n, settings = x.shape[0], run.settings
-    if entry.name not in cache:
-        apply_j, apply_jt = run.engine.operator(entry.name, x[:1], tuple(h[:1] for h in held))
-        result, frob, frob_se = shared_top_singular_values(
-            apply_j, apply_jt, d_in=entry.d_in, d_out=entry.d_out, k=entry.k, dtype=x.dtype,
-            device=x.device, tol=settings.tol, max_steps=settings.max_steps,
-            probes=settings.probes)
-        cache[entry.name] = result, frob, frob_se
-    result, frob, frob_se = cache[entry.name]
-    top = result.values.expand(n, -1)
-    spectrum = Spectrum(top, False, "lanczos",
-                        f"top-{entry.k} of the shared operator (the same for every sample) by "
-                        f"matrix-free block Lanczos, once ({result.steps} Krylov vectors, "
-                        f"residual tolerance {result.tolerance:.1e}); Frobenius norm estimated "
-                        f"by Hutch++ from {settings.probes} probes (frobenius_se)",
-                        result.residuals.expand(n, -1), result.converged.expand(n, -1),
-                        result.tolerance)
-    quantities = {"spectral_norm": top[:, 0], "frobenius": frob.expand(n),
-                  "frobenius_se": frob_se.expand(n),
-                  "stable_rank": (frob.square() / result.values[:, 0].square()
-                                  .clamp_min(1e-300)).expand(n)}
     return spectrum, quantities
 
 

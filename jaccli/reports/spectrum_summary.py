@@ -114,7 +114,9 @@ def histogram(values: np.ndarray) -> dict:
     if flat.size == 0:
         return {"edges": [], "counts": []}
     low, high = float(flat.min()), float(flat.max())
-    # One value (an all-ones spectrum): one bin of width 1 holds it; min and max stay exact.
-    counts, edges = np.histogram(flat, bins=HISTOGRAM_BINS,
-                                 range=(low, high if high > low else low + 1.0))
+    # One value (an all-ones spectrum), or values a few ulps apart (a pooling's equal σ from
+    # Lanczos), for which 16 bins would not be finite-sized: one wide bin holds them; min and
+    # max stay exact.
+    top = high if high - low > 1e-9 * max(abs(low), abs(high)) else low + max(1.0, 1e-6 * abs(low))
+    counts, edges = np.histogram(flat, bins=HISTOGRAM_BINS, range=(low, top))
     return {"edges": edges.tolist(), "counts": counts.tolist(), "min": low, "max": high}

@@ -29,20 +29,23 @@ def shared_max_steps(k: int, dim: int) -> int:
 def shared_top_singular_values(apply_j: Apply, apply_jt: Apply, *, d_in: int, d_out: int,
                                k: int, dtype: torch.dtype, device: torch.device,
                                tol: float = 1e-8, max_steps: int | None = None,
-                               probes: int = 32) -> tuple[LanczosResult, torch.Tensor,
-                                                          torch.Tensor]:
+                               probes: int = 32, frobenius: torch.Tensor | None = None
+                               ) -> tuple[LanczosResult, torch.Tensor, torch.Tensor | None]:
     """(top-k by block Lanczos, ‖J‖_F, its standard error) of the one operator J.
 
     apply_j: `(1, D_in, b) -> (1, D_out, b)`; apply_jt: `(1, D_out, b) -> (1, D_in, b)`.
     The result has one row (`values (1, k)`, residuals and converged flags as in
-    `top_singular_values`); the Frobenius norm `(1,)` is a Hutch++ estimate from `probes`
-    products. max_steps: default `shared_max_steps(k, min(D_out, D_in))`.
+    `top_singular_values`); the Frobenius norm `(1,)` is `frobenius` when the caller knows
+    it exactly (standard error None), else a Hutch++ estimate from `probes` products.
+    max_steps: default `shared_max_steps(k, min(D_out, D_in))`.
     """
     dim = min(d_in, d_out)
     result = top_singular_values(apply_j, apply_jt, n=1, d_in=d_in, d_out=d_out, k=k,
                                  dtype=dtype, device=device, tol=tol,
                                  max_steps=max_steps or shared_max_steps(k, dim),
                                  block=SHARED_BLOCK)
+    if frobenius is not None:
+        return result, frobenius, None
     frob, frob_se = hutchinson_frobenius(apply_j, n=1, d_in=d_in, dtype=dtype, device=device,
                                          probes=probes, apply_jt=apply_jt)
     return result, frob, frob_se

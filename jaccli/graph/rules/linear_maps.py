@@ -78,7 +78,12 @@ class LinearMapRule(OpRule):
         def transpose(rows):
             return self._transpose(call, rows.reshape(-1, *out_shape)).reshape(-1, d_in)
 
-        return Operator(forward, transpose, d_out, d_in, call.output.dtype, call.output.device)
+        return Operator(forward, transpose, d_out, d_in, call.output.dtype, call.output.device,
+                        self._frobenius(call))
+
+    def _frobenius(self, call: OpCall):
+        """`() -> ‖J‖_F` without forming J, where the op allows it (convolutions); None."""
+        return None
 
     def jvp(self, call, position, v):
         b, k = v.shape[:2]
@@ -111,6 +116,23 @@ class ConvolutionRule(LinearMapRule):
             rows.contiguous(), rows.new_empty(shape), weight, None, stride, padding,
             dilation, transposed, output_padding, groups, [True, False, False])
         return grad
+
+    def _frobenius(self, call: OpCall):
+        """‖J‖_F² = Σ_{o,i} J_oi²: every entry of J is one weight entry w_k (the tap joining
+        input i to output o, at most one per pair) or 0, so J∘J is the same convolution
+        (stride, padding, dilation, groups, transposed or not; bias dropped) with w², and
+        ‖J‖_F² = 1ᵀ (J∘J) 1 is the sum of its output on an all-ones input — in float64."""
+        def frobenius() -> torch.Tensor:
+            ones = torch.ones(1, *call.in_shape(0), dtype=torch.float64,
+                              device=call.output.device)
+            square = call.values[1].detach().to(torch.float64).square()
+            args, kwargs = call.arguments({0: ones, 1: square}, overrides={2: None})
+            args = tuple(a.to(torch.float64) if isinstance(a, torch.Tensor)
+                         and a.is_floating_point() else a for a in args)
+            with torch.no_grad():
+                return call.node.target(*args, **kwargs).sum().sqrt()
+
+        return frobenius
 
     def param_vjp(self, call, position, u):
         """Per-sample `uᵀ ∂out/∂W` `(B, k, *W.shape)` (VJP w.r.t. the weight per sample), and

@@ -1,4 +1,5 @@
-"""The Python API: per-sample Jacobians and products of an in-memory model, no files involved.
+"""The Python API, input side: per-sample Jacobians, products and Hessian-vector products of
+an in-memory model, no files involved.
 
 Everything is batched over the first axis of `x` (N samples). With `create_graph=True` the
 results stay in the autograd graph of the model's parameters, so they can be used in a loss.
@@ -15,15 +16,15 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .engine.engine import END_TO_END, JacobianEngine
-from .engine.generic import per_sample_jacobian
-from .engine.structures import Structured
-from .errors import UnsupportedModuleError, UsageError
-from .graph.call_layout import call as call_model
-from .io.models import LoadedModel
-from .pipelines.model_inputs import TensorCall, tensor_call
-from .tracing.layers import trace_layers
-from .tracing.recorder import ForwardRecorder, first_tensor, run_model
+from ..engine.engine import END_TO_END, JacobianEngine
+from ..engine.generic import per_sample_jacobian
+from ..engine.structures import Structured
+from ..errors import UnsupportedModuleError, UsageError
+from ..graph.call_layout import call as call_model
+from ..io.models import LoadedModel
+from ..pipelines.model_inputs import TensorCall, tensor_call
+from ..tracing.layers import trace_layers
+from ..tracing.recorder import ForwardRecorder, first_tensor, run_model
 
 
 def _unwrap(model: nn.Module | LoadedModel) -> tuple[nn.Module, bool, object]:
@@ -37,8 +38,8 @@ def _engine(model: nn.Module | LoadedModel, x: torch.Tensor, *, granularity: str
             include_layers: bool = True, mode: str = "auto", call: TensorCall | None = None):
     """The engine the CLI would use for `model` at `x`: the operator graph, else hooks (not
     for a `call` with inputs held fixed or constants: they need the graph)."""
-    from .pipelines.engines import GraphRun, capture_graph
-    from .pipelines.hook_engine import HookRun
+    from ..pipelines.engines import GraphRun, capture_graph
+    from ..pipelines.hook_engine import HookRun
 
     module, hookable, type_name = _unwrap(model)
     loaded = model if isinstance(model, LoadedModel) else None
@@ -168,24 +169,6 @@ def jacobian(model: nn.Module | LoadedModel, x: torch.Tensor, *,
                                consts=consts, wrt=wrt)
 
 
-def param_jacobians(model: nn.Module | LoadedModel, x: torch.Tensor, *,
-                    output_index: int | None = None, targets: torch.Tensor | None = None,
-                    loss: str | None = None, params: Sequence[str] | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Per-sample Jacobians w.r.t. parameters: `{name: (N, C, *shape)}` of the outputs, or
-    `(N, *shape)` of one output entry (`output_index`) or a per-sample loss (`loss` with
-    `targets`; see `jaccli.params.objectives.LOSSES`)."""
-    from .params.jacobians import param_jacobians as compute
-    from .params.jacobians import select_params
-    from .params.objectives import check_targets, objective
-
-    module, _, _ = _unwrap(model)
-    if loss is not None and targets is not None:
-        check_targets(loss, targets, _output_shape(module, x))
-    return compute(module, x, objective(output_index=output_index, loss=loss), targets,
-                   select_params(module, params))
-
-
 def _operators(model, x: torch.Tensor, layer: str | None, call: TensorCall | None = None):
     x, held = (call.x, call.held) if call else (x, ())
     engine = _engine(model, x, end_to_end=layer is None, include_layers=layer is not None,
@@ -197,13 +180,9 @@ def _operators(model, x: torch.Tensor, layer: str | None, call: TensorCall | Non
 
 
 def _product_call(model, x, wrt: str, inputs, consts) -> TensorCall | None:
-    """`wrt` of jvp/vjp/hvp: "inputs", "params", or the name of the argument differentiated."""
-    if wrt == "params":
-        if inputs or consts:
-            raise UsageError('wrt="params" takes models of one input; inputs= and consts= go '
-                             'with wrt="inputs" or wrt=NAME')
-        return None
-    return tensor_call(model, x, inputs, consts, None if wrt == "inputs" else wrt)
+    """`wrt` of jvp/vjp/hvp: "inputs", "params", or the name of the argument differentiated
+    (with "params", every input is held fixed)."""
+    return tensor_call(model, x, inputs, consts, None if wrt in ("inputs", "params") else wrt)
 
 
 def jvp(model: nn.Module | LoadedModel, x: torch.Tensor, v, *, layer: str | None = None,
@@ -214,15 +193,22 @@ def jvp(model: nn.Module | LoadedModel, x: torch.Tensor, v, *, layer: str | None
     wrt="inputs": v `(N, D_in)` (or `(N, *in_shape)`); J is the end-to-end Jacobian, or the
     named layer's (then v lives in that layer's input space). Returns `(N, D_out)`.
     wrt=NAME: the same w.r.t. that forward argument (`inputs`/`consts`: the module's doc).
-    wrt="params": v maps parameter names to tangents; returns `(N, C)` of the outputs.
+    wrt="params": v maps parameter names to tangents; returns `(N, C)` of the outputs
+    (`inputs`/`consts` held fixed: contracted from the per-sample parameter Jacobians of the
+    operator graph).
     """
     module, _, _ = _unwrap(model)
     call = _product_call(model, x, wrt, inputs, consts)
     if wrt == "params":
-        from .params.jacobians import param_jvp
-        from .params.objectives import objective
+        from ..params.jacobians import param_jvp
+        from ..params.objectives import objective
+        from .params import _graph_param_jacobians
 
-        return param_jvp(module, x, objective(), v)
+        if call is None:
+            return param_jvp(module, x, objective(), v)
+        jac = _graph_param_jacobians(model, call, objective(), None, None, list(v))
+        return sum(j.reshape(*j.shape[:2], -1) @ v[q].reshape(-1, 1).to(j.dtype)
+                   for q, j in jac.items())[:, :, 0]
     apply_j, _ = _operators(model, x, layer, call)
     return apply_j(v.reshape(x.shape[0], -1, 1).to(x.dtype))[:, :, 0]
 
@@ -234,15 +220,20 @@ def vjp(model: nn.Module | LoadedModel, x: torch.Tensor, u: torch.Tensor, *,
 
     wrt="inputs" (or NAME, as for `jvp`): returns `(N, D_in)` (end-to-end, or the named
     layer's). wrt="params": returns `{name: (N, *shape)}`, the per-sample gradients of
-    `uᵢ · outputᵢ`.
+    `uᵢ · outputᵢ` (`inputs`/`consts` held fixed, as for `jvp`).
     """
     module, _, _ = _unwrap(model)
     call = _product_call(model, x, wrt, inputs, consts)
     if wrt == "params":
-        from .params.jacobians import param_vjp
-        from .params.objectives import objective
+        from ..params.jacobians import param_vjp
+        from ..params.objectives import objective
+        from .params import _graph_param_jacobians
 
-        return param_vjp(module, x, objective(), u)
+        if call is None:
+            return param_vjp(module, x, objective(), u)
+        jac = _graph_param_jacobians(model, call, objective(), None, None, None)
+        u = u.reshape(x.shape[0], -1).to(call.x.dtype)
+        return {q: torch.einsum("nc,nc...->n...", u, j) for q, j in jac.items()}
     _, apply_jt = _operators(model, x, layer, call)
     return apply_jt(u.reshape(x.shape[0], -1, 1).to(x.dtype))[:, :, 0]
 
@@ -257,9 +248,9 @@ def hvp(model: nn.Module | LoadedModel, x: torch.Tensor, v: torch.Tensor, *,
     wrt="inputs": each sample's H_i w.r.t. its input; v and the result are `(N, D_in)`.
     `inputs`/`consts` (the module's doc) are held fixed; wrt=NAME: H_i w.r.t. that argument.
     """
-    from .params.hessian import inputs_hvp, params_hvp
-    from .params.jacobians import select_params
-    from .params.objectives import check_targets, per_sample_loss
+    from ..params.hessian import inputs_hvp, params_hvp
+    from ..params.jacobians import select_params
+    from ..params.objectives import check_targets, per_sample_loss
 
     module, _, _ = _unwrap(model)
     call = tensor_call(model, x, inputs, consts, None if wrt in ("params", "inputs") else wrt)
@@ -278,60 +269,6 @@ def hvp(model: nn.Module | LoadedModel, x: torch.Tensor, v: torch.Tensor, *,
     return operator(v.reshape(x.shape[0], -1, 1).to(x.dtype))[:, :, 0]
 
 
-def ntk(model: nn.Module | LoadedModel, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
-        trace: bool = False, per_layer: bool = False, diagonal: bool = False,
-        create_graph: bool = False):
-    """The empirical neural tangent kernel Θ(x1, x2) = J_θ(x1) J_θ(x2)ᵀ over all parameters,
-    from per-parameter structured contractions on the operator graph (`jaccli.graph.ntk`,
-    `jaccli.params.ntk`), never forming J_θ `(N, C, P)` for linear weights.
-
-    x1: `(N, *in_shape)`, x2: `(M, *in_shape)` (default x1). Returns `(N, M, C, C)`, or
-    `(N, M)` with `trace=True` (Σ_c Θ_cc), or `(N, C, C)` with `diagonal=True` (Θ(xᵢ, xᵢ));
-    with `per_layer=True`, `(Θ, {layer: Θ_l})` with Σ_l Θ_l = Θ (layer: the module owning
-    the parameters). A model whose graph cannot be captured takes the hook route
-    (`jaccli.params.ntk_hooks`). Without `create_graph` the result carries no autograd graph;
-    with it, Θ is differentiable w.r.t. x1, x2 (when they require grad) and the parameters
-    (computed on module hooks, whose factors keep the graph: e.g. a penalty on trace Θ).
-    """
-    from .pipelines.engines import GraphRun
-
-    mode = "diagonal" if diagonal else "trace" if trace else "full"
-    module, hookable, _ = _unwrap(model)
-    if not create_graph:
-        engine = _engine(model, x1, end_to_end=False, include_layers=False)
-        if isinstance(engine, GraphRun):
-            total, parts = ntk_kernel(engine.engine, x1, x2, mode)
-            return (total, parts) if per_layer else total
-        note = engine.note
-    else:
-        note = "create_graph=True needs module hooks"
-    if not hookable or isinstance(module, torch.jit.ScriptModule):
-        raise UsageError(f"ntk needs the operator graph or module hooks, and {note} "
-                         "(a TorchScript model has none)")
-    from .params.ntk_hooks import hook_ntk
-
-    linear = frozenset(name for name, m in module.named_modules()
-                       if isinstance(model, LoadedModel) and model.type_name(name, m) == "Linear")
-    parts = hook_ntk(module, x1, x2, mode=mode, linear=linear, create_graph=create_graph)
-    total = sum(parts.values())
-    return (total, parts) if per_layer else total
-
-
-def ntk_kernel(engine, x1: torch.Tensor, x2: torch.Tensor | None, mode: str
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Θ and its per-layer parts for a captured `GraphEngine` (mode: `full`, `trace`,
-    `diagonal`); the route of each linear weight by the cost model of `jaccli.params.ntk`."""
-    from .graph.ntk import ntk_factors, param_routes
-    from .params.ntk import layer_parts
-
-    routes = param_routes(engine)
-    with torch.no_grad():
-        first = ntk_factors(engine, x1, routes)
-        second = None if x2 is None or mode == "diagonal" else ntk_factors(engine, x2, routes)
-        parts = layer_parts(first, second, mode)
-    return sum(parts.values()), parts
-
-
 def _output_shape(module: nn.Module, x: torch.Tensor, layout=None, held: tuple = ()
                   ) -> tuple[int, ...]:
     with torch.no_grad():
@@ -340,4 +277,4 @@ def _output_shape(module: nn.Module, x: torch.Tensor, layout=None, held: tuple =
 
 
 __all__ = ["END_TO_END", "end_to_end_jacobian", "hvp", "jacobian", "jvp", "layer_jacobians",
-           "list_layers", "ntk", "param_jacobians", "vjp"]
+           "list_layers", "vjp"]
