@@ -608,3 +608,21 @@ def test_inspect_with_inputs_lists_the_layers_of_the_wrt_path(folder):
     result = _run(["inspect", *gated, "--input-shape", "5", "--input", y])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "needs --data" in lines[0], lines
+
+
+def test_two_input_program_exported_for_a_fixed_batch(folder):
+    """A `.pt2` of a two-input model exported for batch 4 (no dynamic shapes) runs on 6
+    samples with --input, and matches float64 autograd."""
+    model = _model("gated").double()
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    y = torch.from_numpy(np.load(folder / "more.npz")["y"])
+    program = torch.export.export(model, (x[:4], y[:4]))
+    torch.export.save(program, folder / "gated_static.pt2")
+    out = folder / "gated_static.h5"
+    result = _run(["compute", folder / "gated_static.pt2", folder / "x.npy", "--input",
+                   f"y={folder / 'more.npz'}:y", "--dtype", "float64", "-q", "-o", out])
+    assert result.exit_code == 0, result.output
+    expected = _reference(model, [x, y], 0)
+    got = _end_to_end(out)
+    assert got.shape == expected.shape == (N, 2, 5)
+    assert np.abs(got - expected).max() < 1e-12 * max(1.0, np.abs(expected).max())

@@ -170,7 +170,9 @@ def _user_input(program: ExportedProgram):
 
 def _from_program(program: ExportedProgram, example: torch.Tensor, call: _Call) -> OpGraph:
     if call.layout is not None:  # re-exported with the held inputs' batch axes dynamic too
-        return _from_module(_with_frames(program.module()), example, call,
+        # A program exported for a fixed batch guards its inputs' sizes: without the guards
+        # its module traces again at any batch, unless its shapes depend on that size.
+        return _from_module(_with_frames(program.module(check_guards=False)), example, call,
                             paths=("program-reexported", "program-static"),
                             origin="the program")
     val = _user_input(program)

@@ -142,6 +142,11 @@ def _load_export(path: Path, trust_pickle: bool) -> LoadedModel:
         batch = shapes[0][0]
         static_batch = batch if isinstance(batch, int) else None
         input_shape = tuple(int(d) for d in shapes[0][1:])
+    elif shapes and all(len(shape) >= 1 for shape in shapes):
+        # several inputs: exported for one batch size when every input leads with it
+        leading = [shape[0] for shape in shapes]
+        if all(isinstance(size, int) for size in leading) and len(set(leading)) == 1:
+            static_batch = leading[0] if leading[0] > 1 else None
     types = {}
     for node in program.graph.nodes:
         for qualified_name, type_path in node.meta.get("nn_module_stack", {}).values():
