@@ -2,6 +2,7 @@
 
 import json
 
+import h5py
 import jsonschema
 import numpy as np
 import pytest
@@ -223,3 +224,36 @@ def test_show_summarises_products_and_hessian_files(tmp_path):
         table = runner.invoke(app, ["show", str(out)])
         assert table.exit_code == 0 and "upgrade" not in table.output
         assert table.stdout.startswith(f"jaccli {name}:"), table.stdout
+
+
+def test_per_input_hessian_estimates_do_not_depend_on_the_batch_size(tmp_path):
+    """`hessian --wrt inputs`: each sample's trace estimate comes from probes drawn from its
+    index in the data, so --batch-size does not change it (an estimate from 4 probes, near
+    the exact trace)."""
+    model = small_model()
+    spec = {"format": "jaccli-arch", "version": 1, "input_shape": [4],
+            "model": {"type": "Sequential", "children": [
+                {"type": "Linear", "args": [4, 6]}, {"type": "Tanh"},
+                {"type": "Linear", "args": [6, 3]}]}}
+    jaccli.save_model(model, spec, tmp_path / "m.safetensors")
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 4)))
+    t = torch.tensor([0, 1, 2, 0, 1])
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "t.npy", t.numpy())
+    traces = {}
+    for batch in (5, 2):
+        out = tmp_path / f"h{batch}.h5"
+        run = runner.invoke(app, ["hessian", str(tmp_path / "m.safetensors"),
+                                  str(tmp_path / "x.npy"), "--dtype", "float64", "--targets",
+                                  str(tmp_path / "t.npy"), "--loss", "cross-entropy", "--wrt",
+                                  "inputs", "--top-k", "1", "--probes", "4", "--batch-size",
+                                  str(batch), "-q", "-o", str(out)])
+        assert run.exit_code == 0, run.output
+        with h5py.File(out) as f:
+            traces[batch] = f["hessian_results/hessian/trace"][:]
+    np.testing.assert_allclose(traces[2], traces[5], rtol=1e-12)
+    loss = per_sample_loss("cross-entropy")
+    exact = torch.stack([torch.trace(torch.autograd.functional.hessian(
+        lambda z, i=i: loss(model(z[None]), t[i:i + 1])[0], x[i])) for i in range(5)])
+    assert not np.allclose(traces[5], exact.numpy(), rtol=1e-3)  # 4 probes: an estimate
+    np.testing.assert_allclose(traces[5], exact.numpy(), atol=0.2)

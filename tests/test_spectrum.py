@@ -206,3 +206,31 @@ def test_planner_sends_a_conv_too_large_to_decompose_to_lanczos():
     circular = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular")).eval()
     (entry,) = entries(circular, x)
     assert entry.method == "fft" and entry.complete
+
+
+def test_estimates_of_a_sample_do_not_depend_on_its_batch(tmp_path):
+    """A sample's Lanczos start block and Hutch++ probes are drawn from its index in the data:
+    its Frobenius estimate is the same with any batch size and offset, and near the truth."""
+    spec = {"input_shape": [40], "model": {"type": "Sequential", "children": [
+        {"type": "Linear", "args": [40, 30]}, {"type": "Tanh"},
+        {"type": "Linear", "args": [30, 20]}]}}
+    model = jaccli.build_model(spec).eval()
+    jaccli.save_model(model, spec, tmp_path / "m.safetensors")
+    x = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    np.save(tmp_path / "x.npy", x.numpy())
+    per_sample = {}
+    for batch, offset in ((6, 0), (4, 0), (1, 0), (2, 2)):
+        out = tmp_path / f"s{batch}_{offset}.h5"
+        run_spectrum(spectrum_settings(model=tmp_path / "m.safetensors", output=out,
+                                       data=tmp_path / "x.npy", dtype="float64", top_k=2,
+                                       tol=1e-12, layers=["1"], batch_size=batch,
+                                       offset=offset))
+        with h5py.File(out) as f:
+            assert f["end_to_end"].attrs["method"] == "lanczos"
+            per_sample[batch, offset] = f["end_to_end/frobenius"][:]
+    # equal up to the rounding of batched products (a new draw would move them by ~1e-2)
+    np.testing.assert_allclose(per_sample[4, 0], per_sample[6, 0], rtol=1e-13)
+    np.testing.assert_allclose(per_sample[1, 0], per_sample[6, 0], rtol=1e-13)
+    np.testing.assert_allclose(per_sample[2, 2], per_sample[6, 0][2:], rtol=1e-13)
+    truth = torch.linalg.matrix_norm(reference_jacobian(model.double(), x)).numpy()
+    np.testing.assert_allclose(per_sample[6, 0], truth, rtol=0.15)

@@ -9,7 +9,7 @@ w.r.t. the parameters: the Hessian of the mean per-sample loss over the whole da
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,13 +137,17 @@ def hessian_spectrum(operator: Callable[[torch.Tensor], torch.Tensor], *, batch:
                      k: int, probes: int, dtype: torch.dtype, device: torch.device,
                      tol: float = 1e-8, which: str = "largest", density_probes: int = 0,
                      density_steps: int = 60, seed: int = 0,
-                     trace_method: str = "hutch++") -> HessianSpectrum:
+                     trace_method: str = "hutch++",
+                     indices: Sequence[int] | None = None) -> HessianSpectrum:
     """Top-k eigenvalues, trace (`trace_method`: "hutch++" or "hutchinson", `probes`
-    products) and (optionally) SLQ density of `operator` `(B, dim, b) -> (B, dim, b)`."""
+    products) and (optionally) SLQ density of `operator` `(B, dim, b) -> (B, dim, b)`;
+    `indices`: the samples' indices in the data, which draw their random vectors (a per-sample
+    Hessian's estimates then do not depend on the batch it is in)."""
     top = top_eigenvalues(operator, n=batch, dim=dim, k=k, dtype=dtype, device=device,
-                          which=which, tol=tol, seed=seed)
+                          which=which, tol=tol, seed=seed, indices=indices)
     trace, trace_se = hutchinson_trace(operator, n=batch, dim=dim, dtype=dtype, device=device,
-                                       probes=probes, seed=seed + 1, method=trace_method)
+                                       probes=probes, seed=seed + 1, method=trace_method,
+                                       indices=indices)
     density = None
     if density_probes and batch == 1:
         nodes, weights = [], []

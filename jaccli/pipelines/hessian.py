@@ -97,7 +97,8 @@ def run_hessian(settings: HessianSettings, *, launch: Launch | None = None) -> d
                     inputs_hvp(inputs.model, loss, x_all[start:stop], t_all[start:stop],
                                held=held, arguments=arguments),
                     batch=stop - start, dim=dim, k=settings.top_k, probes=settings.probes,
-                    dtype=inputs.dtype, device=inputs.device, which=settings.which))
+                    dtype=inputs.dtype, device=inputs.device, which=settings.which,
+                    indices=inputs.data.indices[start:stop]))
             return HessianSpectrum.concatenate(parts)
 
         if launch is None:

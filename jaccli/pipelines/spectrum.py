@@ -161,7 +161,8 @@ def spectrum_parts(run: SpectrumRun, *, on_batch=None) -> SpectrumParts:
                                        held=held) if structured else {}
             for i, entry in enumerate(run.entries):
                 begin = time.perf_counter()
-                spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, held, cache)
+                spectrum, quantities = _entry_spectrum(entry, run, jacobians, x, held, cache,
+                                                       data.indices[start:stop])
                 results[entry.name].add(spectrum, quantities)
                 results[entry.name].seconds += time.perf_counter() - begin
                 if on_batch is not None:  # a share of the batch per layer decomposed
@@ -221,7 +222,7 @@ def _all_layers(run: SpectrumRun) -> bool:
 
 
 def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x, held,
-                    cache) -> tuple[Spectrum, dict[str, torch.Tensor]]:
+                    cache, indices) -> tuple[Spectrum, dict[str, torch.Tensor]]:
     n = x.shape[0]
     settings = run.settings
     if entry.method == "fft":
@@ -246,10 +247,10 @@ def _entry_spectrum(entry: SpectrumEntry, run: SpectrumRun, structured: dict, x,
     apply_j, apply_jt = run.engine.operator(entry.name, x, held)
     result = top_singular_values(apply_j, apply_jt, n=n, d_in=entry.d_in, d_out=entry.d_out,
                                  k=entry.k, dtype=x.dtype, device=x.device, tol=settings.tol,
-                                 max_steps=settings.max_steps)
+                                 max_steps=settings.max_steps, indices=indices)
     frob, frob_se = hutchinson_frobenius(apply_j, n=n, d_in=entry.d_in, dtype=x.dtype,
                                          device=x.device, probes=settings.probes,
-                                         apply_jt=apply_jt)
+                                         apply_jt=apply_jt, indices=indices)
     spectrum = Spectrum(result.values, False, "lanczos",
                         f"top-{entry.k} by matrix-free Lanczos ({result.steps} Krylov vectors, "
                         f"residual tolerance {result.tolerance:.1e}); Frobenius norm estimated "

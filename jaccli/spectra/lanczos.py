@@ -13,12 +13,13 @@ one; a zero eigenvalue has a finite (zero) residual.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import UsageError
+from .draws import SampleDraws
 from .threads import decomposition_threads
 from .trace import hutchinson_frobenius, hutchinson_trace
 
@@ -69,7 +70,7 @@ class LanczosResult:
 def top_singular_values(apply_j: Apply, apply_jt: Apply, *, n: int, d_in: int, d_out: int,
                         k: int, dtype: torch.dtype, device: torch.device, tol: float = 1e-8,
                         max_steps: int | None = None, block: int | None = None,
-                        seed: int = 0) -> LanczosResult:
+                        seed: int = 0, indices: Sequence[int] | None = None) -> LanczosResult:
     """The k largest singular values of each sample's J, by block Lanczos on the smaller
     Gram side (J Jᵀ or Jᵀ J).
 
@@ -82,7 +83,7 @@ def top_singular_values(apply_j: Apply, apply_jt: Apply, *, n: int, d_in: int, d
     else:
         dim, operator = d_in, (lambda v: apply_jt(apply_j(v)))  # Jᵀ J
     result = top_eigenvalues(operator, n=n, dim=dim, k=k, dtype=dtype, device=device, tol=tol,
-                             max_steps=max_steps, block=block, seed=seed)
+                             max_steps=max_steps, block=block, seed=seed, indices=indices)
     result.values = result.values.clamp_min(0).sqrt()
     return result
 
@@ -90,7 +91,7 @@ def top_singular_values(apply_j: Apply, apply_jt: Apply, *, n: int, d_in: int, d
 def top_eigenvalues(operator: Apply, *, n: int, dim: int, k: int, dtype: torch.dtype,
                     device: torch.device, which: str = "largest", tol: float = 1e-8,
                     max_steps: int | None = None, block: int | None = None,
-                    seed: int = 0) -> LanczosResult:
+                    seed: int = 0, indices: Sequence[int] | None = None) -> LanczosResult:
     """The k extreme eigenvalues of each sample's symmetric operator A, by block Lanczos with
     full re-orthogonalization, per-sample deflation and Rayleigh–Ritz.
 
@@ -101,6 +102,8 @@ def top_eigenvalues(operator: Apply, *, n: int, dim: int, k: int, dtype: torch.d
     max_steps: cap on the Krylov basis size (default `default_max_steps(k, dim)`).
     block: vectors per Krylov step (default `min(max(k, 2), 8)`); a block of b resolves
         eigenvalues of multiplicity up to b, which a single vector cannot.
+    seed, indices: each sample's start block comes from `seed` and its index in the data
+        (`indices`, default 0..N-1), not from its place in the batch (`SampleDraws`).
     """
     if which not in _WHICH:
         raise UsageError(f"which must be one of {', '.join(_WHICH)}, not {which!r}")
@@ -116,7 +119,7 @@ def top_eigenvalues(operator: Apply, *, n: int, dim: int, k: int, dtype: torch.d
     projected = torch.zeros(n, cap, cap, dtype=dtype, device=device)  # basisᵀ A basis
     norm_bound = torch.zeros(n, dtype=dtype, device=device)  # max ‖A q‖ so far, ≤ ‖A‖
     found = _Found(n, k, dtype, device)
-    q = torch.linalg.qr(_random(n, dim, b, generator, dtype, device)).Q
+    q = torch.linalg.qr(SampleDraws(n, seed, indices).normal(dim, b, dtype, device)).Q
     m = checked = 0
     while True:
         width = q.shape[2]
