@@ -222,7 +222,8 @@ def make_plan(engine: Engine, *, n_samples: int, dtype: torch.dtype,
     itemsize = torch.empty((), dtype=dtype).element_size()
     entries = [PlanEntry(e.name, e.type_name, e.input_shape, e.output_shape, e.rule,
                          e.structure, e.mode,
-                         *stored_bytes(e.structure, e.d_out, e.d_in, itemsize, store),
+                         *stored_bytes(e.structure, e.d_out, e.d_in, itemsize, store,
+                                       kernel=getattr(e, "kernel", None)),
                          entry_kind=e.kind, members=e.members, note=e.note)
                for e in engine.entries]
     entries += extra or []
