@@ -186,6 +186,12 @@ def test_merged_shards_keep_the_kernel_once(tmp_path):
         assert result.exit_code == 0, result.output
         rows = json.loads(result.stdout)
         assert "0" in json.dumps(rows)
+    result = invoke("show", merged, "--layer", "0", "--sample", 3, "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["encoding"] == "convolution"
+    np.testing.assert_allclose(np.asarray(shown["jacobian"]),
+                               autograd_jacobian(model[0], x[3]), rtol=1e-12, atol=1e-14)
     expected = np.linalg.norm(autograd_jacobian(model[0], x[0]))
     selected = ["--layers", "0"]
     result = invoke("check", merged, "--max-frobenius", expected * 1.001, "--json", *selected)
