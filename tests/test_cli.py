@@ -90,7 +90,8 @@ def test_inspect_lists_layers_without_data(tmp_path, cnn):
     first = plan["entries"][0]
     assert (first["name"], first["d_in"], first["d_out"]) == ("features.0", 72, 108)
     assert (first["rule"], first["structure"]) == ("convolution", "shared-operator")
-    assert first["bytes_per_sample"] == 0 and first["shared_bytes"] == 72 * 108 * 4
+    # one convolution: stored as its kernel (3 x 2 x 3 x 3 float32), not its 108 x 72 matrix
+    assert first["bytes_per_sample"] == 0 and first["shared_bytes"] == 3 * 2 * 3 * 3 * 4
     result = invoke("inspect", tmp_path / "cnn.safetensors", "--input-shape", "2,7,7")
     assert result.exit_code == 0 and "features.0" in result.stdout
 

@@ -187,13 +187,14 @@ def test_dense_store_matches_compact_store(tmp_path, cnn):
 
 
 @pytest.mark.parametrize(("compression", "filter_name"), [("none", None), ("gzip", "gzip")])
-def test_convolution_matrix_is_streamed_in_the_shared_encoding(tmp_path, compression,
-                                                                filter_name):
-    """A convolution's shared operator is written band by band (never formed whole): the
-    file holds the documented `shared` matrix, equal to the autograd Jacobian, and ‖J‖_F."""
+def test_shared_operator_matrix_is_streamed_and_convolution_stored_as_kernel(
+        tmp_path, compression, filter_name):
+    """A pooling's shared operator is written band by band (never formed whole) as the
+    documented `shared` matrix; a convolution as its kernel and geometry (`convolution`):
+    both read back equal to the autograd Jacobian, with ‖J‖_F."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),
-                                torch.nn.Tanh()).double().eval()
+                                torch.nn.Tanh(), torch.nn.AvgPool2d(2)).double().eval()
     program = torch.export.export(model, (torch.randn(2, 2, 7, 7, dtype=torch.float64),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, tmp_path / "conv.pt2")
@@ -203,18 +204,23 @@ def test_convolution_matrix_is_streamed_in_the_shared_encoding(tmp_path, compres
     run_compute(compute_settings(model=tmp_path / "conv.pt2", data=tmp_path / "x.npy",
                                  output=out, dtype="float64", batch_size=2,
                                  compression=compression, end_to_end=False))
-    conv = model[0]
+    conv, pool = model[0], model[2]
     expected = torch.autograd.functional.jacobian(
         lambda v: conv(v[None])[0], torch.from_numpy(x[0])).reshape(3 * 4 * 4, 2 * 7 * 7)
+    pooled = torch.autograd.functional.jacobian(
+        lambda v: pool(v[None])[0], torch.zeros(3, 4, 4, dtype=torch.float64)).reshape(12, 48)
     with h5py.File(out) as f:
         group = f["layers/0"]
-        assert group.attrs["encoding"] == "shared"
-        assert group["matrix"].shape == (48, 98)
-        assert group["matrix"].compression == filter_name
-        np.testing.assert_allclose(group["matrix"][:], expected.numpy(), rtol=1e-12,
-                                   atol=1e-14)
+        assert group.attrs["encoding"] == "convolution" and "matrix" not in group
+        np.testing.assert_array_equal(group["kernel"][:], conv.weight.detach().numpy())
+        assert list(group.attrs["stride"]) == [2, 2] and list(group.attrs["padding"]) == [1, 1]
         np.testing.assert_allclose(group["frobenius"][:],
                                    np.full(5, float(expected.norm())), rtol=1e-12)
+        group = f["layers/2"]
+        assert group.attrs["encoding"] == "shared"
+        assert group["matrix"].shape == (12, 48)
+        assert group["matrix"].compression == filter_name
+        np.testing.assert_allclose(group["matrix"][:], pooled.numpy(), rtol=1e-12, atol=1e-14)
     with jaccli.open_results(out) as results:
         np.testing.assert_allclose(np.asarray(results.layer("0").jacobian),
                                    np.broadcast_to(expected.numpy(), (5, 48, 98)), rtol=1e-12,

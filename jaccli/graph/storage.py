@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.structures import Diagonal, Matrix, RowScaled, Selection, Structured
+from .convolution import GEOMETRY, from_attrs
 from .structures import Gather, Identity, Kronecker, Operator
 
 
@@ -61,4 +62,10 @@ def from_compact(tag: str, arrays: dict[str, torch.Tensor], d_in: int,
         if tag == "shared-gather":
             index, weight = index[None], weight[None]
         return Gather(index, weight, d_in)
+    if tag == "convolution":  # the geometry arrives as small tensors beside the kernel
+        geometry = {name: torch.as_tensor(arrays[name]).reshape(-1).tolist()
+                    for name in GEOMETRY}
+        geometry["groups"], geometry["transposed"] = (geometry["groups"][0],
+                                                      geometry["transposed"][0])
+        return from_attrs(arrays["kernel"].to(dtype), geometry).operator(dtype)
     raise ValueError(f"no structure is stored as {tag!r}")

@@ -245,6 +245,8 @@ class Operator(Structured):
     Convolutions and pooling apply it through the op itself with the weight fixed.
     exact_frobenius: `() -> ‖J‖_F` (a 0-d tensor) where the op knows it without forming J
     (a convolution, from its weight); None otherwise (`frobenius` then forms J band by band).
+    convolution: the `jaccli.graph.convolution.Convolution` this map is, when it is exactly one
+    convolution of a fixed weight (stored compactly as its kernel); None otherwise.
     """
 
     shared = True
@@ -254,8 +256,10 @@ class Operator(Structured):
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor],
                  transpose: Callable[[torch.Tensor], torch.Tensor], d_out: int, d_in: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu",
-                 exact_frobenius: Callable[[], torch.Tensor] | None = None):
+                 exact_frobenius: Callable[[], torch.Tensor] | None = None,
+                 convolution=None):
         self.forward, self.transpose = forward, transpose
+        self.convolution = convolution
         self.d_out, self.d_in, self.dtype, self.device = d_out, d_in, dtype, device
         self.exact_frobenius = exact_frobenius
         self._dense: torch.Tensor | None = None

@@ -222,7 +222,8 @@ def make_plan(engine: Engine, *, n_samples: int, dtype: torch.dtype,
     itemsize = torch.empty((), dtype=dtype).element_size()
     entries = [PlanEntry(e.name, e.type_name, e.input_shape, e.output_shape, e.rule,
                          e.structure, e.mode,
-                         *stored_bytes(e.structure, e.d_out, e.d_in, itemsize, store),
+                         *stored_bytes(e.structure, e.d_out, e.d_in, itemsize, store,
+                                       kernel=getattr(e, "kernel", None)),
                          entry_kind=e.kind, members=e.members, note=e.note)
                for e in engine.entries]
     entries += extra or []
@@ -271,9 +272,13 @@ def memory_terms(engine: Engine, entries: list[PlanEntry], itemsize: int, effect
     streamed = effect.writing and effect.store == "compact"
     shared_entries = [e for e in entries if e.shared_bytes
                       and not (streamed and e.structure == "shared-operator")]
+    # In memory a shared operator is its matrix once formed (a norm without a file, a
+    # decomposition), whatever it takes on disk (a convolution: its kernel).
+    held_shared = {e.name: (e.d_out * e.d_in * itemsize if e.structure == "shared-operator"
+                            else e.shared_bytes) for e in shared_entries}
     # Forming the largest shared matrix (chunk and op workspace) and taking its norm (a
     # temporary as large as the matrix) happen one matrix at a time.
-    forming = max((e.shared_bytes for e in shared_entries), default=0) + (
+    forming = max(held_shared.values(), default=0) + (
         FORMING_WORKSPACE * FORM_CHUNK * itemsize if any(
             e.structure == "shared-operator" for e in entries) else 0)
     widest = max(held.accumulation.items(), key=lambda kv: kv[1], default=(None, 0))
@@ -282,7 +287,7 @@ def memory_terms(engine: Engine, entries: list[PlanEntry], itemsize: int, effect
         forming_fixes.append("--granularity module")
     shared_fixes = list(layers) + (["--no-layers"] if effect.include_layers
                                    and effect.end_to_end else [])
-    largest_shared = max(shared_entries, key=lambda e: e.shared_bytes, default=None)
+    largest_shared = max(shared_entries, key=lambda e: held_shared[e.name], default=None)
     terms = [
         Term("the inputs", 0, d_in * (itemsize + 8), f"({d_in} values a sample)", float32),
         Term("the recorded activations", 0, (held.recorded + held.units) * itemsize,
@@ -295,10 +300,10 @@ def memory_terms(engine: Engine, entries: list[PlanEntry], itemsize: int, effect
              max(held.accumulation.values(), default=0) * itemsize,
              f"(widest: {widest[0]})" if widest[0] else "", forming_fixes + float32),
         Term(f"the shared matrices of {len(shared_entries)} Jacobians",
-             int(SHARED_COPIES * sum(e.shared_bytes for e in shared_entries)) + forming,
+             int(SHARED_COPIES * sum(held_shared.values())) + forming,
              0,
              f"(largest: {largest_shared.name}, {largest_shared.d_out} x "
-             f"{largest_shared.d_in}, {format_bytes(largest_shared.shared_bytes)})"
+             f"{largest_shared.d_in}, {format_bytes(held_shared[largest_shared.name])})"
              if largest_shared else "", shared_fixes + float32),
     ]
     if effect.reserve:

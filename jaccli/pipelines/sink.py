@@ -12,6 +12,7 @@ from ..graph.algebra import SHARED_TAGS
 from ..graph.storage import storable
 from ..graph.structures import Operator
 from ..io.results.background import BackgroundWriter
+from ..io.results.format import encode_attr
 from ..io.results.writer import ResultsWriter
 from .planner import Plan, PlanEntry
 
@@ -73,19 +74,27 @@ class ResultSink:
         self.writer.check()  # a full disk stops the run now, not after the last batch
 
     def _write_operator(self, name: str, start: int, count: int, jac: Operator) -> None:
-        """A shared operator (a convolution) in the `shared` encoding, its matrix streamed to
-        the file a band of rows at a time (`Operator.row_blocks`) the first time: it is never
-        whole in memory."""
+        """A shared operator the first time: one convolution as its kernel and geometry (the
+        `convolution` encoding); any other map (pooling, a chain) in the `shared` encoding,
+        its matrix streamed to the file a band of rows at a time (`Operator.row_blocks`): it
+        is never whole in memory."""
+        entry = self.entries[name]
+        conv = jac.convolution
+        encoding = ("convolution" if conv is not None
+                    and tuple(conv.input_shape) == tuple(entry.input_shape)
+                    and tuple(conv.output_shape) == tuple(entry.output_shape) else "shared")
         group = self.groups.get(name)
-        if group is None:
-            entry = self.entries[name]
+        if group is None and encoding == "convolution":
+            group = self._create(entry, encoding, {"kernel": _host(conv.weight, self.np_dtype)})
+            group.attrs.update({k: encode_attr(v) for k, v in conv.attrs().items()})
+        elif group is None:
             group = self._create(entry, "shared", None)
             self.writer.create_shared_rows(
                 group, "matrix", (jac.d_out, jac.d_in), self.np_dtype,
                 ((first, _host(band, self.np_dtype)) for first, band in jac.row_blocks()))
-        elif group.attrs["encoding"] != "shared":
+        elif group.attrs["encoding"] != encoding:
             raise RuntimeError(f"{name}: structure changed from {group.attrs['encoding']} "
-                               "to shared between batches")
+                               f"to {encoding} between batches")
         frob = jac.frobenius(count).detach().to("cpu", torch.float64).numpy()
         self.norms[name][start:start + count] = frob
         group["frobenius"][start:start + count] = frob

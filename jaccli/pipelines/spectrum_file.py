@@ -24,8 +24,9 @@ from ..reports.show import read_spectra
 from ..reports.spectrum_summary import SpectrumOutcome
 from ..settings import LayerSelection, SpectrumSettings, shard_range
 from ..spectra.exact import Spectrum, exact_spectrum
-from ..spectra.plan import SpectrumEntry
+from ..spectra.plan import DEFAULT_TOP_K, MAX_SHARED_SVD_COST, SpectrumEntry
 from ..spectra.quantities import all_quantities
+from ..spectra.shared import shared_top_singular_values
 from .common import guard_output
 from .compute import options_fingerprint
 from .resources import resolve_device, resolve_dtype
@@ -84,6 +85,8 @@ def _decompose(group: ResultGroup, rows: slice, settings: SpectrumSettings, dtyp
     """All singular values of one stored Jacobian for samples `rows`, batch by batch."""
     d_in, d_out = int(group.attrs["d_in"]), int(group.attrs["d_out"])
     r = min(d_in, d_out)
+    if group.encoding == "convolution" and r * r * max(d_in, d_out) > MAX_SHARED_SVD_COST:
+        return _convolution_lanczos(group, rows, settings, dtype, device)
     k = min(settings.top_k, r) if settings.top_k else r
     entry = SpectrumEntry(group.name, group.kind, group.type_name, d_in, d_out,
                           group.encoding, "structured", k, "from the stored Jacobian")
@@ -102,6 +105,42 @@ def _decompose(group: ResultGroup, rows: slice, settings: SpectrumSettings, dtyp
         if k < r:
             spectrum = Spectrum(spectrum.values[:, :k], False, spectrum.method, spectrum.note)
         result.add(spectrum, quantities)
+    result.seconds = time.perf_counter() - begin
+    return entry, result
+
+
+def _convolution_lanczos(group: ResultGroup, rows: slice, settings: SpectrumSettings, dtype,
+                         device) -> tuple[SpectrumEntry, EntryResult]:
+    """The top-k of a stored convolution too large for one full SVD (`min(D)²·max(D)` above
+    `MAX_SHARED_SVD_COST`): block Lanczos on the convolution rebuilt from its kernel (never
+    formed), once for all samples; ‖J‖_F exact from the kernel."""
+    d_in, d_out = int(group.attrs["d_in"]), int(group.attrs["d_out"])
+    k = min(settings.top_k or DEFAULT_TOP_K, d_in, d_out)
+    entry = SpectrumEntry(group.name, group.kind, group.type_name, d_in, d_out,
+                          group.encoding, "lanczos", k, "stored convolution too large for one "
+                          "full SVD: matrix-free Lanczos on its kernel, once for all samples")
+    result, begin = EntryResult(entry), time.perf_counter()
+    arrays = {name: torch.from_numpy(np.asarray(value)).to(
+                  device=device, dtype=dtype if value.dtype.kind == "f" else torch.int64)
+              for name, value in group.compact(slice(rows.start, rows.start)).items()}
+    jac = from_compact("convolution", arrays, d_in, dtype)
+    top, frob, _ = shared_top_singular_values(
+        jac.right_apply, lambda u: jac.left_apply(u.transpose(1, 2)).transpose(1, 2),
+        d_in=d_in, d_out=d_out, k=k, dtype=dtype,
+        device=device, tol=settings.tol, max_steps=settings.max_steps,
+        probes=settings.probes, frobenius=jac.frobenius(1))
+    n = rows.stop - rows.start
+    values = top.values.expand(n, -1)
+    spectrum = Spectrum(values, False, "lanczos",
+                        f"top-{k} of the stored convolution (the same for every sample) by "
+                        f"matrix-free block Lanczos, once ({top.steps} Krylov vectors, residual "
+                        f"tolerance {top.tolerance:.1e}); Frobenius norm exact (from the "
+                        "kernel)", top.residuals.expand(n, -1), top.converged.expand(n, -1),
+                        top.tolerance)
+    frob = frob.to(dtype).reshape(1)
+    result.add(spectrum, {"spectral_norm": values[:, 0], "frobenius": frob.expand(n),
+                          "stable_rank": (frob.square() / top.values[:, 0].square()
+                                          .clamp_min(1e-300)).expand(n)})
     result.seconds = time.perf_counter() - begin
     return entry, result
 

@@ -14,6 +14,7 @@ import math
 import torch
 from torch.func import vjp
 
+from ..convolution import Convolution
 from ..opgraph import BATCHED, SYMBOLIC
 from ..replay import OpCall
 from ..structures import Operator
@@ -102,6 +103,19 @@ class ConvolutionRule(LinearMapRule):
     family = "affine"
     zeroed = (2,)
 
+    def jacobian(self, call, position):
+        """The shared operator, knowing the convolution it is (kernel and geometry, for the
+        compact `convolution` encoding) where the overload's settings are plain ints."""
+        operator = super().jacobian(call, position)
+        settings = _convolution_settings(call)
+        if settings is not None:
+            stride, padding, dilation, transposed, output_padding, groups = settings
+            operator.convolution = Convolution(
+                call.values[1].detach(), tuple(stride), tuple(padding), tuple(dilation),
+                groups, transposed, tuple(output_padding), tuple(call.in_shape(0)),
+                tuple(call.out_shape))
+        return operator
+
     def _transpose(self, call: OpCall, rows: torch.Tensor) -> torch.Tensor:
         """Jᵀ applied to `(M, *out)` -> `(M, *in)`: the convolution's input gradient
         (`aten.convolution_backward`), without the forward pass a VJP would run first; other
@@ -157,7 +171,7 @@ class ConvolutionRule(LinearMapRule):
 def _convolution_settings(call: OpCall):
     """(stride, padding, dilation, transposed, output_padding, groups) of a convolution
     node as `aten.convolution` takes them, each spatial setting one int per dimension; None
-    for an overload this does not cover (string padding, transposed conv*d overloads)."""
+    for an overload this does not cover (padding "same")."""
     args, kwargs = call.arguments()
     target, dims = call.node.target, len(call.in_shape(0)) - 1
 
@@ -172,12 +186,20 @@ def _convolution_settings(call: OpCall):
         return (spatial(arg(3, "stride", 1)), spatial(arg(4, "padding", 0)),
                 spatial(arg(5, "dilation", 1)), bool(arg(6, "transposed", False)),
                 spatial(arg(7, "output_padding", 0)), int(arg(8, "groups", 1)))
-    if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
+    if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                  aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding):
         padding = arg(4, "padding", 0)
         if isinstance(padding, str):
-            return None
+            if padding != "valid":
+                return None
+            padding = 0
         return (spatial(arg(3, "stride", 1)), spatial(padding), spatial(arg(5, "dilation", 1)),
                 False, [0] * dims, int(arg(6, "groups", 1)))
+    if target in (aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+                  aten.conv_transpose3d.input):
+        return (spatial(arg(3, "stride", 1)), spatial(arg(4, "padding", 0)),
+                spatial(arg(7, "dilation", 1)), True, spatial(arg(5, "output_padding", 0)),
+                int(arg(6, "groups", 1)))
     return None
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from ...errors import ResultsFormatError
 
 FORMAT_NAME = "jaccli-results"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 
 
 def encode_attr(value: Any) -> Any:
