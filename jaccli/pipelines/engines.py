@@ -3,6 +3,7 @@ forward hooks as the fallback — behind the one interface the planner and pipel
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,11 +18,11 @@ from ..graph import GraphEngine, algebra, capture
 from ..graph import accumulate as acc
 from ..graph.engine import END_TO_END, LayerPlan
 from ..graph.opgraph import BATCHED, OpGraph
-from ..graph.rules.registry import leaf_node
 from ..io.models import ModelFormat
 from ..settings import LayerSelection, RunOptions
 from ..tracing.layers import Layer
 from . import graph_cache
+from .convolution_layers import convolution_kernel
 
 # A product along a path holds its operand and result, and applying a convolution to them
 # (as a transposed convolution) an im2col workspace several times as large.
@@ -150,7 +151,7 @@ class GraphRun(Engine):
         self.path, self.note = f"graph: {graph.capture_path}", graph.capture_note
         plan = self.engine.plan()
         rows = plan.layers + ([plan.end_to_end] if plan.end_to_end else [])
-        self.entries = [_entry(row, module, _convolution_kernel(graph, row)) for row in rows]
+        self.entries = [_entry(row, module, convolution_kernel(graph, row)) for row in rows]
         names = list(graph.outputs)
         if len(names) > 1 and self.entries and self.entries[-1].kind == "end_to_end":
             chosen = [n for n, node in graph.outputs.items() if node in self.engine.outputs]
@@ -229,40 +230,18 @@ def _unit_values(tag: str, d_out: int, d_in: int) -> int:
     return d_out * d_in
 
 
-def _convolution_kernel(graph: OpGraph, row: LayerPlan) -> int | None:
-    """The number of weight values of a layer that is one convolution of a fixed weight with
-    only identities around it and the convolution's own input and output shapes (stored as
-    its kernel, encoding `convolution`); None for any other layer."""
-    convolutions = [op for op in row.ops if op.mode == "rule" and "convolution" in op.rules]
-    if len(convolutions) != 1 or any(op.structure != "identity" for op in row.ops
-                                     if op is not convolutions[0]):
-        return None
-    node = graph[convolutions[0].node]
-    leaves = node.leaves()[0]
-    source, weight = leaf_node(node, graph, 0), leaf_node(node, graph, 1)
-    if (source is None or weight is None or any(isinstance(a, str) and a == "same"
-                                                 for a in leaves)
-            or tuple(source.shape) != tuple(row.input_shape)
-            or tuple(node.shape) != tuple(row.output_shape)):
-        return None
-    return math.prod(weight.shape)
-
-
 def _entry(row: LayerPlan, module: nn.Module | None, kernel: int | None = None) -> EntryPlan:
     rules = list(dict.fromkeys(r for op in row.ops for r in (op.rules or [op.op])))
     generic = [op for op in row.ops if op.mode != "rule"]
     modes = sorted({op.mode for op in generic})
-    rule = "+".join(rules) or "identity"
-    if row.name == END_TO_END:
-        rule = "chain product" if row.chain else "DAG accumulation"
+    rule = ("chain product" if row.chain else "DAG accumulation") if row.name == END_TO_END \
+        else "+".join(rules) or "identity"
     if generic:
         rule = f"{rule} (generic: {', '.join(dict.fromkeys(op.op for op in generic))})"
     leaf = None
     if module is not None and len(row.members) == 1:
-        try:
+        with contextlib.suppress(AttributeError):  # a name converted models may not have
             leaf = module.get_submodule(row.members[0])
-        except AttributeError:  # a name the module tree does not have (converted models)
-            leaf = None
     kind = "end_to_end" if row.name == END_TO_END else "layer"
     return EntryPlan(row.name, kind, row.type, tuple(row.input_shape), tuple(row.output_shape),
                      rule, row.structure, "/".join(modes) or "-", tuple(row.members),
