@@ -309,9 +309,11 @@ def test_json_documents_match_the_schemas_and_show_needs_no_torch(case, tmp_path
              "ntk-summary")):
         jsonschema.validate(document, json.loads(
             (ROOT / "jaccli" / "schemas" / f"{schema}.schema.json").read_text()))
-    probe = ("import sys, runpy\nsys.argv = ['jaccli', 'show', sys.argv[1]]\ntry:\n"
-             "    runpy.run_module('jaccli', run_name='__main__')\nexcept SystemExit:\n"
-             "    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    # The command ends its own process (exit handlers run, then os._exit), so the
+    # probe reports from an exit handler.
+    probe = ("import atexit, sys, runpy\nsys.argv = ['jaccli', 'show', sys.argv[1]]\n"
+             "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NO-TORCH',"
+             " file=sys.stderr))\nrunpy.run_module('jaccli', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True,
                             cwd=ROOT)
     assert result.returncode == 0 and b"trace" in result.stdout, result.stderr[-300:]
