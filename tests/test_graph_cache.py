@@ -6,6 +6,9 @@ against the float64 `autograd.functional.jacobian` reference."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ from jaccli.pipelines import engines, graph_cache
 from jaccli.pipelines.compute import run_compute
 from jaccli.settings import ComputeSettings
 
-from .conftest import CNN_SPEC, MLP_SPEC, randomized, reference_jacobian
+from .conftest import CNN_SPEC, MLP_SPEC, ROOT, SAMPLES, randomized, reference_jacobian
 
 
 @pytest.fixture
@@ -232,3 +235,32 @@ def test_a_graph_that_read_the_example_values_is_not_stored(cache):
     assert [p.name for p in cache.iterdir()] == ["k" * 64 + ".safetensors"]
     back = graph_cache.load_graph("k" * 64, model)
     assert back is not None and list(back.nodes) == list(graph.nodes)
+
+
+def test_a_cached_cnn_runs_without_importing_dynamo(tmp_path, cache):
+    """The sample CNN (convolutions, average pool) from a cached graph runs on rules and aten
+    kernels alone: nothing imports torch._dynamo, whose import (seconds of CPU, through the
+    first `torch.func` pullback) every process, every torchrun rank, would pay."""
+    x = np.load(SAMPLES / "digits_test_images.npy")[:40]
+    np.save(tmp_path / "x.npy", x)
+    command = ["compute", str(SAMPLES / "digits_cnn.safetensors"), str(tmp_path / "x.npy"),
+               "-o", str(tmp_path / "out.h5"), "-q"]
+    script = ("import runpy, sys\n"
+              f"sys.argv = ['jaccli', *{command!r}]\n"
+              "try:\n    runpy.run_module('jaccli', run_name='__main__')\n"
+              "finally:\n    print('torch._dynamo' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JACCLI_CACHE_DIR": str(cache)}
+    for expected in ("True", "False"):  # the capture imports it, the cached run does not
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip().splitlines()[-1] == expected
+    model = jaccli.load_model(SAMPLES / "digits_cnn.safetensors").module.double()
+    pool_input = model.features[:5](torch.from_numpy(x[:2]).double())  # (2, 16, 4, 4)
+    with jaccli.open_results(tmp_path / "out.h5") as results:
+        e2e = np.asarray(results.end_to_end.jacobian)
+        pool = np.asarray(results.layer("features.5").jacobian[:2])  # its matrix, by bands
+    expected = reference_jacobian(model, torch.from_numpy(x).double()).numpy()
+    np.testing.assert_allclose(e2e.reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+    expected = reference_jacobian(model.features[5], pool_input).numpy()
+    np.testing.assert_allclose(pool.reshape(expected.shape), expected, rtol=1e-6, atol=1e-7)

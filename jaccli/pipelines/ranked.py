@@ -13,6 +13,7 @@ shard files already finished stay, TARGET is not written.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,9 @@ class RankedJob(Protocol):
     are its own. An outcome is whatever the job gathers to rank 0 (picklable)."""
 
     kind: str  # the results kind of its shard files ("jacobians", "spectra")
+    # When this rank began its share (`time.perf_counter()`), set once every rank planned:
+    # the summary's `seconds` count from there, as one process's count from its plan's end.
+    started: float
 
     def guard(self) -> None:
         """On rank 0, before any work: refuse a TARGET that is an input or not writable."""
@@ -85,6 +89,7 @@ def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: b
         failure = exc
     statuses = launch.exchange(replace(status, error=_why(failure)))
     _stop_if_failed(statuses, launch, failure, folder)
+    job.started = time.perf_counter()
     # 2. compute the shard (or read what the files it reuses hold)
     files, outcome, failure = [], None, None
     try:

@@ -203,7 +203,32 @@ def _convolution_settings(call: OpCall):
     return None
 
 
+# Average pools whose transpose is their input-gradient kernel, called directly: the kernel
+# autograd runs for them, and no `torch.func` transform, whose first pullback in a process
+# imports torch._dynamo (~2 s of CPU; a graph loaded from the cache imports nothing else).
+_AVERAGE_BACKWARD = {aten.avg_pool2d.default: aten.avg_pool2d_backward.default,
+                     aten.avg_pool3d.default: aten.avg_pool3d_backward.default}
+_ADAPTIVE_BACKWARD = {aten._adaptive_avg_pool2d.default: aten._adaptive_avg_pool2d_backward.default,
+                      aten._adaptive_avg_pool3d.default: aten._adaptive_avg_pool3d_backward.default}
+_AVERAGE_SETTINGS = (("kernel_size", None), ("stride", []), ("padding", 0),
+                     ("ceil_mode", False), ("count_include_pad", True),
+                     ("divisor_override", None))
+
+
 @register(*POOLS, *RESAMPLING, *REDUCTIONS)
 class PoolingRule(LinearMapRule):
     name = "linear-map"
     family = "pooling"
+
+    def _transpose(self, call: OpCall, rows: torch.Tensor) -> torch.Tensor:
+        """Jᵀ applied to `(M, *out)` -> `(M, *in)`: for average pools the op's
+        input-gradient kernel (what autograd runs for it); other ops by the VJP."""
+        target = call.node.target
+        like = rows.new_zeros(rows.shape[0], *call.in_shape(0))  # only its shape is read
+        if target in _ADAPTIVE_BACKWARD:
+            return _ADAPTIVE_BACKWARD[target](rows, like)
+        if target in _AVERAGE_BACKWARD:
+            settings = [call.arg(i + 1, name, default)
+                        for i, (name, default) in enumerate(_AVERAGE_SETTINGS)]
+            return _AVERAGE_BACKWARD[target](rows, like, *settings)
+        return super()._transpose(call, rows)
