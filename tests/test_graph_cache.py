@@ -245,10 +245,11 @@ def test_a_cached_cnn_runs_without_importing_dynamo(tmp_path, cache):
     np.save(tmp_path / "x.npy", x)
     command = ["compute", str(SAMPLES / "digits_cnn.safetensors"), str(tmp_path / "x.npy"),
                "-o", str(tmp_path / "out.h5"), "-q"]
-    script = ("import runpy, sys\n"
+    # The command ends its own process after the exit handlers: the probe is one.
+    script = ("import atexit, runpy, sys\n"
               f"sys.argv = ['jaccli', *{command!r}]\n"
-              "try:\n    runpy.run_module('jaccli', run_name='__main__')\n"
-              "finally:\n    print('torch._dynamo' in sys.modules)")
+              "atexit.register(lambda: print('torch._dynamo' in sys.modules))\n"
+              "runpy.run_module('jaccli', run_name='__main__')")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JACCLI_CACHE_DIR": str(cache)}
     for expected in ("True", "False"):  # the capture imports it, the cached run does not
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
