@@ -1,11 +1,15 @@
-"""Scaling over processes: `jaccli compute` of the sample CNN over 2000 samples in one process
-and under `torchrun --nproc-per-node 2` (gloo on the CPU, or NCCL with --device cuda on a
-machine with two GPUs), and what joining the shard files into the master file costs.
+"""Scaling over processes: the sample CNN over 2000 samples in one process and under
+`torchrun --nproc-per-node 2` (gloo on the CPU, or NCCL with --device cuda on a machine with
+two GPUs), and what joining the shard files into the master file costs. Three commands:
+`compute` (per-layer Jacobians: little arithmetic, mostly writing), `compute --wrt params`
+(150 MiB of parameter Jacobians: writing-bound) and `spectrum` (every singular value of every
+layer and sample: compute-bound, the case the 1.7× target is about).
 
 Usage: python benchmarks/bench_scaling.py [--device cpu|cuda] [--quick] [--cases scaling]
-A run's time is the `seconds` of its --json summary: loading, tracing, planning, computing and
-writing (under torchrun also the exchanges and the master file), without the interpreter,
-torch import and process-group start, which the command's wall time in the note includes.
+A run's time is the `seconds` of its --json summary: from the end of planning (under
+torchrun: the moment every rank has planned) to the end, so computing, writing and, under
+torchrun, the exchanges and the master file; the command's wall time in the note adds the
+interpreter, torch import, process-group start, loading, tracing and planning.
 Every process runs one thread (OMP_NUM_THREADS=1), as torchrun sets by default.
 """
 
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,23 +60,45 @@ def wall(command: list[str], cwd: Path) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def scaling(n: int, device: str) -> Case:
+def written(out: Path) -> int:
+    """Bytes of `out` and of its shard folder, if any."""
+    parts = out.with_name(out.name + ".parts")
+    shards = sum(p.stat().st_size for p in parts.glob("*.h5")) if parts.is_dir() else 0
+    return out.stat().st_size + shards
+
+
+COMMANDS = {"compute": ["compute"], "compute --wrt params": ["compute", "--wrt", "params"],
+            "spectrum": ["spectrum"]}
+
+
+def scaling(n: int, device: str, command: str, repeats: int) -> Case:
+    """Median of `repeats` runs each of 1 and 2 processes, alternating (so that a burst of
+    other work on the machine lands on both), and one merge of the 2-process shards."""
     from jaccli.io.results.merge import merge_results
 
-    case = Case(f"compute, sample CNN, {n} samples: 1 vs 2 processes")
+    case = Case(f"{command}, sample CNN, {n} samples: 1 vs 2 processes, median of {repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = samples(n, folder)
+        runs: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+        verb, *options = COMMANDS[command]
+        for _ in range(repeats):
+            for nproc in (1, 2):
+                out = folder / f"out-{nproc}.h5"
+                shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+                out.unlink(missing_ok=True)
+                total, stdout = wall([*launcher(nproc), verb, str(MODEL), str(data), *options,
+                                      "-o", str(out), "--device", device, "--json"], folder)
+                runs[nproc].append((json.loads(stdout)["seconds"], total))
         seconds = {}
-        for nproc in (1, 2):
-            out = folder / f"out-{nproc}.h5"
-            total, stdout = wall([*launcher(nproc), "compute", str(MODEL), str(data), "-o",
-                                  str(out), "--device", device, "--json"], folder)
-            summary = json.loads(stdout)
-            seconds[nproc] = summary["seconds"]
-            case.rows.append(Row(f"jaccli, {nproc} process{'es' if nproc > 1 else ''}",
-                                 seconds[nproc], note=f"command wall time {total:.2f} s; "
-                                 f"{summary['output_bytes'] / 2**20:.1f} MiB written"))
+        for nproc, measured in runs.items():
+            seconds[nproc] = statistics.median(s for s, _ in measured)
+            spread = ", ".join(f"{s:.2f}" for s, _ in measured)
+            case.rows.append(Row(
+                f"jaccli, {nproc} process{'es' if nproc > 1 else ''}", seconds[nproc],
+                note=f"runs {spread} s; command wall time (median) "
+                     f"{statistics.median(t for _, t in measured):.2f} s; "
+                     f"{written(folder / f'out-{nproc}.h5') / 2**20:.1f} MiB written"))
         parts = sorted((folder / "out-2.h5.parts").glob("rank-*.h5"))
         start = time.perf_counter()
         merge_results(parts, folder / "again.h5")
@@ -87,7 +115,10 @@ def main() -> None:
     n = 200 if args.quick else 2000
     report = header("Scaling over processes — ", device, args.quick)
     if "scaling" in cases:
-        report += "\n" + scaling(n, str(device)).markdown(reference="(speed-up in the notes)")
+        for command in COMMANDS:
+            report += "\n" + scaling(n, str(device), command,
+                                      1 if args.quick else 3).markdown(
+                reference="(speed-up in the notes)")
     print(report)
     if args.output:
         args.output.write_text(report)

@@ -316,7 +316,6 @@ class GraphEngine:
         values = [diff.trace.values[o] for o in self.outputs]
         out = values[0] if len(values) == 1 else torch.cat(
             [v.reshape(v.shape[0], -1) for v in values], dim=1)
-        objective = objective or (lambda o, t: o.reshape(o.shape[0], -1))
         cot, scalar = objective_cotangents(objective, out, targets)
         if len(values) == 1:
             parts = [cot]

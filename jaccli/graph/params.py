@@ -37,9 +37,23 @@ def select_parameters(graph: OpGraph, patterns: Sequence[str] | None) -> dict[st
     return chosen
 
 
-def objective_cotangents(objective: Callable, out: torch.Tensor, targets) -> tuple[
+def objective_cotangents(objective: Callable | None, out: torch.Tensor, targets) -> tuple[
         torch.Tensor, bool]:
-    """∂ objective_i / ∂ out_i per sample: `(B, C, *out)`, and whether it is a scalar."""
+    """∂ objective_i / ∂ out_i per sample: `(B, C, *out)`, and whether it is a scalar.
+
+    None or an objective marked `per_sample = "outputs"` (the flattened outputs): the
+    identity, C = the outputs' size. Marked "rows" (sample i's values from sample i alone):
+    reverse autograd over the whole batch, one pass per objective value. Anything else: a
+    `torch.func` Jacobian per sample, which holds for any objective (but its first call in
+    a process imports torch._dynamo, seconds of CPU)."""
+    kind = "outputs" if objective is None else getattr(objective, "per_sample", None)
+    if kind == "outputs":
+        b, size = out.shape[0], out[0].numel()
+        eye = torch.eye(size, dtype=out.dtype, device=out.device)
+        return eye.expand(b, size, size).reshape(b, size, *out.shape[1:]), False
+    if kind == "rows":
+        return _rowwise_cotangents(objective, out, targets)
+
     def single(o, t):
         return objective(o[None], None if t is None else t[None])[0]
 
@@ -53,6 +67,23 @@ def objective_cotangents(objective: Callable, out: torch.Tensor, targets) -> tup
     if scalar:
         jac = jac[:, None]
     return jac.reshape(out.shape[0], -1, *out.shape[1:]), scalar
+
+
+def _rowwise_cotangents(objective: Callable, out: torch.Tensor, targets) -> tuple[
+        torch.Tensor, bool]:
+    """`objective_cotangents` of an objective computing each sample's values from that
+    sample alone: the gradient of the batch sum of value c is every sample's ∂s_ic/∂out_i."""
+    with torch.enable_grad():
+        leaf = out.detach().requires_grad_(True)
+        values = objective(leaf, targets)
+        scalar = values.ndim == 1
+        flat = values.reshape(values.shape[0], -1)
+        rows = []
+        for c in range(flat.shape[1]):
+            grad = torch.autograd.grad(flat[:, c].sum(), leaf, retain_graph=True,
+                                       allow_unused=True)[0]
+            rows.append(torch.zeros_like(leaf) if grad is None else grad)
+    return torch.stack(rows, dim=1).detach(), scalar
 
 
 def _derivation(graph: OpGraph, nodes: list[str], parameter: str) -> list[str]:

@@ -13,7 +13,13 @@ from jaccli.graph import END_TO_END, GraphEngine, capture
 from jaccli.graph.rules.generic import op_jacobian_generic
 from jaccli.graph.trace import Trace
 
-from .helpers import call_inputs, reference_jacobian, reference_layer, relative_error
+from .helpers import (
+    call_inputs,
+    reference_jacobian,
+    reference_layer,
+    reference_param_jacobians,
+    relative_error,
+)
 from .zoo import ZOO
 
 
@@ -172,6 +178,62 @@ def test_parameter_jacobians_of_a_per_sample_loss():
             reference = torch.autograd.functional.jacobian(f, params[name].detach())
             assert value[i].shape == params[name].shape
             assert relative_error(value[i], reference) < 1e-10, name
+
+
+@pytest.mark.parametrize("what", ["outputs", "index", "cross-entropy", "mse"])
+def test_parameter_jacobians_of_the_built_in_objectives(what):
+    """The CLI's objectives (differentiated by batch autograd, or the identity for the
+    outputs) against per-sample float64 autograd of the eager model."""
+    from jaccli.params.objectives import objective
+
+    torch.manual_seed(1)
+    model, shape = ZOO["resnet"]()
+    model = model.double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    n_out = model(x).shape[1]
+    targets = {"cross-entropy": torch.tensor([0, n_out - 1, 1]),
+               "mse": torch.randn(3, n_out, dtype=torch.float64)}.get(what)
+    fn = objective(output_index=n_out - 1 if what == "index" else None,
+                   loss=what if targets is not None else None)
+    engine = GraphEngine(capture(model, x[:1]))
+    names = [n for n, _ in model.named_parameters()][-3:]
+    grads = engine.param_jacobians(x, fn, names, targets)
+    params = dict(model.named_parameters())
+    for name in names:
+        for i in range(3):
+            def f(p, i=i, name=name):
+                out = functional_call(model, {**params, name: p}, (x[i:i + 1],))
+                return fn(out, None if targets is None else targets[i:i + 1])[0]
+            reference = torch.autograd.functional.jacobian(f, params[name].detach())
+            assert grads[name][i].shape == reference.shape
+            assert relative_error(grads[name][i], reference) < 1e-10, (what, name)
+
+
+class _Convolutions(nn.Module):
+    """1d dilated grouped, 2d transposed strided with output padding, 3d padded."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = nn.Conv1d(4, 6, 3, dilation=2, groups=2, padding=1)
+        self.two = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1)
+        self.three = nn.Conv3d(1, 2, 2, padding=1, bias=False)
+
+    def forward(self, x):  # x: (B, 4, 8)
+        h = torch.tanh(self.one(x))                       # (B, 6, 6)
+        h = self.two(h.reshape(-1, 2, 3, 6))              # (B, 3, 6, 12)
+        return self.three(h[:, None]).flatten(1)          # (B, 2 * 4 * 7 * 13)
+
+
+def test_parameter_jacobians_of_convolution_variants():
+    torch.manual_seed(2)
+    model = _Convolutions().double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    engine = GraphEngine(capture(model, x[:1]))
+    got = engine.param_jacobians(x)
+    expected = reference_param_jacobians(model, x)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert relative_error(got[name].reshape(value.shape), value) < 1e-12, name
 
 
 def test_routes_of_generic_ops_are_recorded():

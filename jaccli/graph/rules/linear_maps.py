@@ -156,6 +156,19 @@ class ConvolutionRule(LinearMapRule):
         if position != 1:
             return None
         x, weight = call.values[0].to(u.dtype), call.values[1].to(u.dtype)
+        settings = _convolution_settings(call)
+        if settings is not None:
+            # The weight gradient kernel autograd runs, per sample and cotangent (no
+            # torch.func pullback: its first call imports torch._dynamo, seconds of CPU).
+            stride, padding, dilation, transposed, output_padding, groups = settings
+
+            def weight_grad(xi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+                return aten.convolution_backward(
+                    ci[None], xi[None], weight, None, stride, padding, dilation, transposed,
+                    output_padding, groups, [False, True, False])[1]
+
+            return torch.vmap(lambda xi, ui: torch.vmap(lambda c: weight_grad(xi, c))(ui))(
+                x, u)
 
         def per_sample(xi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
             def out(w):

@@ -136,11 +136,13 @@ def _write(master: h5py.File, shards: list[Shard], sources: list[h5py.File], fol
                  complete=True, merged="copy" if copy else "virtual")
     if command:
         attrs["command"] = command
+    relatives = [os.path.relpath(s.path.resolve(), folder) for s in shards]
     attrs["seconds"] = float(sum(float(s.attrs.get("seconds", 0.0)) for s in shards))
     attrs["shards"] = encode_attr(json.dumps([
-        {"file": "" if copy else os.path.relpath(s.path.resolve(), folder),
+        {"file": "" if copy else relative,
          "start": s.start, "stop": s.stop, "created": str(s.attrs.get("created", "")),
-         "command": str(s.attrs.get("command", ""))} for s in shards]))
+         "command": str(s.attrs.get("command", ""))}
+        for s, relative in zip(shards, relatives, strict=True)]))
     attrs.pop("complete")
     master.attrs.update(attrs)
     master.attrs["complete"] = False
@@ -169,7 +171,7 @@ def _write(master: h5py.File, shards: list[Shard], sources: list[h5py.File], fol
         elif copy:
             _copy(master, name, item, sources, total)
         else:
-            _virtual(master, name, item, shards, sources, folder, total)
+            _virtual(master, name, item, shards, sources, relatives, total)
         master[name].attrs.update(dict(item.attrs))
 
     first.visititems(visit)
@@ -223,15 +225,14 @@ def _copy(master, name, item, sources, total) -> None:
             row += len(block)
 
 
-def _virtual(master, name, item, shards, sources, folder, total) -> None:
+def _virtual(master, name, item, shards, sources, relatives, total) -> None:
     layout = h5py.VirtualLayout(shape=(total, *item.shape[1:]), dtype=item.dtype)
     row = 0
-    for shard, source in zip(shards, sources, strict=True):
+    for shard, source, relative in zip(shards, sources, relatives, strict=True):
         data = source[name]
         if data.shape[0] != shard.stop - shard.start or data.shape[1:] != item.shape[1:]:
             raise ResultsFormatError(f"{shard.path} is damaged: {name} has shape "
                                      f"{data.shape} for {shard.stop - shard.start} samples")
-        relative = os.path.relpath(shard.path.resolve(), folder)
         layout[row:row + data.shape[0]] = h5py.VirtualSource(relative, name, shape=data.shape)
         row += data.shape[0]
     master.create_virtual_dataset(name, layout)
