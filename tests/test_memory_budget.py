@@ -94,6 +94,26 @@ def test_peak_rss_stays_within_budget_plus_baseline(stack_files):
                                           run.get("memory"), run.get("engine"))
 
 
+def test_spectrum_peak_rss_stays_within_budget_plus_baseline(stack_files):
+    """`spectrum` (shared convolutions by Lanczos, dense blocks, the end-to-end Jacobian):
+    the plan its --dry-run prints is what the run keeps to."""
+    model, data = stack_files / "stack.pt2", stack_files / "x.npy"
+    options = ("--max-memory", "150MiB", "--top-k", "5")
+    code, _, out = _run("spectrum", model, data, *options, "--dry-run", "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    memory = plan["memory"]
+    assert memory["budget_bytes"] == 150 * MiB and memory["batch_bytes"] <= 150 * MiB
+    names = {t["name"] for t in memory["terms"]}
+    assert {"the decompositions", "the Lanczos bases"} <= names
+    code, peak, out = _run("spectrum", model, data, *options, "--json",
+                           "-o", stack_files / "spectrum.h5")
+    assert code == 0, out
+    assert json.loads(out)["n_samples"] == 48
+    assert peak <= memory["baseline_bytes"] + 150 * MiB, (
+        peak / MiB, memory["baseline_bytes"] / MiB, plan["batch_size"])
+
+
 def _plan(model, shape, budget, **effect):
     engine = GraphRun(capture(model, torch.randn(2, *shape)), granularity="module",
                       patterns=None, include_layers=True,

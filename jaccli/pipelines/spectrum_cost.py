@@ -51,7 +51,9 @@ def spectrum_dry_run(run: SpectrumRun) -> dict:
                      "method": method_label(entry, settings.exact), "k": entry.k,
                      "reason": entry.reason, "seconds": seconds, "batch_bytes": batch_bytes})
     return {"dry_run": True, "n_samples": n, "batch_size": run.batch_size,
-            "memory_budget_bytes": run.plan.budget, "device": str(inputs.device),
+            "memory_budget_bytes": run.plan.budget,
+            "memory": run.plan.memory.to_dict(run.batch_size) if run.plan.memory else None,
+            "device": str(inputs.device),
             "dtype": str(inputs.dtype).removeprefix("torch."),
             "engine": run.engine.path, "entries": rows,
             "seconds": sum(r["seconds"] for r in rows),
