@@ -87,3 +87,30 @@ def test_recurrent_classifier_matches_autograd(folder, name, fmt):
         got = results.jacobian("end_to_end")
     error = np.abs(got - expected).max() / np.abs(expected).max()
     assert error < 1e-10, (name, fmt, error)
+
+
+def test_the_command_prints_no_library_warnings(folder):
+    """torch's vmap fallback for the fused CPU LSTM kernel warns in C++ and export warns in
+    Python; `jaccli` keeps both off its stderr (JACCLI_DEBUG=1 lets them through)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    model = _model(folder, "lstm")
+    program = torch.export.export(model, (torch.randn(2, 6, 4),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, folder / "quiet.pt2")
+    np.save(folder / "x32.npy", np.load(folder / "x.npy").astype(np.float32))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JACCLI_DEBUG", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS")}
+    done = subprocess.run([sys.executable, "-m", "jaccli", "compute", str(folder / "quiet.pt2"),
+                           str(folder / "x32.npy"), "-o", str(folder / "quiet.h5"), "-q"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-500:]
+    with jaccli.open_results(folder / "quiet.h5") as results:
+        got = results.jacobian("end_to_end")
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    expected = reference_jacobian(model.double(), x).numpy()
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5

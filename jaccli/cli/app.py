@@ -74,12 +74,30 @@ def main(argv: list[str] | None = None) -> Any:
     _passive_openmp()
     if argv is not None:
         return app(args=argv, prog_name="jaccli")
+    _quiet_library_warnings()
     try:
         app(prog_name="jaccli")
         code: Any = 0
     except SystemExit as exc:
         code = exc.code
     _end_process(code)
+
+
+def _quiet_library_warnings() -> None:
+    """The command's stderr carries jaccli's own lines (errors, notes), not the libraries'
+    Python warnings (torch's "performance drop ... batching rule for aten::mkldnn_rnn_layer",
+    export's "tensor attributes ... were assigned during export"): jaccli issues none itself,
+    and what matters of theirs reaches the plan's notes. JACCLI_DEBUG=1 or -W/PYTHONWARNINGS
+    keep them. torch's C++ warnings bypass Python's and print at their own level, which
+    torch reads once, at import: TORCH_CPP_LOG_LEVEL=ERROR unless the user set one."""
+    if os.environ.get("JACCLI_DEBUG") == "1":
+        return
+    if "torch" not in sys.modules:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    if not sys.warnoptions:
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 def _end_process(code: Any) -> None:
