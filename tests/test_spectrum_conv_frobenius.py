@@ -108,3 +108,32 @@ def test_histogram_of_values_a_few_ulps_apart():
     assert sum(got["counts"]) == 3 and got["counts"][0] == 3
     assert got["min"] == values.min() and got["max"] == values.max()
     assert histogram(np.array([2.0, 2.0]))["edges"][-1] == 3.0  # one value: a bin of width 1
+
+
+def test_convolution_then_batchnorm_block_frobenius_is_exact(tmp_path, monkeypatch):
+    """A conv + eval BatchNorm block (`--granularity block`, the ResNet `conv2 + bn2`): one
+    shared map, each output row the convolution's scaled by its channel's BN factor, so ‖J‖_F
+    is exact too — against the float64 autograd Jacobian of the two modules."""
+    monkeypatch.setattr(plan, "MAX_SHARED_SVD_COST", 0)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5),
+                          nn.Flatten(), nn.Linear(5 * 9 * 9, 3)).double()
+    bn = model[1]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.2, 3)
+    bn.weight.data.uniform_(-2, 2)
+    bn.eval()
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(2, *IN_SHAPE)))
+    program = torch.export.export(model, (torch.randn(2, *IN_SHAPE, dtype=torch.float64),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "convbn.pt2")
+    result = runner.invoke(app, [str(a) for a in [
+        "spectrum", tmp_path / "convbn.pt2", tmp_path / "x.npy", "--dtype", "float64",
+        "--granularity", "block", "--top-k", "2", "--no-end-to-end", "--json"]])
+    assert result.exit_code == 0, result.output
+    entries = {e["name"]: e for e in json.loads(result.stdout)["entries"]}
+    block = entries["0+1"]
+    assert block["method"] == "lanczos" and "frobenius_se" not in block["quantities"]
+    assert "Frobenius norm exact" in block["note"]
+    expected = _frobenius(model[:2], IN_SHAPE)
+    assert block["quantities"]["frobenius"]["mean"] == pytest.approx(expected, rel=1e-10)

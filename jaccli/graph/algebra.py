@@ -93,7 +93,18 @@ class _ComposedOperator(Operator):
             return b.left_apply(a.left_apply(rows[None]))[0]
 
         dtype = getattr(a, "dtype", None) or getattr(b, "dtype", torch.float64)
-        super().__init__(forward, transpose, a.d_out, b.d_in, dtype)
+        super().__init__(forward, transpose, a.d_out, b.d_in, dtype,
+                         row_norms2=_scaled_row_norms2(a, b))
+
+
+def _scaled_row_norms2(a: Structured, b: Structured):
+    """Row norms² of `a @ b` when `a` is a shared diagonal (an eval BatchNorm's scale) and
+    `b` knows its own (a convolution): row o of diag(s) B is s_o times row o of B."""
+    rows = getattr(b, "row_norms2", None)
+    if rows is None or not isinstance(a, Diagonal) or not a.shared:
+        return None
+    scale = a.diag[0].detach().to(torch.float64)
+    return lambda: scale.square() * rows()
 
 
 def compose(a: Structured, b: Structured) -> Structured:

@@ -243,8 +243,10 @@ class Operator(Structured):
 
     forward: rows `(M, D_in)` -> `(M, D_out)`; transpose: rows `(M, D_out)` -> `(M, D_in)`.
     Convolutions and pooling apply it through the op itself with the weight fixed.
-    exact_frobenius: `() -> ‖J‖_F` (a 0-d tensor) where the op knows it without forming J
-    (a convolution, from its weight); None otherwise (`frobenius` then forms J band by band).
+    row_norms2: `() -> (D_out,)` float64, Σ_i J_oi² per row, where the map knows it without
+    forming J (a convolution, from its weight; a shared diagonal after one); None otherwise.
+    exact_frobenius: `() -> ‖J‖_F` (a 0-d tensor) where the map knows it without forming J
+    (from `row_norms2` unless given); None otherwise (`frobenius` then forms J band by band).
     convolution: the `jaccli.graph.convolution.Convolution` this map is, when it is exactly one
     convolution of a fixed weight (stored compactly as its kernel); None otherwise.
     """
@@ -257,10 +259,14 @@ class Operator(Structured):
                  transpose: Callable[[torch.Tensor], torch.Tensor], d_out: int, d_in: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu",
                  exact_frobenius: Callable[[], torch.Tensor] | None = None,
-                 convolution=None):
+                 convolution=None, row_norms2: Callable[[], torch.Tensor] | None = None):
         self.forward, self.transpose = forward, transpose
         self.convolution = convolution
         self.d_out, self.d_in, self.dtype, self.device = d_out, d_in, dtype, device
+        self.row_norms2 = row_norms2
+        if exact_frobenius is None and row_norms2 is not None:
+            def exact_frobenius() -> torch.Tensor:
+                return row_norms2().sum().sqrt()
         self.exact_frobenius = exact_frobenius
         self._dense: torch.Tensor | None = None
         self._frobenius: torch.Tensor | None = None

@@ -33,7 +33,7 @@ def shared_lanczos(entry: SpectrumEntry, run: SpectrumRun, x, held, cache
             probes=settings.probes, frobenius=_exact_frobenius(run, entry, x[:1], first))
     result, frob, frob_se = cache[entry.name]
     top = result.values.expand(n, -1)
-    how = ("exact (from the convolution's weight)" if frob_se is None else
+    how = ("exact (from the weights, J not formed)" if frob_se is None else
            f"estimated by Hutch++ from {settings.probes} probes (frobenius_se)")
     spectrum = Spectrum(top, False, "lanczos",
                         f"top-{entry.k} of the shared operator (the same for every sample) by "
@@ -50,24 +50,13 @@ def shared_lanczos(entry: SpectrumEntry, run: SpectrumRun, x, held, cache
 
 
 def _exact_frobenius(run: SpectrumRun, entry: SpectrumEntry, x, held) -> torch.Tensor | None:
-    """‖J‖_F `(1,)` of a layer that is one convolution (`Operator.exact_frobenius`, from its
-    weight); None for any other shared map (chains of maps, pooling, sums of branches, the
-    end-to-end Jacobian, the hook engine's matrices): those keep the estimate."""
+    """‖J‖_F `(1,)` where the shared operator knows it without being formed
+    (`Operator.exact_frobenius`: one convolution from its weight, or a convolution scaled
+    per output by an eval BatchNorm); None for any other shared map (pooling, chains of
+    convolutions, sums of branches, the hook engine's matrices): those keep the estimate."""
     engine = run.engine
-    if not isinstance(engine, GraphRun) or not _one_convolution(engine.engine, entry.name):
+    if not isinstance(engine, GraphRun):
         return None
     exact = getattr(engine.compute(x, names={entry.name}, held=held).get(entry.name),
                     "exact_frobenius", None)
     return None if exact is None else exact().to(x.dtype).reshape(1)
-
-
-def _one_convolution(graph_engine, name: str) -> bool:
-    """Whether layer `name` is one convolution op, with nothing but identities (views,
-    reshapes) around it: its Jacobian is that op's operator, unformed."""
-    layer = next((layer for layer in graph_engine.layers if layer.name == name), None)
-    if layer is None:
-        return False
-    plans = [p for u in layer.paths.units for p in graph_engine.units[u].plans.values()]
-    convolutions = [p for p in plans if p.mode == "rule" and "convolution" in p.rules]
-    return len(convolutions) == 1 and all(p is convolutions[0] or p.tag == "identity"
-                                          for p in plans)

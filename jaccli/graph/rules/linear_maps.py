@@ -80,10 +80,11 @@ class LinearMapRule(OpRule):
             return self._transpose(call, rows.reshape(-1, *out_shape)).reshape(-1, d_in)
 
         return Operator(forward, transpose, d_out, d_in, call.output.dtype, call.output.device,
-                        self._frobenius(call))
+                        row_norms2=self._row_norms2(call))
 
-    def _frobenius(self, call: OpCall):
-        """`() -> ‖J‖_F` without forming J, where the op allows it (convolutions); None."""
+    def _row_norms2(self, call: OpCall):
+        """`() -> (D_out,)` float64: the squared norm of every row of J without forming J,
+        where the op allows it (convolutions); None."""
         return None
 
     def jvp(self, call, position, v):
@@ -131,12 +132,12 @@ class ConvolutionRule(LinearMapRule):
             dilation, transposed, output_padding, groups, [True, False, False])
         return grad
 
-    def _frobenius(self, call: OpCall):
-        """‖J‖_F² = Σ_{o,i} J_oi²: every entry of J is one weight entry w_k (the tap joining
-        input i to output o, at most one per pair) or 0, so J∘J is the same convolution
-        (stride, padding, dilation, groups, transposed or not; bias dropped) with w², and
-        ‖J‖_F² = 1ᵀ (J∘J) 1 is the sum of its output on an all-ones input — in float64."""
-        def frobenius() -> torch.Tensor:
+    def _row_norms2(self, call: OpCall):
+        """Σ_i J_oi² for every output o: every entry of J is one weight entry w_k (the tap
+        joining input i to output o, at most one per pair) or 0, so J∘J is the same
+        convolution (stride, padding, dilation, groups, transposed or not; bias dropped) with
+        w², and its row sums (J∘J) 1 are its output on an all-ones input — in float64."""
+        def row_norms2() -> torch.Tensor:
             ones = torch.ones(1, *call.in_shape(0), dtype=torch.float64,
                               device=call.output.device)
             square = call.values[1].detach().to(torch.float64).square()
@@ -144,9 +145,9 @@ class ConvolutionRule(LinearMapRule):
             args = tuple(a.to(torch.float64) if isinstance(a, torch.Tensor)
                          and a.is_floating_point() else a for a in args)
             with torch.no_grad():
-                return call.node.target(*args, **kwargs).sum().sqrt()
+                return call.node.target(*args, **kwargs).reshape(-1)
 
-        return frobenius
+        return row_norms2
 
     def param_vjp(self, call, position, u):
         """Per-sample `uᵀ ∂out/∂W` `(B, k, *W.shape)` (VJP w.r.t. the weight per sample), and
