@@ -109,6 +109,12 @@ def test_the_command_prints_no_library_warnings(folder):
                            str(folder / "x32.npy"), "-o", str(folder / "quiet.h5"), "-q"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr[-500:]
+    # the same run with JACCLI_DEBUG=1: torch's warnings are there to be kept off
+    loud = subprocess.run([sys.executable, "-m", "jaccli", "compute", str(folder / "quiet.pt2"),
+                           str(folder / "x32.npy"), "-o", str(folder / "loud.h5"), "-q"],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**env, "JACCLI_DEBUG": "1"}, timeout=300)
+    assert loud.returncode == 0 and "Warning" in loud.stderr, loud.stderr[-500:]
     with jaccli.open_results(folder / "quiet.h5") as results:
         got = results.jacobian("end_to_end")
     x = torch.from_numpy(np.load(folder / "x.npy"))

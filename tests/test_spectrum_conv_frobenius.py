@@ -137,3 +137,48 @@ def test_convolution_then_batchnorm_block_frobenius_is_exact(tmp_path, monkeypat
     assert "Frobenius norm exact" in block["note"]
     expected = _frobenius(model[:2], IN_SHAPE)
     assert block["quantities"]["frobenius"]["mean"] == pytest.approx(expected, rel=1e-10)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.c2(self.c(x) + x)
+
+
+def test_other_shared_maps_are_not_formed_for_their_norm(tmp_path, monkeypatch):
+    """The end-to-end map of a linear residual network is shared but not one convolution:
+    it goes to Lanczos so as not to be formed, so its norm stays the Hutch++ estimate and the
+    structure is never computed for it (a sum of maps would be formed densely)."""
+    from jaccli.pipelines import engines
+
+    monkeypatch.setattr(plan, "MAX_SHARED_SVD_COST", 0)
+    torch.manual_seed(0)
+    model = _Residual().double().eval()
+    program = torch.export.export(model, (torch.randn(2, 2, 6, 6, dtype=torch.float64),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "res.pt2")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(2, 2, 6, 6)))
+    asked, compute = [], engines.GraphRun.compute
+
+    def spy(self, x, names=None, **options):
+        asked.extend(names or ["(everything)"])
+        return compute(self, x, names=names, **options)
+
+    monkeypatch.setattr(engines.GraphRun, "compute", spy)
+    result = runner.invoke(app, [str(a) for a in [
+        "spectrum", tmp_path / "res.pt2", tmp_path / "x.npy", "--dtype", "float64",
+        "--top-k", "2", "--json"]])
+    assert result.exit_code == 0, result.output
+    entries = {e["name"]: e for e in json.loads(result.stdout)["entries"]}
+    assert entries["(end-to-end)"]["method"] == "lanczos"
+    assert "frobenius_se" in entries["(end-to-end)"]["quantities"]
+    assert set(asked) == {"c", "c2"}
+    for name in ("c", "c2"):
+        assert "frobenius_se" not in entries[name]["quantities"]
+        expected = _frobenius(getattr(model, name), (2, 6, 6))
+        assert entries[name]["quantities"]["frobenius"]["mean"] == pytest.approx(expected,
+                                                                                 rel=1e-10)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import jacrev, vjp
 
+from ..engine.objective_marks import kind_of
 from ..errors import UsageError
 from .differentiate import Differentiator
 from .opgraph import BATCH_SHAPED, DERIVED, MULTI, OpGraph, Ref
@@ -41,12 +42,12 @@ def objective_cotangents(objective: Callable | None, out: torch.Tensor, targets)
         torch.Tensor, bool]:
     """∂ objective_i / ∂ out_i per sample: `(B, C, *out)`, and whether it is a scalar.
 
-    None or an objective marked `per_sample = "outputs"` (the flattened outputs): the
+    None or an objective marked "outputs" (`engine.objective_marks`; the flattened outputs): the
     identity, C = the outputs' size. Marked "rows" (sample i's values from sample i alone):
     reverse autograd over the whole batch, one pass per objective value. Anything else: a
     `torch.func` Jacobian per sample, which holds for any objective (but its first call in
     a process imports torch._dynamo, seconds of CPU)."""
-    kind = "outputs" if objective is None else getattr(objective, "per_sample", None)
+    kind = kind_of(objective)
     if kind == "outputs":
         b, size = out.shape[0], out[0].numel()
         eye = torch.eye(size, dtype=out.dtype, device=out.device)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.objective_marks import mark
 from ..errors import DataLoadError, ShapeMismatchError, UsageError
 
 LOSSES = ("cross-entropy", "nll", "mse", "bce-logits")
@@ -95,5 +96,4 @@ def _row_by_row(fn: Callable, kind: str) -> Callable:
     flattened outputs themselves ("outputs"): `graph.params.objective_cotangents` then
     differentiates it by plain autograd over the batch (or knows its Jacobian is the
     identity) instead of a `torch.func` transform per sample."""
-    fn.per_sample = kind
-    return fn
+    return mark(fn, kind)

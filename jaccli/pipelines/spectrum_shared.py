@@ -55,8 +55,23 @@ def _exact_frobenius(run: SpectrumRun, entry: SpectrumEntry, x, held) -> torch.T
     per output by an eval BatchNorm); None for any other shared map (pooling, chains of
     convolutions, sums of branches, the hook engine's matrices): those keep the estimate."""
     engine = run.engine
-    if not isinstance(engine, GraphRun):
+    # Asked only of a layer whose plan is one convolution (identities and shared diagonals
+    # around it): computing any other shared map would form it, which is what Lanczos avoids.
+    if not isinstance(engine, GraphRun) or not _one_convolution(engine.engine, entry.name):
         return None
     exact = getattr(engine.compute(x, names={entry.name}, held=held).get(entry.name),
                     "exact_frobenius", None)
     return None if exact is None else exact().to(x.dtype).reshape(1)
+
+
+def _one_convolution(graph_engine, name: str) -> bool:
+    """Whether layer `name` is one convolution op with nothing but identities (views,
+    reshapes) and shared diagonals (eval BatchNorm) around it: its Jacobian is that op's
+    operator, unformed, its rows scaled."""
+    layer = next((layer for layer in graph_engine.layers if layer.name == name), None)
+    if layer is None:
+        return False
+    plans = [p for u in layer.paths.units for p in graph_engine.units[u].plans.values()]
+    convolutions = [p for p in plans if p.mode == "rule" and "convolution" in p.rules]
+    return len(convolutions) == 1 and all(
+        p is convolutions[0] or p.tag in ("identity", "shared-diagonal") for p in plans)

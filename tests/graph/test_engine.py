@@ -209,6 +209,28 @@ def test_parameter_jacobians_of_the_built_in_objectives(what):
             assert relative_error(grads[name][i], reference) < 1e-10, (what, name)
 
 
+def test_a_wrapped_built_in_objective_is_differentiated_as_written():
+    """`functools.wraps` copies a built-in objective's attributes onto a user's wrapper; the
+    wrapper must still be differentiated itself (twice the outputs: twice the Jacobians)."""
+    import functools
+
+    from jaccli.params.objectives import objective
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    base = objective()
+
+    @functools.wraps(base)
+    def doubled(out, targets):
+        return 2 * base(out, targets)
+
+    engine = GraphEngine(capture(model, x[:1]))
+    got = engine.param_jacobians(x, doubled, ["0.weight"])["0.weight"]
+    expected = reference_param_jacobians(model, x, ["0.weight"])["0.weight"]
+    assert relative_error(got, 2 * expected) < 1e-12
+
+
 class _Convolutions(nn.Module):
     """1d dilated grouped, 2d transposed strided with output padding, 3d padded."""
 

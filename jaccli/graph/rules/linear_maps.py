@@ -2,9 +2,11 @@
 depthwise), average and adaptive-average pooling, interpolation, sums and means.
 
 The Jacobian is one shared linear map, applied matrix-free by running the op itself on the
-tangents (bias dropped) and its transpose by the op's VJP; formed only if asked (`dense`).
-Per-sample weight gradients of a convolution come from the op's VJP with respect to the
-weight, one sample at a time (`vmap`), so every variant is exact.
+tangents (bias dropped) and its transpose by the kernel autograd runs for the op's input
+gradient (`aten.convolution_backward`, the average pools' backward kernels), else the op's
+VJP; formed only if asked (`dense`). Per-sample weight gradients of a convolution come from
+`aten.convolution_backward` one sample at a time (`vmap`; other overloads: the VJP), so
+every variant is exact and no `torch.func` pullback runs for the common ops.
 """
 
 from __future__ import annotations
@@ -223,7 +225,9 @@ def _convolution_settings(call: OpCall):
 _AVERAGE_BACKWARD = {aten.avg_pool2d.default: aten.avg_pool2d_backward.default,
                      aten.avg_pool3d.default: aten.avg_pool3d_backward.default}
 _ADAPTIVE_BACKWARD = {aten._adaptive_avg_pool2d.default: aten._adaptive_avg_pool2d_backward.default,
-                      aten._adaptive_avg_pool3d.default: aten._adaptive_avg_pool3d_backward.default}
+                      aten.adaptive_avg_pool2d.default: aten._adaptive_avg_pool2d_backward.default,
+                      aten._adaptive_avg_pool3d.default: aten._adaptive_avg_pool3d_backward.default,
+                      aten.adaptive_avg_pool3d.default: aten._adaptive_avg_pool3d_backward.default}
 _AVERAGE_SETTINGS = (("kernel_size", None), ("stride", []), ("padding", 0),
                      ("ceil_mode", False), ("count_include_pad", True),
                      ("divisor_override", None))
@@ -238,11 +242,16 @@ class PoolingRule(LinearMapRule):
         """Jᵀ applied to `(M, *out)` -> `(M, *in)`: for average pools the op's
         input-gradient kernel (what autograd runs for it); other ops by the VJP."""
         target = call.node.target
-        like = rows.new_zeros(rows.shape[0], *call.in_shape(0))  # only its shape is read
         if target in _ADAPTIVE_BACKWARD:
-            return _ADAPTIVE_BACKWARD[target](rows, like)
+            return _ADAPTIVE_BACKWARD[target](rows.contiguous(), self._like(call, rows))
         if target in _AVERAGE_BACKWARD:
             settings = [call.arg(i + 1, name, default)
                         for i, (name, default) in enumerate(_AVERAGE_SETTINGS)]
-            return _AVERAGE_BACKWARD[target](rows, like, *settings)
+            return _AVERAGE_BACKWARD[target](rows.contiguous(), self._like(call, rows),
+                                             *settings)
         return super()._transpose(call, rows)
+
+    @staticmethod
+    def _like(call: OpCall, rows: torch.Tensor) -> torch.Tensor:
+        """The backward kernels' `self` argument: only its shape is read."""
+        return rows.new_empty(rows.shape[0], *call.in_shape(0))

@@ -136,10 +136,11 @@ def _write(master: h5py.File, shards: list[Shard], sources: list[h5py.File], fol
                  complete=True, merged="copy" if copy else "virtual")
     if command:
         attrs["command"] = command
-    relatives = [os.path.relpath(s.path.resolve(), folder) for s in shards]
+    relatives = [""] * len(shards) if copy else [os.path.relpath(s.path.resolve(), folder)
+                                                  for s in shards]
     attrs["seconds"] = float(sum(float(s.attrs.get("seconds", 0.0)) for s in shards))
     attrs["shards"] = encode_attr(json.dumps([
-        {"file": "" if copy else relative,
+        {"file": relative,
          "start": s.start, "stop": s.stop, "created": str(s.attrs.get("created", "")),
          "command": str(s.attrs.get("command", ""))}
         for s, relative in zip(shards, relatives, strict=True)]))
