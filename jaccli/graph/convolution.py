@@ -65,16 +65,20 @@ class Convolution:
             output_padding, groups, [True, False, False])
         return grad
 
-    def frobenius(self) -> torch.Tensor:
-        """‖J‖_F (0-d, float64): each entry of J is one weight entry or 0, so ‖J‖_F² is the
-        same convolution with w² applied to ones, summed."""
+    def row_norms2(self) -> torch.Tensor:
+        """Σ_i J_oi² per output o `(D_out,)`, float64: each entry of J is one weight entry or
+        0, so the rows' squared norms are the same convolution with w² applied to ones."""
         stride, padding, dilation, transposed, output_padding, groups = self._settings()
         ones = torch.ones(1, *self.input_shape, dtype=torch.float64,
                           device=self.weight.device)
         with torch.no_grad():
             out = aten.convolution(ones, self.weight.detach().double().square(), None, stride,
                                    padding, dilation, transposed, output_padding, groups)
-        return out.sum().sqrt()
+        return out.reshape(-1)
+
+    def frobenius(self) -> torch.Tensor:
+        """‖J‖_F (0-d, float64), from `row_norms2`."""
+        return self.row_norms2().sum().sqrt()
 
     def operator(self, dtype: torch.dtype | None = None) -> Operator:
         """The shared operator J `(D_out, D_in)`, applied through the convolution."""
@@ -88,7 +92,7 @@ class Convolution:
             return self.apply_t(rows.reshape(-1, *self.output_shape)).reshape(-1, d_in)
 
         return Operator(forward, transpose, d_out, d_in, dtype, self.weight.device,
-                        self.frobenius, convolution=self)
+                        convolution=self, row_norms2=self.row_norms2)
 
 
 def from_attrs(kernel: torch.Tensor, attrs: dict) -> Convolution:

@@ -245,8 +245,8 @@ class Operator(Structured):
     Convolutions and pooling apply it through the op itself with the weight fixed.
     row_norms2: `() -> (D_out,)` float64, Σ_i J_oi² per row, where the map knows it without
     forming J (a convolution, from its weight; a shared diagonal after one); None otherwise.
-    exact_frobenius: `() -> ‖J‖_F` (a 0-d tensor) where the map knows it without forming J
-    (from `row_norms2` unless given); None otherwise (`frobenius` then forms J band by band).
+    exact_frobenius: `() -> ‖J‖_F` (a 0-d tensor) from `row_norms2`, where there is one;
+    None otherwise (`frobenius` then forms J band by band).
     convolution: the `jaccli.graph.convolution.Convolution` this map is, when it is exactly one
     convolution of a fixed weight (stored compactly as its kernel); None otherwise.
     """
@@ -258,16 +258,13 @@ class Operator(Structured):
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor],
                  transpose: Callable[[torch.Tensor], torch.Tensor], d_out: int, d_in: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu",
-                 exact_frobenius: Callable[[], torch.Tensor] | None = None,
                  convolution=None, row_norms2: Callable[[], torch.Tensor] | None = None):
         self.forward, self.transpose = forward, transpose
         self.convolution = convolution
         self.d_out, self.d_in, self.dtype, self.device = d_out, d_in, dtype, device
         self.row_norms2 = row_norms2
-        if exact_frobenius is None and row_norms2 is not None:
-            def exact_frobenius() -> torch.Tensor:
-                return row_norms2().sum().sqrt()
-        self.exact_frobenius = exact_frobenius
+        self.exact_frobenius = None if row_norms2 is None else (
+            lambda: row_norms2().sum().sqrt())
         self._dense: torch.Tensor | None = None
         self._frobenius: torch.Tensor | None = None
 

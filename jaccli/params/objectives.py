@@ -79,7 +79,7 @@ def objective(*, output_index: int | None = None, loss: str | None = None
         raise UsageError("--output-index and --loss exclude each other")
     if loss is not None:
         fn = per_sample_loss(loss)
-        return _row_by_row(lambda out, targets: fn(out, targets), "rows")
+        return mark(lambda out, targets: fn(out, targets), "rows")
     if output_index is not None:
         def select(out: torch.Tensor, targets) -> torch.Tensor:
             flat = out.reshape(out.shape[0], -1)
@@ -87,13 +87,6 @@ def objective(*, output_index: int | None = None, loss: str | None = None
                 raise UsageError(f"--output-index {output_index} is out of range: the model has "
                                  f"{flat.shape[1]} outputs per sample")
             return flat[:, output_index]
-        return _row_by_row(select, "rows")
-    return _row_by_row(lambda out, targets: out.reshape(out.shape[0], -1), "outputs")
+        return mark(select, "rows")
+    return mark(lambda out, targets: out.reshape(out.shape[0], -1), "outputs")
 
-
-def _row_by_row(fn: Callable, kind: str) -> Callable:
-    """Mark `fn` as computing sample i's values from sample i alone (`kind` "rows"), or as the
-    flattened outputs themselves ("outputs"): `graph.params.objective_cotangents` then
-    differentiates it by plain autograd over the batch (or knows its Jacobian is the
-    identity) instead of a `torch.func` transform per sample."""
-    return mark(fn, kind)
