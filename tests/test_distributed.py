@@ -265,14 +265,3 @@ def test_resume_outside_torchrun_is_refused(files, monkeypatch):
     assert result.exit_code == 2  # a usage error
     assert "--resume continues a run launched with torchrun" in result.output
     assert not (files / "o.h5").exists()
-
-
-@pytest.mark.parametrize("command", [["ntk", "mlp.safetensors", "x.npy"]])
-def test_commands_that_do_not_split_refuse_several_ranks(files, monkeypatch, command):
-    monkeypatch.chdir(files)
-    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
-        monkeypatch.setenv(name, value)
-    result = runner.invoke(app, command)
-    assert result.exit_code == 2, result.output
-    assert f"jaccli: error: rank 1: `jaccli {command[0]}` does not run under torchrun" in \
-        result.output

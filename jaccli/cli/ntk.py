@@ -81,24 +81,38 @@ def ntk(
     --offset, --limit and --key select the samples of DATA and DATA2 alike; --batch-size is
     the block size (samples per block of pairs). A forward of several arguments: --input
     NAME=FILE[:KEY] per-sample inputs (rows going with DATA's) and --const NAME=VALUE, both
-    held fixed (the kernel is over the parameters)."""
+    held fixed (the kernel is over the parameters). Under torchrun the blocks are split over
+    the ranks and rank 0 writes OUTPUT."""
+    from ..pipelines.distributed import torchrun_rank
     from .render import stdout_console
 
+    quiet = quiet or (torchrun_rank() or 0) != 0  # under torchrun only rank 0 prints
     out = stdout_console(quiet)
 
     def run() -> None:
-        from ..pipelines.distributed import refuse_ranks
+        from ..pipelines.distributed import detect
         from ..pipelines.ntk import ntk_plan, prepare_ntk
         from ..pipelines.ntk_run import run_ntk
         from ..pipelines.ntk_settings import NtkSettings
         from .render import emit_json, progress_bar
         from .render_ntk import render_ntk, render_ntk_plan
 
-        refuse_ranks("ntk")
         settings = settings_from(NtkSettings, ctx)
+        launch = detect()
+        if launch is not None and not dry_run:
+            from ..pipelines.distributed import started
+            from ..pipelines.ntk_ranks import run_ranked_ntk
+
+            with started(launch, settings.run.device) as ranked:
+                summary = run_ranked_ntk(settings, ranked)
+            if summary is not None:
+                emit_json(summary, quiet) if json_output else render_ntk(summary, out)
+            return
+        if launch is not None and not launch.is_main:
+            return  # --dry-run under torchrun: rank 0 prints the plan
         prepared = prepare_ntk(settings)
         if dry_run:
-            plan = ntk_plan(prepared)
+            plan = ntk_plan(prepared) | {"ranks": launch.world_size if launch else 1}
             emit_json(plan, quiet) if json_output else render_ntk_plan(plan, out)
             return
         shown = False if quiet else progress

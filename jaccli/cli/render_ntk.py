@@ -23,8 +23,10 @@ def render_ntk(summary: dict, out) -> None:
               f"{summary['dtype']}, {summary['device']}); {summary['n_samples']} samples"
               + (f" × {summary['m_samples']}" if summary["cross"] else "")
               + f", {summary['n_outputs']} outputs", highlight=False)
+    ranks = summary.get("ranks", 1)
     out.print(f"{summary['method']} ({summary['engine']}); {summary['blocks']} block(s) of "
-              f"{summary['block_size']} samples", highlight=False)
+              f"{summary['block_size']} samples"
+              + (f", split over {ranks} ranks" if ranks > 1 else ""), highlight=False)
     if summary.get("model_output"):
         out.print(f"output: {summary['model_output']}", highlight=False)
     out.print(f"trace Σᵢ Σ_c Θ(xᵢ, xᵢ)_cc = {summary['trace']:.6g}", highlight=False)
@@ -68,6 +70,12 @@ def render_ntk_plan(plan: dict, out) -> None:
               f"in the contractions; blocks of {plan['block_size']} samples, "
               f"{plan['blocks']} block(s), {plan['factor_passes']} factor pass(es)"
               + (" (factors kept)" if plan["cache_factors"] else ""), highlight=False)
+    ranks = plan.get("ranks", 1)
+    if ranks > 1:
+        out.print(f"under torchrun: {ranks} ranks, each computing a run of about "
+                  f"{-(-plan['blocks'] // ranks)} of the {plan['blocks']} blocks (rank 0's "
+                  "plan; the block size is the smallest any rank's memory allows)",
+                  highlight=False)
     out.print(f"peak about {format_bytes(int(plan['peak_bytes']))} of the memory budget "
               f"{format_bytes(plan['memory_budget_bytes'])} ({plan['memory_budget_source']}); "
               f"{plan['device']}, {plan['dtype']}", highlight=False)

@@ -44,10 +44,15 @@ class Launch:
         if data.shard is not None:
             raise UsageError("--shard splits the samples without torchrun; under torchrun "
                              "each rank takes its shard already: drop --shard")
+        self.every_rank_reads(data)
+        return replace(data, shard=(self.rank, self.world_size))
+
+    @staticmethod
+    def every_rank_reads(data: DataSelection) -> None:
+        """Refuse standard input as the data: every rank reads the data file."""
         if data.path is not None and str(data.path) == "-":
             raise UsageError("under torchrun every rank reads the data file: give a file, "
                              "not - (standard input)")
-        return replace(data, shard=(self.rank, self.world_size))
 
     def exchange(self, value: Any) -> list[Any]:
         """Every rank's `value` (picklable), in rank order, on every rank."""
@@ -144,11 +149,3 @@ def started(launch: Launch, device_option: str) -> Iterator[Launch]:
             dist.barrier()
         dist.destroy_process_group()
 
-
-def refuse_ranks(command: str) -> None:
-    """Refuse a command that does not split its work over torchrun ranks yet (every rank
-    would redo all of it and write the same file) when more than one rank runs."""
-    launch = detect()
-    if launch is not None and launch.world_size > 1:
-        raise UsageError(f"`jaccli {command}` does not run under torchrun yet: run it in one "
-                         "process")

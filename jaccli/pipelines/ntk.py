@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -100,6 +100,18 @@ def prepare_ntk(settings: NtkSettings) -> NtkRun:
                  None, budget, source)  # type: ignore[arg-type]
     run.blocks = plan_blocks(run, _activation_bytes(inputs, c, itemsize), n, m)
     check_independence(inputs, run.blocks.block_size)
+    return run
+
+
+def with_block_size(run: NtkRun, block_size: int) -> NtkRun:
+    """`run` planned again with blocks of `block_size` samples (under torchrun: the
+    smallest any rank's memory allows, so that every rank splits the kernel alike)."""
+    settings = replace(run.settings, run=replace(run.settings.run, batch_size=block_size))
+    run = replace(run, settings=settings)
+    n = len(run.inputs.data)
+    m = len(run.second) if run.second is not None else n
+    run.blocks = plan_blocks(run, _activation_bytes(run.inputs, run.n_outputs,
+                                                    run.inputs.dtype.itemsize), n, m)
     return run
 
 
@@ -230,6 +242,6 @@ def ntk_plan(run: NtkRun) -> dict:
         "peak_bytes": blocks.peak_bytes, "memory_budget_bytes": run.budget,
         "memory_budget_source": run.budget_source, "memory_terms": blocks.terms,
         "baseline_bytes": blocks.baseline_bytes, "baseline_source": blocks.baseline_source,
-        "device": str(run.inputs.device),
+        "device": str(run.inputs.device), "ranks": 1,
         "dtype": str(run.inputs.dtype).removeprefix("torch."),
     }

@@ -26,12 +26,21 @@ def run_ntk(settings, *, run: NtkRun | None = None, on_block=None) -> dict:
     `on_block()` is called after each block."""
     started = time.perf_counter()
     run = run or prepare_ntk(settings)
-    sink = _Sink(run)
+    return write_kernel(run, lambda sink: compute_blocks(run, block_pairs(run), sink,
+                                                         on_block), started)
+
+
+def write_kernel(run: NtkRun, fill, started: float, **facts) -> dict:
+    """The summary of the kernel that `fill(sink)` puts into a `KernelSink` (computing its
+    blocks, or copying those other ranks computed), written to the output when one is set;
+    `facts` join the summary (e.g. the device of every rank)."""
+    settings = run.settings
+    sink = KernelSink(run)
     writer = _writer(run) if settings.output.path is not None else nullcontext()
     with writer as w, tf32_mode(settings.run.tf32):
         sink.start(w)
-        _blocks(run, sink, on_block)
-        summary = _summary(run, sink)
+        fill(sink)
+        summary = _summary(run, sink) | facts
         if w is not None:
             sink.finish(summary)
             w.finish({"seconds": time.perf_counter() - started,
@@ -45,12 +54,30 @@ def _ranges(n: int, b: int) -> list[tuple[int, int]]:
     return [(start, min(start + b, n)) for start in range(0, n, b)]
 
 
-def _blocks(run: NtkRun, sink: _Sink, on_block) -> None:
+def block_pairs(run: NtkRun) -> list[tuple[int, int | None]]:
+    """The blocks of the kernel, row by row, as (row block, column block) indices: all of
+    them for a cross kernel, those on and above the diagonal for Θ(X, X) (the others are
+    their mirrors), `(i, None)` for the diagonal blocks of `--diagonal`."""
+    rows = run.blocks.row_blocks
+    if run.settings.mode == "diagonal":
+        return [(i, None) for i in range(rows)]
+    if run.symmetric:
+        return [(i, j) for i in range(rows) for j in range(i, rows)]
+    return [(i, j) for i in range(rows) for j in range(run.blocks.col_blocks)]
+
+
+def compute_blocks(run: NtkRun, pairs: list[tuple[int, int | None]], sink, on_block
+                   ) -> None:
+    """Compute the blocks `pairs` (of `block_pairs`, in its order) into `sink`
+    (`sink.write(parts, rows, cols, mirror=...)`), and each row block's traces
+    (`sink.add_traces(traces, row=i)`) with the first block of its row, so that blocks
+    split over several callers count every row once."""
     inputs, mode, b = run.inputs, run.settings.mode, run.blocks.block_size
     first_data = inputs.data
     other = run.second if run.second is not None else first_data
     rows, cols = _ranges(len(first_data), b), _ranges(len(other), b)
     cache: dict[int, dict] = {}
+    row_index, row = None, None
 
     def factors(source, start, stop):  # DATA's rows go with those of the held inputs
         held = inputs.held(start, stop) if source is first_data else ()
@@ -62,29 +89,32 @@ def _blocks(run: NtkRun, sink: _Sink, on_block) -> None:
             return layer_parts(row, col, how)
         return {"": kernel_total(row, col, how)}
 
-    for i, (r0, r1) in enumerate(rows):
-        row = factors(first_data, r0, r1)
-        sink.add_traces(layer_traces(row))
-        if mode == "diagonal":
+    for i, j in pairs:
+        (r0, r1) = rows[i]
+        if i != row_index:  # Θ(X, X): a column block's cached factors are this row's
+            row_index = i
+            row = cache[i] if run.symmetric and i in cache else factors(first_data, r0, r1)
+            if run.symmetric and run.blocks.cache_factors:
+                cache[i] = row
+        if j is None:
+            sink.add_traces(layer_traces(row), row=i)
             sink.write(blocks(row, None, "diagonal"), (r0, r1), None, mirror=False)
             _tick(on_block)
             continue
-        if run.symmetric and run.blocks.cache_factors:
-            cache[i] = row
-        for j, (c0, c1) in enumerate(cols):
-            if run.symmetric and j < i:
-                continue
-            if run.symmetric and j == i:
-                col = None
-            elif j in cache:
-                col = cache[j]
-            else:
-                col = factors(other, c0, c1)
-                if run.blocks.cache_factors:
-                    cache[j] = col
-            sink.write(blocks(row, col, mode), (r0, r1), (c0, c1),
-                       mirror=run.symmetric and j != i)
-            _tick(on_block)
+        if j == (i if run.symmetric else 0):
+            sink.add_traces(layer_traces(row), row=i)
+        (c0, c1) = cols[j]
+        if run.symmetric and j == i:
+            col = None
+        elif j in cache:
+            col = cache[j]
+        else:
+            col = factors(other, c0, c1)
+            if run.blocks.cache_factors:
+                cache[j] = col
+        sink.write(blocks(row, col, mode), (r0, r1), (c0, c1),
+                   mirror=run.symmetric and j != i)
+        _tick(on_block)
 
 
 def _tick(on_block) -> None:
@@ -105,7 +135,7 @@ def _writer(run: NtkRun) -> ResultsWriter:
                          compression_level=settings.output.compression_level)
 
 
-class _Sink:
+class KernelSink:
     """Where the blocks go: the HDF5 datasets (when writing), the dense (N·C)² matrix for
     `--spectrum`, and the per-layer traces Σᵢ Σ_c Θ_l(xᵢ, xᵢ)_cc."""
 
@@ -136,8 +166,9 @@ class _Sink:
                 self.layers[layer] = writer.create_dataset(group, "kernel", run.kernel_shape,
                                                            dtype)
 
-    def add_traces(self, traces: dict[str, float]) -> None:
-        """Σᵢ Σ_c Θ_l(xᵢ, xᵢ)_cc of a row block, per layer (`layer_traces`)."""
+    def add_traces(self, traces: dict[str, float], row: int | None = None) -> None:
+        """Σᵢ Σ_c Θ_l(xᵢ, xᵢ)_cc of a row block, per layer (`layer_traces`); the row
+        blocks come in order."""
         for layer, value in traces.items():
             self.traces[layer] = self.traces.get(layer, 0.0) + value
 
@@ -216,7 +247,7 @@ def kernel_spectrum(matrix: np.ndarray, top_k: int) -> tuple[np.ndarray, dict]:
                     "effective_rank": effective, "size": int(values.shape[0])}
 
 
-def _summary(run: NtkRun, sink: _Sink) -> dict:
+def _summary(run: NtkRun, sink: KernelSink) -> dict:
     settings, inputs = run.settings, run.inputs
     plan = ntk_plan(run)
     trace = sum(sink.traces.values())
@@ -233,7 +264,7 @@ def _summary(run: NtkRun, sink: _Sink) -> dict:
         "n_samples": plan["n_samples"], "m_samples": plan["m_samples"],
         "n_outputs": run.n_outputs, "model_output": run.model_output,
         "kernel_shape": plan["kernel_shape"],
-        "kernel_bytes": plan["kernel_bytes"], "device": plan["device"],
+        "kernel_bytes": plan["kernel_bytes"], "device": plan["device"], "ranks": 1,
         "dtype": plan["dtype"], "block_size": run.blocks.block_size,
         "blocks": run.blocks.computed_blocks, "factor_passes": run.blocks.factor_passes,
         "trace": trace, "layers": layers,

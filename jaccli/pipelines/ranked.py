@@ -4,8 +4,8 @@ shard files that hold exactly its samples with this run's provenance; rank 0 the
 TARGET over the shard files and the summary over every rank's per-sample values (gathered,
 so percentiles and worst samples are those of one process over all samples).
 
-The pipeline supplies a `RankedJob` (compute_ranks, spectrum_ranks). Three exchanges, each
-reached by every rank whatever failed before it: after loading and planning, after
+The pipeline supplies a `RankedJob` (compute_ranks, spectrum_ranks, ntk_ranks). Three
+exchanges, each reached by every rank whatever failed before it: after loading and planning, after
 computing, after rank 0 finished. A failure anywhere stops every rank with a non-zero exit;
 shard files already finished stay, TARGET is not written.
 """
@@ -45,6 +45,9 @@ class RankedJob(Protocol):
     are its own. An outcome is whatever the job gathers to rank 0 (picklable)."""
 
     kind: str  # the results kind of its shard files ("jacobians", "spectra")
+    # False: its shard files are scratch (`--resume` cannot reuse them), removed when a
+    # rank fails; a job without the attribute is resumable.
+    resumable: bool
     # When this rank began its share (`time.perf_counter()`), set once every rank planned:
     # the summary's `seconds` count from there, as one process's count from its plan's end.
     started: float
@@ -81,6 +84,12 @@ def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: b
     """Run `job` as rank `launch.rank`; the summary on rank 0, None on the others. Raises on
     every rank when any rank failed."""
     folder = parts_folder(target) if target is not None else None
+    scratch = rank_file(folder, launch.rank) if folder is not None and \
+        not getattr(job, "resumable", True) else None
+
+    def stop_if_failed(statuses: list[Status], failure: BaseException | None) -> None:
+        _stop_if_failed(statuses, launch, failure, folder, scratch)
+
     # 1. load, check and plan this rank's shard; find the shard files it may reuse
     attrs, status, failure = None, Status(), None
     try:
@@ -88,7 +97,7 @@ def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: b
     except Exception as exc:  # every rank must reach the exchange below
         failure = exc
     statuses = launch.exchange(replace(status, error=_why(failure)))
-    _stop_if_failed(statuses, launch, failure, folder)
+    stop_if_failed(statuses, failure)
     job.started = time.perf_counter()
     # 2. compute the shard (or read what the files it reuses hold)
     files, outcome, failure = [], None, None
@@ -103,7 +112,7 @@ def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: b
     except Exception as exc:
         failure = exc
     statuses = launch.exchange(Status(error=_why(failure)))
-    _stop_if_failed(statuses, launch, failure, folder)
+    stop_if_failed(statuses, failure)
     # 3. rank 0 joins the shards into TARGET and the outcomes into one summary
     parts = launch.gather((outcome, [str(f) for f in files], launch.device))
     summary, failure = None, None
@@ -115,7 +124,7 @@ def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: b
         except Exception as exc:
             failure = exc
     statuses = launch.exchange(Status(error=_why(failure)))
-    _stop_if_failed(statuses, launch, failure, folder)
+    stop_if_failed(statuses, failure)
     return summary
 
 
@@ -185,19 +194,23 @@ def _why(failure: BaseException | None) -> str:
 
 
 def _stop_if_failed(statuses: list[Status], launch: Launch, failure: BaseException | None,
-                    folder: Path | None) -> None:
-    """Raise this rank's own failure, or RankFailed when another rank failed; a parts folder
-    left empty (the run stopped before any shard file was written) is removed."""
+                    folder: Path | None, scratch: Path | None = None) -> None:
+    """Raise this rank's own failure, or RankFailed when another rank failed; this rank's
+    `scratch` shard file is removed, and a parts folder left empty (the run stopped before
+    any shard file was written, or they were scratch) too. Each rank removes its own file
+    before trying the folder, so the last one to do so removes it."""
     failed = [rank for rank, status in enumerate(statuses) if status.error]
     if not failed:
         return
+    if scratch is not None:
+        scratch.unlink(missing_ok=True)
     if folder is not None:
         with contextlib.suppress(OSError):
             folder.rmdir()  # only when empty; every rank may try
     if failure is not None:
         raise failure
     kept = f"; finished shard files stay in {folder} (rerun with --resume to reuse them)" \
-        if folder is not None and any(folder.glob("*.h5")) else ""
+        if folder is not None and scratch is None and any(folder.glob("*.h5")) else ""
     raise RankFailed(f"stopped because rank {failed[0]} failed"
                      f"{f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''}: "
                      f"{statuses[failed[0]].error}{kept}")

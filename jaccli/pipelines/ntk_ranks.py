@@ -1,0 +1,179 @@
+"""`ntk` under torchrun (the exchanges are `ranked`'s): every rank loads the model and all
+the samples, the kernel's blocks (`ntk_run.block_pairs`, row by row) are split into
+contiguous runs balanced by count, and each rank computes its run — with `-o` into its part
+file `TARGET.parts/rank-RRRRR.h5`, without it keeping only what the summary needs. Rank 0
+then writes TARGET exactly as one process would (`ntk_run.write_kernel`: the same datasets,
+mirrors and per-layer parts, copied from the part files) and removes the part files; the
+per-row traces are summed in row order, so trace and shares equal one process's.
+
+Part file (temporary, not a results file): a group per block, `blocks/K`, with attributes
+`rows` [r0, r1), `cols` [c0, c1) (absent for `--diagonal`), `mirror` and `layers` (the
+names of its datasets `0`, `1`, ... in order: the per-layer parts, or `[""]`, the total).
+A kernel block is `(B, B', C, C)`, `(B, B')` with `--trace`, `(B, C, C)` with `--diagonal`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import ResultsFormatError
+from .distributed import Launch
+from .ntk import NtkRun, prepare_ntk, with_block_size
+from .ntk_run import block_pairs, compute_blocks, write_kernel
+from .ntk_settings import NtkSettings
+from .ranked import run_ranked
+from .resources import tf32_mode
+
+
+def run_ranked_ntk(settings: NtkSettings, launch: Launch) -> dict | None:
+    """The kernel of `settings` computed by rank `launch.rank` with the others; the summary
+    on rank 0, None on the others. Raises on every rank when any rank failed."""
+    launch.every_rank_reads(settings.data)
+    return run_ranked(_NtkJob(settings, launch), launch, settings.output.path)
+
+
+def rank_pairs(pairs: list, rank: int, world_size: int) -> list:
+    """Rank `rank`'s contiguous run of `pairs`: runs of equal length (±1), in order."""
+    n = len(pairs)
+    return pairs[rank * n // world_size:(rank + 1) * n // world_size]
+
+
+class _NtkJob:
+    kind = "ntk-blocks"
+    resumable = False  # part files are removed once TARGET is written, or on a failure
+
+    def __init__(self, settings: NtkSettings, launch: Launch):
+        self.settings, self.launch = settings, launch
+        self.started = time.perf_counter()
+        self.run: NtkRun | None = None
+        self.pairs: list = []
+
+    def guard(self) -> None:
+        s = self.settings
+        from .common import guard_output
+
+        guard_output(s.output, s.model, s.data, s.data2)
+
+    def plan(self, shard_file: Path | None) -> tuple[int, int, dict | None]:
+        """Prepare on every rank, then agree on the block size (the smallest any rank's
+        memory allows), which fixes the blocks and this rank's run of them."""
+        s, launch = self.settings, self.launch
+        mine = replace(s, run=replace(s.run, device=launch.device))
+        if not launch.is_main:  # only rank 0 writes TARGET (and clears stale partial files)
+            mine = replace(mine, output=replace(s.output, path=None))
+        failure = None
+        try:
+            self.run = prepare_ntk(mine)
+        except Exception as exc:  # every rank must reach the exchange below
+            failure = exc
+        sizes = launch.exchange(None if failure else self.run.blocks.block_size)
+        if failure is not None:
+            raise failure
+        if None in sizes:  # another rank failed; the status exchange names it
+            return 0, 0, None
+        if min(sizes) != self.run.blocks.block_size:
+            self.run = with_block_size(self.run, min(sizes))
+        every = block_pairs(self.run)
+        start = launch.rank * len(every) // launch.world_size
+        self.pairs = rank_pairs(every, launch.rank, launch.world_size)
+        return start, start + len(self.pairs), None
+
+    def compute(self, shard_file: Path | None, attrs: dict | None) -> dict:
+        run = self.run
+        keep = shard_file is None and run.settings.spectrum
+        sink = _RankSink(shard_file, keep)
+        try:
+            with tf32_mode(run.settings.run.tf32):
+                compute_blocks(run, self.pairs, sink, None)
+            sink.close(complete=True)
+        finally:
+            sink.close(complete=False)
+        return {"traces": sink.traces, "blocks": sink.kept}
+
+    def read(self, files: list[Path]) -> dict:
+        raise AssertionError("ntk part files are not reused")  # resumable = False
+
+    def finish(self, outcomes: list[dict], files: list[Path], devices: list[str]) -> dict:
+        traces = sorted((row, t) for o in outcomes for row, t in o["traces"])
+
+        def fill(sink) -> None:
+            for row, values in traces:
+                sink.add_traces(values, row=row)
+            for outcome in outcomes:
+                for rows, cols, mirror, parts in outcome["blocks"] or ():
+                    sink.write({k: torch.from_numpy(v) for k, v in parts.items()}, rows,
+                               cols, mirror=mirror)
+            for path in files:
+                _copy_blocks(path, sink)
+
+        summary = write_kernel(self.run, fill, self.started, device=", ".join(devices),
+                               ranks=self.launch.world_size)
+        for path in files:
+            path.unlink(missing_ok=True)
+        if files:
+            with contextlib.suppress(OSError):
+                files[0].parent.rmdir()
+        return summary
+
+
+class _RankSink:
+    """Where a rank's blocks go (`compute_blocks`'s sink): its part file, or memory for
+    `--spectrum` without `-o` (rank 0 needs their totals), or nowhere (the summary needs
+    only the traces). Traces are kept per row block: `[(row, {layer: trace})]`."""
+
+    def __init__(self, path: Path | None, keep: bool):
+        self.traces: list[tuple[int, dict[str, float]]] = []
+        self.kept: list | None = [] if keep else None
+        self.file = h5py.File(path, "w") if path is not None else None
+        self.count = 0
+
+    def add_traces(self, traces: dict[str, float], row: int | None = None) -> None:
+        self.traces.append((row, dict(traces)))
+
+    def write(self, parts: dict[str, torch.Tensor], rows, cols, *, mirror: bool) -> None:
+        if self.kept is not None:
+            total = sum(parts.values()).detach().cpu().numpy()
+            self.kept.append((rows, cols, mirror, {"": total}))
+        if self.file is None:
+            return
+        group = self.file.create_group(f"blocks/{self.count}")
+        self.count += 1
+        group.attrs.update({"rows": list(rows), "mirror": mirror,
+                            "layers": json.dumps(list(parts))})
+        if cols is not None:
+            group.attrs["cols"] = list(cols)
+        for k, block in enumerate(parts.values()):
+            group.create_dataset(str(k), data=block.detach().cpu().numpy())
+
+    def close(self, complete: bool) -> None:
+        if self.file is None:
+            return
+        if complete:
+            self.file.attrs["complete"] = True
+        self.file.close()
+        self.file = None
+
+
+def _copy_blocks(path: Path, sink) -> None:
+    """Every block of a rank's part file into `sink`, in the order the rank computed them."""
+    with h5py.File(path, "r") as part:
+        if part.attrs.get("complete") is not True and part.attrs.get("complete") != 1:
+            raise ResultsFormatError(f"{path} was not finished by its rank; run again")
+        blocks = part.get("blocks", {})
+        for key in sorted(blocks, key=int):
+            group = blocks[key]
+            names = json.loads(group.attrs["layers"])
+            parts = {name: torch.from_numpy(np.asarray(group[str(k)]))
+                     for k, name in enumerate(names)}
+            cols = tuple(int(c) for c in group.attrs["cols"]) if "cols" in group.attrs \
+                else None
+            sink.write(parts, tuple(int(r) for r in group.attrs["rows"]), cols,
+                       mirror=bool(group.attrs["mirror"]))

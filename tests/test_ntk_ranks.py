@@ -1,0 +1,195 @@
+"""`jaccli ntk` under torchrun (gloo on the CPU, 2 processes): the kernel's blocks split over
+the ranks give the float64 jacrev reference, the same file (every dataset) and the same
+`--json` summary as one process, and a failing rank stops every rank with no file left.
+
+9 samples in blocks of 2: 5 row blocks, 15 blocks on and above the diagonal, so rank 1's
+run starts in the middle of a row (its traces must not be counted twice)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import jaccli
+from jaccli.cli import app
+from jaccli.pipelines.ntk_ranks import rank_pairs
+
+from .conftest import CNN_SPEC, randomized
+from .ntk_reference import reference_layer_ntk, reference_ntk
+from .test_distributed import TIMEOUT, _env, ranks
+from .test_distributed_pipelines import SCRIPT, same_document
+
+runner = CliRunner()
+MODEL = ("cnn.safetensors", "x.npy", "--dtype", "float64", "--batch-size", "2")
+TOL = {"rtol": 1e-9, "atol": 1e-11}
+COMMANDS = {
+    "full": ["ntk", *MODEL, "--per-layer", "-o", "full.h5", "--json"],
+    "spectrum": ["ntk", *MODEL, "--spectrum", "--top-k", "4", "--json"],
+    "cross": ["ntk", *MODEL[:2], "x2.npy", *MODEL[2:], "--trace", "--per-layer",
+              "-o", "cross.h5", "--json"],
+    "diagonal": ["ntk", *MODEL, "--diagonal", "-o", "diagonal.h5", "--json"],
+    "plan": ["ntk", *MODEL, "--dry-run", "--json"],
+}
+# Fields that depend on timing, the output's name, the number of ranks and (the plan's)
+# what the process held when it planned.
+VARYING = ("seconds", "output", "ranks", "peak_bytes", "memory_terms", "baseline_bytes",
+           "memory_budget_bytes")
+# Root attributes that differ between two runs of the same command.
+RUN_ATTRS = ("created", "seconds", "command")
+
+
+def invoke(folder: Path, args: list[str]):
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return runner.invoke(app, args)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ntk-ranks")
+    torch.manual_seed(0)
+    cnn = randomized(jaccli.build_model(CNN_SPEC))
+    jaccli.save_model(cnn, CNN_SPEC, folder / "cnn.safetensors")
+    rng = np.random.default_rng(5)
+    np.save(folder / "x.npy", rng.normal(size=(9, 2, 6, 6)))
+    np.save(folder / "x2.npy", rng.normal(size=(5, 2, 6, 6)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(folder) -> dict:
+    """Every command once by one process (in this process) and once by two ranks (one
+    torchrun launch running them in turn)."""
+    one = {}
+    for name, args in COMMANDS.items():
+        args = [a.replace(".h5", "-one.h5") for a in args]
+        result = invoke(folder, args)
+        assert result.exit_code == 0, result.output
+        one[name] = json.loads(result.stdout)
+    script = folder / "commands.py"
+    script.write_text(SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(script), json.dumps(COMMANDS)]
+    done = subprocess.run(command, cwd=folder, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    if not (folder / "ranked-0.json").exists():
+        pytest.skip(f"torchrun could not start: {done.stderr[-500:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranked = [json.loads((folder / f"ranked-{r}.json").read_text()) for r in range(2)]
+    return {"one": one, "ranked": ranked}
+
+
+def reference(folder: Path):
+    """The float64 model (built as `folder` built it) and the samples, for the reference."""
+    torch.manual_seed(0)
+    model = randomized(jaccli.build_model(CNN_SPEC)).double()
+    x = torch.from_numpy(np.load(folder / "x.npy"))
+    return model, x, torch.from_numpy(np.load(folder / "x2.npy"))
+
+
+def read(path: Path, name: str = "ntk/kernel") -> torch.Tensor:
+    with h5py.File(path, "r") as f:
+        return torch.from_numpy(np.asarray(f[name]))
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_two_ranks_print_the_summary_one_process_prints(runs, name):
+    rank0, rank1 = (r[name] for r in runs["ranked"])
+    assert rank0["code"] == 0 and rank1["code"] == 0, (rank0["stderr"], rank1["stderr"])
+    assert rank1["stdout"] == "" and rank1["stderr"] == ""  # only rank 0 prints
+    got, want = json.loads(rank0["stdout"]), runs["one"][name]
+    assert got["ranks"] == 2 and want["ranks"] == 1
+    same_document({k: v for k, v in got.items() if k not in VARYING},
+                  {k: v for k, v in want.items() if k not in VARYING})
+
+
+@pytest.mark.parametrize("name", ["full", "cross", "diagonal"])
+def test_two_ranks_write_the_file_one_process_writes_and_remove_their_parts(runs, folder,
+                                                                           name):
+    assert not (folder / f"{name}.h5.parts").exists()
+    with h5py.File(folder / f"{name}.h5", "r") as got, \
+            h5py.File(folder / f"{name}-one.h5", "r") as want:
+        assert _items(got) == _items(want)
+        for item in ["/", *_items(want)]:
+            if isinstance(want[item], h5py.Dataset):
+                np.testing.assert_array_equal(got[item][()], want[item][()], err_msg=item)
+            assert _attrs(got[item]).keys() == _attrs(want[item]).keys(), item
+            for key, value in _attrs(want[item]).items():
+                assert np.all(got[item].attrs[key] == value), (item, key)
+
+
+def _items(f) -> list[str]:
+    names = []
+    f.visit(names.append)
+    return sorted(names)
+
+
+def _attrs(item) -> dict:
+    return {k: v for k, v in item.attrs.items() if k not in RUN_ATTRS}
+
+
+def test_the_ranked_kernels_are_the_jacrev_ones(runs, folder):
+    model, x, x2 = reference(folder)
+    theta = reference_ntk(model, x)
+    torch.testing.assert_close(read(folder / "full.h5"), theta, **TOL)
+    for layer, part in reference_layer_ntk(model, x).items():
+        torch.testing.assert_close(read(folder / "full.h5", f"ntk/layers/{layer}/kernel"),
+                                   part, **TOL, msg=layer)
+    summary = json.loads(runs["ranked"][0]["full"]["stdout"])
+    assert summary["trace"] == pytest.approx(float(torch.einsum("nncc->", theta)), rel=1e-10)
+    cross = reference_ntk(model, x, x2)
+    torch.testing.assert_close(read(folder / "cross.h5"), torch.einsum("nmcc->nm", cross),
+                               **TOL)
+    torch.testing.assert_close(read(folder / "diagonal.h5"), torch.einsum("nncd->ncd", theta),
+                               **TOL)
+    n, c = theta.shape[0], theta.shape[2]
+    eig = np.linalg.eigvalsh(theta.permute(0, 2, 1, 3).reshape(n * c, n * c).numpy())[::-1]
+    spectrum = json.loads(runs["ranked"][0]["spectrum"]["stdout"])["spectrum"]
+    np.testing.assert_allclose(spectrum["top_eigenvalues"], eig[:4], rtol=1e-9)
+    assert spectrum["lambda_min"] == pytest.approx(eig[-1], abs=1e-9 * eig[0])
+
+
+def test_the_plan_under_torchrun_names_the_ranks(runs):
+    plan = json.loads(runs["ranked"][0]["plan"]["stdout"])
+    assert plan["ranks"] == 2 and plan["blocks"] == 15 and plan["block_size"] == 2
+
+
+@pytest.mark.parametrize("count,world", [(15, 2), (15, 4), (3, 5), (0, 2), (7, 1)])
+def test_rank_pairs_split_the_blocks_once_in_order_evenly(count, world):
+    pairs = list(range(count))
+    runs = [rank_pairs(pairs, r, world) for r in range(world)]
+    assert sum(runs, []) == pairs
+    assert max(map(len, runs)) - min(map(len, runs)) <= 1
+
+
+INJECT = """
+import os
+if os.environ["RANK"] == "1":
+    import jaccli.pipelines.ntk_ranks as ranked
+    from jaccli.errors import JaccliError
+
+    def fail(*args, **kwargs):
+        raise JaccliError("injected: the blocks of rank 1 failed")
+
+    ranked.compute_blocks = fail
+"""
+
+
+def test_a_failing_rank_stops_every_rank_and_leaves_no_file(folder):
+    failed = ranks(2, "ntk", *MODEL, "-o", "fail.h5", "--quiet", cwd=folder, script=INJECT)
+    assert [r.returncode for r in failed] == [1, 1], [r.stderr for r in failed]
+    assert "jaccli: error: rank 1: injected: the blocks of rank 1 failed" in failed[1].stderr
+    assert "rank 0: stopped because rank 1 failed" in failed[0].stderr
+    assert "--resume" not in failed[0].stderr  # ntk's part files are not kept
+    assert not (folder / "fail.h5").exists()
+    assert not (folder / "fail.h5.parts").exists()
