@@ -1,10 +1,11 @@
 """Scaling over processes: the sample CNN over 2000 samples in one process and under
 `torchrun --nproc-per-node 2` (gloo on the CPU, or NCCL with --device cuda on a machine with
-two GPUs), and what joining the shard files into the master file costs. Three commands:
+two GPUs), and what joining the shard files into the master file costs. The commands:
 `compute` (per-layer Jacobians: little arithmetic, mostly writing), `compute --wrt params`
 (150 MiB of parameter Jacobians: writing-bound) and `spectrum` (every singular value of every
 layer and sample: compute-bound, the case the 1.7× target is about), the spectrum also on
-4× the samples.
+4× the samples; and `ntk`, its blocks split over the processes (the full kernel of 500
+samples, the trace of 2000).
 
 Usage: python benchmarks/bench_scaling.py [--device cpu|cuda] [--quick] [--cases scaling]
 A run's time is the `seconds` of its --json summary: from the end of planning (under
@@ -69,7 +70,7 @@ def written(out: Path) -> int:
 
 
 COMMANDS = {"compute": ["compute"], "compute --wrt params": ["compute", "--wrt", "params"],
-            "spectrum": ["spectrum"]}
+            "spectrum": ["spectrum"], "ntk": ["ntk"], "ntk --trace": ["ntk", "--trace"]}
 
 
 def scaling(n: int, device: str, command: str, repeats: int) -> Case:
@@ -101,11 +102,13 @@ def scaling(n: int, device: str, command: str, repeats: int) -> Case:
                      f"{statistics.median(t for _, t in measured):.2f} s; "
                      f"{written(folder / f'out-{nproc}.h5') / 2**20:.1f} MiB written"))
         parts = sorted((folder / "out-2.h5.parts").glob("rank-*.h5"))
-        start = time.perf_counter()
-        merge_results(parts, folder / "again.h5")
-        merging = time.perf_counter() - start
-        case.rows.append(Row("merge (VDS master) of the 2 shard files", merging,
-                             note=f"{100 * merging / seconds[2]:.1f}% of the 2-process run"))
+        if parts:  # ntk leaves no shard files: rank 0 copies the blocks into one file
+            start = time.perf_counter()
+            merge_results(parts, folder / "again.h5")
+            merging = time.perf_counter() - start
+            case.rows.append(Row("merge (VDS master) of the 2 shard files", merging,
+                                 note=f"{100 * merging / seconds[2]:.1f}% of the 2-process "
+                                      "run"))
         case.notes.append(f"speed-up of 2 processes over 1: {seconds[1] / seconds[2]:.2f}× "
                           "(summary seconds)")
     return case
@@ -119,7 +122,11 @@ def main() -> None:
         repeats = 1 if args.quick else 3
         # The spectrum again on 4× the samples: where the fixed costs of a ranked run (the
         # exchanges, the master file) have become small against the arithmetic.
-        for command, count in [*((c, n) for c in COMMANDS), ("spectrum", 4 * n)]:
+        # ntk: the full kernel of N samples is N²·C² values (N = 2000: 1.5 GiB), so a
+        # quarter of the samples; its trace (N² values) on all of them.
+        runs = [*((c, n) for c in ("compute", "compute --wrt params", "spectrum")),
+                ("spectrum", 4 * n), ("ntk", n // 4), ("ntk --trace", n)]
+        for command, count in runs:
             report += "\n" + scaling(count, str(device), command, repeats).markdown(
                 reference="(speed-up in the notes)")
     print(report)

@@ -99,17 +99,22 @@ def runs(folder) -> dict:
                 else a for a in args]
         result = invoke(folder, args)
         one[name] = {"code": result.exit_code, "stdout": result.stdout}
+    return {"one": one, "ranked": launch_commands(folder, _commands(folder))}
+
+
+def launch_commands(folder: Path, commands: dict[str, list[str]]) -> list[dict]:
+    """Run `commands` in turn in one `torchrun --nproc-per-node 2` launch in `folder`; per
+    rank, `{name: {"code", "stdout", "stderr"}}` (skips when torchrun cannot start)."""
     script = folder / "commands.py"
     script.write_text(SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", str(script), json.dumps(_commands(folder))]
+               "--nproc-per-node", "2", str(script), json.dumps(commands)]
     done = subprocess.run(command, cwd=folder, env=_env(), capture_output=True, text=True,
                           timeout=TIMEOUT)
     if not (folder / "ranked-0.json").exists():
         pytest.skip(f"torchrun could not start: {done.stderr[-500:]}")
     assert done.returncode == 0, done.stderr[-2000:]
-    ranked = [json.loads((folder / f"ranked-{r}.json").read_text()) for r in range(2)]
-    return {"one": one, "ranked": ranked}
+    return [json.loads((folder / f"ranked-{r}.json").read_text()) for r in range(2)]
 
 
 def _commands(folder: Path) -> dict[str, list[str]]:

@@ -6,27 +6,21 @@ the ranks give the float64 jacrev reference, the same file (every dataset) and t
 run starts in the middle of a row (its traces must not be counted twice)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import jaccli
-from jaccli.cli import app
 from jaccli.pipelines.ntk_ranks import rank_pairs
 
 from .conftest import CNN_SPEC, randomized
 from .ntk_reference import reference_layer_ntk, reference_ntk
-from .test_distributed import TIMEOUT, _env, ranks
-from .test_distributed_pipelines import SCRIPT, same_document
+from .test_distributed import ranks
+from .test_distributed_pipelines import invoke, launch_commands, same_document
 
-runner = CliRunner()
 MODEL = ("cnn.safetensors", "x.npy", "--dtype", "float64", "--batch-size", "2")
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 COMMANDS = {
@@ -43,15 +37,6 @@ VARYING = ("seconds", "output", "ranks", "peak_bytes", "memory_terms", "baseline
            "memory_budget_bytes")
 # Root attributes that differ between two runs of the same command.
 RUN_ATTRS = ("created", "seconds", "command")
-
-
-def invoke(folder: Path, args: list[str]):
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        return runner.invoke(app, args)
-    finally:
-        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +61,7 @@ def runs(folder) -> dict:
         result = invoke(folder, args)
         assert result.exit_code == 0, result.output
         one[name] = json.loads(result.stdout)
-    script = folder / "commands.py"
-    script.write_text(SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", str(script), json.dumps(COMMANDS)]
-    done = subprocess.run(command, cwd=folder, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    if not (folder / "ranked-0.json").exists():
-        pytest.skip(f"torchrun could not start: {done.stderr[-500:]}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    ranked = [json.loads((folder / f"ranked-{r}.json").read_text()) for r in range(2)]
-    return {"one": one, "ranked": ranked}
+    return {"one": one, "ranked": launch_commands(folder, COMMANDS)}
 
 
 def reference(folder: Path):
