@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import jaccli
-from jaccli.pipelines.ntk_ranks import rank_pairs
+from jaccli.pipelines.ntk_ranks import rank_run, split_block_size
 
 from .conftest import CNN_SPEC, randomized
 from .ntk_reference import reference_layer_ntk, reference_ntk
@@ -30,7 +30,13 @@ COMMANDS = {
               "-o", "cross.h5", "--json"],
     "diagonal": ["ntk", *MODEL, "--diagonal", "-o", "diagonal.h5", "--json"],
     "plan": ["ntk", *MODEL, "--dry-run", "--json"],
+    # No --batch-size: one process plans one block of all 9 samples; two ranks split it.
+    "split": ["ntk", *MODEL[:4], "--trace", "--per-layer", "-o", "split.h5", "--json"],
+    "split-plan": ["ntk", *MODEL[:4], "--trace", "--dry-run", "--json"],
 }
+# The block size (and what follows from it) of the commands without --batch-size.
+BLOCKING = ("block_size", "blocks", "cache_factors", "factor_passes", "peak_bytes", "pairs",
+            "multiply_adds")
 # Fields that depend on timing, the output's name, the number of ranks and (the plan's)
 # what the process held when it planned.
 VARYING = ("seconds", "output", "ranks", "peak_bytes", "memory_terms", "baseline_bytes",
@@ -84,8 +90,9 @@ def test_two_ranks_print_the_summary_one_process_prints(runs, name):
     assert rank1["stdout"] == "" and rank1["stderr"] == ""  # only rank 0 prints
     got, want = json.loads(rank0["stdout"]), runs["one"][name]
     assert got["ranks"] == 2 and want["ranks"] == 1
-    same_document({k: v for k, v in got.items() if k not in VARYING},
-                  {k: v for k, v in want.items() if k not in VARYING})
+    varying = VARYING + (BLOCKING if name.startswith("split") else ())
+    same_document({k: v for k, v in got.items() if k not in varying},
+                  {k: v for k, v in want.items() if k not in varying})
 
 
 @pytest.mark.parametrize("name", ["full", "cross", "diagonal"])
@@ -139,12 +146,61 @@ def test_the_plan_under_torchrun_names_the_ranks(runs):
     assert plan["ranks"] == 2 and plan["blocks"] == 15 and plan["block_size"] == 2
 
 
-@pytest.mark.parametrize("count,world", [(15, 2), (15, 4), (3, 5), (0, 2), (7, 1)])
-def test_rank_pairs_split_the_blocks_once_in_order_evenly(count, world):
-    pairs = list(range(count))
-    runs = [rank_pairs(pairs, r, world) for r in range(world)]
-    assert sum(runs, []) == pairs
-    assert max(map(len, runs)) - min(map(len, runs)) <= 1
+def test_a_kernel_that_fits_one_block_is_split_over_the_ranks(runs, folder):
+    one = runs["one"]["split-plan"]
+    ranked = json.loads(runs["ranked"][0]["split-plan"]["stdout"])
+    assert (one["block_size"], one["blocks"]) == (9, 1)
+    # 9 samples, 8 blocks wanted for 2 ranks: 3 or 4 rows of blocks give 6, 5 rows 15.
+    assert (ranked["block_size"], ranked["blocks"]) == (2, 15)
+    assert json.loads(runs["ranked"][0]["split"]["stdout"])["blocks"] == 15
+    model, x, _ = reference(folder)
+    traces = {k: torch.einsum("nmcc->nm", v) for k, v in reference_layer_ntk(model, x).items()}
+    for layer, trace in traces.items():
+        torch.testing.assert_close(read(folder / "split.h5", f"ntk/layers/{layer}/kernel"),
+                                   trace, **TOL, msg=layer)
+    torch.testing.assert_close(read(folder / "split.h5"), sum(traces.values()), **TOL)
+    with h5py.File(folder / "split.h5", "r") as f:
+        assert f.attrs["block_size"] == 2
+
+
+def _block_count(n: int, m: int, mode: str, symmetric: bool, b: int) -> int:
+    """The blocks of an N×M kernel in blocks of `b`, counted by listing them."""
+    starts = range(0, n, b)
+    if mode == "diagonal":
+        return len(starts)
+    return len([(i, j) for i in starts for j in range(0, m, b) if not symmetric or j >= i])
+
+
+@pytest.mark.parametrize("n,m,mode,symmetric", [
+    (9, 9, "trace", True), (1000, 1000, "full", True), (7, 40, "full", False),
+    (50, 3, "trace", False), (30, 30, "diagonal", False), (3, 3, "full", True),
+    (1, 1, "trace", True), (2000, 2000, "trace", True)])
+@pytest.mark.parametrize("wanted", [1, 4, 8, 16, 64])
+def test_split_block_size_gives_the_fewest_rows_with_enough_blocks(n, m, mode, symmetric,
+                                                                    wanted):
+    for largest in sorted({1, 2, n // 3 or 1, n}):
+        b = split_block_size(n, m, mode, symmetric, largest, wanted)
+        fits = [k for k in range(1, min(largest, n) + 1)
+                if _block_count(n, m, mode, symmetric, k) >= wanted]
+        rows = -(-n // max(fits)) if fits else n  # the fewest rows of blocks that do
+        assert b <= max(largest, 1) and -(-n // b) == rows, (largest, b)
+        assert b == -(-n // rows)  # the rows as equal as they can be
+        assert not fits or _block_count(n, m, mode, symmetric, b) >= wanted
+    assert split_block_size(2000, 2000, "trace", True, 2000, 8) == 500  # not 666, 666, 666, 2
+
+
+@pytest.mark.parametrize("costs,world", [
+    ([4] * 15, 2), ([4] * 15, 4), ([1, 1, 1], 5), ([], 2), ([3, 2, 1] * 3, 1),
+    ([250_000, 250_000, 250_000, 250_000, 500, 500, 500, 500, 1, 1], 2),
+    ([100, 0, 0, 100, 7, 90, 1, 1, 1, 1, 50], 3), ([0, 0, 0, 0], 3), ([9, 1], 4)])
+def test_rank_run_splits_the_blocks_once_in_order_by_cost(costs, world):
+    runs = [rank_run(costs, r, world) for r in range(world)]
+    assert [k for start, stop in runs for k in range(start, stop)] == list(range(len(costs)))
+    total, largest = sum(costs), max(costs, default=0)
+    for start, stop in runs:
+        assert sum(costs[start:stop]) <= total / world + largest
+    if total == 0:  # no pairs: split by count
+        assert max(b - a for a, b in runs) - min(b - a for a, b in runs) <= 1
 
 
 INJECT = """

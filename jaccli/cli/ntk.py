@@ -111,6 +111,10 @@ def ntk(
         if launch is not None and not launch.is_main:
             return  # --dry-run under torchrun: rank 0 prints the plan
         prepared = prepare_ntk(settings)
+        if launch is not None:  # --dry-run: the blocks the ranks would split
+            from ..pipelines.ntk_ranks import blocks_for_ranks
+
+            prepared = blocks_for_ranks(prepared, launch.world_size)
         if dry_run:
             plan = ntk_plan(prepared) | {"ranks": launch.world_size if launch else 1}
             emit_json(plan, quiet) if json_output else render_ntk_plan(plan, out)

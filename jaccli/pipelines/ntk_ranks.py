@@ -1,7 +1,8 @@
 """`ntk` under torchrun (the exchanges are `ranked`'s): every rank loads the model and all
-the samples, the kernel's blocks (`ntk_run.block_pairs`, row by row) are split into
-contiguous runs balanced by count, and each rank computes its run — with `-o` into its part
-file `TARGET.parts/rank-RRRRR.h5`, without it keeping only what the summary needs. Rank 0
+the samples, the kernel's blocks (`ntk_run.block_pairs`, row by row; without --batch-size
+at least `BLOCKS_PER_RANK` a rank) are split into contiguous runs balanced by their pairs of
+samples (`rank_run`), and each rank computes its run — with `-o` into its part file
+`TARGET.parts/rank-RRRRR.h5`, without it keeping only what the summary needs. Rank 0
 then writes TARGET exactly as one process would (`ntk_run.write_kernel`: the same datasets,
 mirrors and per-layer parts, copied from the part files) and removes the part files; the
 per-row traces are summed in row order, so trace and shares equal one process's.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,10 +42,68 @@ def run_ranked_ntk(settings: NtkSettings, launch: Launch) -> dict | None:
     return run_ranked(_NtkJob(settings, launch), launch, settings.output.path)
 
 
-def rank_pairs(pairs: list, rank: int, world_size: int) -> list:
-    """Rank `rank`'s contiguous run of `pairs`: runs of equal length (±1), in order."""
-    n = len(pairs)
-    return pairs[rank * n // world_size:(rank + 1) * n // world_size]
+# Without --batch-size, blocks are made smaller until each rank has this many: a rank's
+# contiguous run then ends within a block of an equal share, and a kernel that fits one block
+# is still split.
+BLOCKS_PER_RANK = 4
+
+
+def blocks_for_ranks(run: NtkRun, world_size: int, block_size: int | None = None) -> NtkRun:
+    """`run` planned with blocks of `block_size` samples (default: its own), or smaller
+    blocks where --batch-size was not given and there would be fewer than
+    `BLOCKS_PER_RANK` blocks per rank (down to blocks of one sample)."""
+    b = block_size or run.blocks.block_size
+    if run.settings.run.batch_size is None:
+        n = len(run.inputs.data)
+        m = len(run.second) if run.second is not None else n
+        b = split_block_size(n, m, run.settings.mode, run.symmetric, b,
+                             BLOCKS_PER_RANK * world_size)
+    return run if b == run.blocks.block_size else with_block_size(run, b)
+
+
+def split_block_size(n: int, m: int, mode: str, symmetric: bool, block_size: int,
+                     blocks: int) -> int:
+    """A block size ≤ `block_size` giving at least `blocks` blocks of the kernel of N = `n`
+    by M = `m` samples (1 where even one-sample blocks give fewer): the rows of blocks of the
+    largest such size, in blocks as equal as they can be (N = 2000 in 4 rows: 500, not 666
+    with a last block of 2)."""
+
+    def count(b: int) -> int:
+        rows = -(-n // b)
+        if mode == "diagonal":
+            return rows
+        return rows * (rows + 1) // 2 if symmetric else rows * -(-m // b)
+
+    low, high = 1, max(1, min(block_size, n))  # count(b) does not grow with b
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if count(middle) >= blocks else (low, middle - 1)
+    return -(-n // -(-n // low))
+
+
+def rank_run(costs: list[int], rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous run `[start, stop)` of blocks that cost `costs` (pairs of
+    samples): a block goes to the rank whose equal share of the total cost holds the block's
+    middle, so that no rank's run costs more than its share and one block."""
+    total = sum(costs)
+    if total == 0:
+        return rank * len(costs) // world_size, (rank + 1) * len(costs) // world_size
+    owners, done = [], 0
+    for cost in costs:
+        owners.append(min((2 * done + cost) * world_size // (2 * total), world_size - 1))
+        done += cost
+    return bisect_left(owners, rank), bisect_right(owners, rank)
+
+
+def pair_costs(run: NtkRun, pairs: list[tuple[int, int | None]]) -> list[int]:
+    """The pairs of samples in each block of `pairs` (of `block_pairs`)."""
+    b, n = run.blocks.block_size, len(run.inputs.data)
+    m = len(run.second) if run.second is not None else n
+
+    def size(index: int, count: int) -> int:
+        return min(b, count - index * b)
+
+    return [size(i, n) * (1 if j is None else size(j, m)) for i, j in pairs]
 
 
 class _NtkJob:
@@ -79,12 +139,11 @@ class _NtkJob:
             raise failure
         if None in sizes:  # another rank failed; the status exchange names it
             return 0, 0, None
-        if min(sizes) != self.run.blocks.block_size:
-            self.run = with_block_size(self.run, min(sizes))
+        self.run = blocks_for_ranks(self.run, launch.world_size, min(sizes))
         every = block_pairs(self.run)
-        start = launch.rank * len(every) // launch.world_size
-        self.pairs = rank_pairs(every, launch.rank, launch.world_size)
-        return start, start + len(self.pairs), None
+        start, stop = rank_run(pair_costs(self.run, every), launch.rank, launch.world_size)
+        self.pairs = every[start:stop]
+        return start, stop, None
 
     def compute(self, shard_file: Path | None, attrs: dict | None) -> dict:
         run = self.run
