@@ -127,9 +127,19 @@ def test_the_ranked_kernels_are_the_jacrev_ones(runs, folder):
                                    part, **TOL, msg=layer)
     summary = json.loads(runs["ranked"][0]["full"]["stdout"])
     assert summary["trace"] == pytest.approx(float(torch.einsum("nncc->", theta)), rel=1e-10)
+    layers = {row["layer"]: row["trace"] for row in summary["layers"]}
+    parts = reference_layer_ntk(model, x)
+    assert layers.keys() == parts.keys()
+    for layer, part in parts.items():  # each row's share counted once over the two runs
+        assert layers[layer] == pytest.approx(float(torch.einsum("nncc->", part)), rel=1e-10)
     cross = reference_ntk(model, x, x2)
     torch.testing.assert_close(read(folder / "cross.h5"), torch.einsum("nmcc->nm", cross),
                                **TOL)
+    for layer, part in reference_layer_ntk(model, x, x2).items():
+        torch.testing.assert_close(read(folder / "cross.h5", f"ntk/layers/{layer}/kernel"),
+                                   torch.einsum("nmcc->nm", part), **TOL, msg=layer)
+    cross_summary = json.loads(runs["ranked"][0]["cross"]["stdout"])  # Σᵢ Θ(xᵢ, xᵢ) of DATA
+    assert cross_summary["trace"] == pytest.approx(summary["trace"], rel=1e-10)
     torch.testing.assert_close(read(folder / "diagonal.h5"), torch.einsum("nncd->ncd", theta),
                                **TOL)
     torch.testing.assert_close(read(folder / "one-sample.h5"), theta[:1, :1], **TOL)
