@@ -55,14 +55,21 @@ def ranks(world: int, *args, cwd: Path, script: str | None = None) -> list:
         port = s.getsockname()[1]
     code = f"{script or ''}\nfrom jaccli.cli import main\nmain({[str(a) for a in args]!r})"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=cwd, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
                               env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
              for r in range(world)]
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=TIMEOUT)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=TIMEOUT)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:  # a rank left waiting (a hang) must not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     return results
 
 

@@ -33,6 +33,11 @@ COMMANDS = {
     # No --batch-size: one process plans one block of all 9 samples; two ranks split it.
     "split": ["ntk", *MODEL[:4], "--trace", "--per-layer", "-o", "split.h5", "--json"],
     "split-plan": ["ntk", *MODEL[:4], "--trace", "--dry-run", "--json"],
+    # one sample, one block: rank 0 has no pairs at all
+    "one-sample": ["ntk", *MODEL, "--limit", "1", "-o", "one-sample.h5", "--json"],
+    # a cross kernel wider than tall (5 × 9 samples: 3 × 5 blocks, rank 1 starts mid-row)
+    "cross-wide": ["ntk", MODEL[0], "x2.npy", "x.npy", *MODEL[2:], "-o", "cross-wide.h5",
+                   "--json"],
 }
 # The block size (and what follows from it) of the commands without --batch-size.
 BLOCKING = ("block_size", "blocks", "cache_factors", "factor_passes", "peak_bytes", "pairs",
@@ -95,7 +100,7 @@ def test_two_ranks_print_the_summary_one_process_prints(runs, name):
                   {k: v for k, v in want.items() if k not in varying})
 
 
-@pytest.mark.parametrize("name", ["full", "cross", "diagonal"])
+@pytest.mark.parametrize("name", ["full", "cross", "diagonal", "one-sample", "cross-wide"])
 def test_two_ranks_write_the_file_one_process_writes_and_remove_their_parts(runs, folder,
                                                                            name):
     assert not (folder / f"{name}.h5.parts").exists()
@@ -129,10 +134,23 @@ def test_the_ranked_kernels_are_the_jacrev_ones(runs, folder):
                                    part, **TOL, msg=layer)
     summary = json.loads(runs["ranked"][0]["full"]["stdout"])
     assert summary["trace"] == pytest.approx(float(torch.einsum("nncc->", theta)), rel=1e-10)
+    layers = {row["layer"]: row["trace"] for row in summary["layers"]}
+    parts = reference_layer_ntk(model, x)
+    assert layers.keys() == parts.keys()
+    for layer, part in parts.items():  # each row's share counted once over the two runs
+        assert layers[layer] == pytest.approx(float(torch.einsum("nncc->", part)), rel=1e-10)
     cross = reference_ntk(model, x, x2)
     torch.testing.assert_close(read(folder / "cross.h5"), torch.einsum("nmcc->nm", cross),
                                **TOL)
+    for layer, part in reference_layer_ntk(model, x, x2).items():
+        torch.testing.assert_close(read(folder / "cross.h5", f"ntk/layers/{layer}/kernel"),
+                                   torch.einsum("nmcc->nm", part), **TOL, msg=layer)
+    cross_summary = json.loads(runs["ranked"][0]["cross"]["stdout"])  # Σᵢ Θ(xᵢ, xᵢ) of DATA
+    assert cross_summary["trace"] == pytest.approx(summary["trace"], rel=1e-10)
     torch.testing.assert_close(read(folder / "diagonal.h5"), torch.einsum("nncd->ncd", theta),
+                               **TOL)
+    torch.testing.assert_close(read(folder / "one-sample.h5"), theta[:1, :1], **TOL)
+    torch.testing.assert_close(read(folder / "cross-wide.h5"), reference_ntk(model, x2, x),
                                **TOL)
     n, c = theta.shape[0], theta.shape[2]
     eig = np.linalg.eigvalsh(theta.permute(0, 2, 1, 3).reshape(n * c, n * c).numpy())[::-1]
@@ -224,3 +242,103 @@ def test_a_failing_rank_stops_every_rank_and_leaves_no_file(folder):
     assert "--resume" not in failed[0].stderr  # ntk's part files are not kept
     assert not (folder / "fail.h5").exists()
     assert not (folder / "fail.h5.parts").exists()
+
+
+# A rank that is refused must not leave the others waiting: without an answer in 60 s a
+# collective fails (the test then sees that error, not the refusal).
+PATIENCE = 'import os\nos.environ["JACCLI_DIST_TIMEOUT"] = "60"\n'
+
+
+@pytest.mark.parametrize("output", ["a-folder", "x.npy"])
+def test_rank_0_refusing_the_output_stops_every_rank_at_once(folder, output):
+    (folder / "a-folder").mkdir(exist_ok=True)
+    before = (folder / "x.npy").read_bytes()
+    failed = ranks(2, "ntk", *MODEL, "-o", output, "--quiet", cwd=folder, script=PATIENCE)
+    assert [r.returncode for r in failed] == [1, 1], [r.stderr for r in failed]
+    why = "is a folder" if output == "a-folder" else "is an input of this run"
+    assert f"jaccli: error: rank 0: -o {output} {why}" in failed[0].stderr
+    assert f"jaccli: error: rank 1: stopped because rank 0 failed: -o {output} {why}" in \
+        failed[1].stderr
+    assert (folder / "x.npy").read_bytes() == before
+    assert not (folder / f"{output}.parts").exists()
+
+
+def test_a_file_named_as_the_parts_folder_is_refused_and_kept(folder):
+    (folder / "blocked.h5.parts").write_text("not ours")
+    failed = ranks(2, "ntk", *MODEL, "-o", "blocked.h5", "--quiet", cwd=folder)
+    assert [r.returncode for r in failed] == [1, 1], [r.stderr for r in failed]
+    for rank, result in enumerate(failed):
+        assert f"jaccli: error: rank {rank}: blocked.h5.parts exists and is not a folder" in \
+            result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (folder / "blocked.h5.parts").read_text() == "not ours"
+    assert not (folder / "blocked.h5").exists()
+
+
+def test_data2_from_standard_input_is_refused_on_every_rank(folder):
+    failed = ranks(2, "ntk", MODEL[0], "x.npy", "-", *MODEL[2:], "--quiet", cwd=folder)
+    assert [r.returncode for r in failed] == [2, 2], [r.stderr for r in failed]
+    for rank, result in enumerate(failed):
+        assert f"jaccli: error: rank {rank}: under torchrun every rank reads DATA2" in \
+            result.stderr
+
+
+# Rank 1 started with other arguments than rank 0 (`jaccli.cli.main` wrapped on rank 1).
+OTHER_ARGS = PATIENCE + """
+if os.environ["RANK"] == "1":
+    import jaccli.cli
+    run = jaccli.cli.main
+    jaccli.cli.main = lambda args: run([CHANGE.get(a, a) for a in args] + EXTRA)
+"""
+
+
+def test_ranks_started_on_other_samples_refuse_to_mix_their_blocks(folder):
+    np.save(folder / "x3.npy", np.load(folder / "x.npy")[::-1])  # same shape, other rows
+    script = OTHER_ARGS.replace("CHANGE", '{"x.npy": "x3.npy"}').replace("EXTRA", "[]")
+    failed = ranks(2, "ntk", *MODEL, "-o", "mixed.h5", "--quiet", cwd=folder, script=script)
+    assert [r.returncode for r in failed] == [2, 2], [r.stderr for r in failed]
+    for rank, result in enumerate(failed):
+        assert f"jaccli: error: rank {rank}: rank 1 was started on another kernel than " \
+               "rank 0 (its data_sha256 differs)" in result.stderr
+    assert not (folder / "mixed.h5").exists()
+    assert not (folder / "mixed.h5.parts").exists()
+
+
+def test_the_rank_with_the_least_memory_sets_every_rank_s_block_size(folder):
+    small = ["--max-memory", "50KiB"]  # blocks of 2 samples, where 9 fit rank 0
+    plan = invoke(folder, ["ntk", *MODEL[:4], *small, "--dry-run", "--json"])
+    assert plan.exit_code == 0, plan.output
+    size = json.loads(plan.stdout)["block_size"]
+    alone = invoke(folder, ["ntk", *MODEL[:4], "--dry-run", "--json"])
+    assert size < json.loads(alone.stdout)["block_size"]  # rank 0 alone would take more
+    script = OTHER_ARGS.replace("CHANGE", "{}").replace("EXTRA", repr(small))
+    done = ranks(2, "ntk", *MODEL[:4], "-o", "small.h5", "--quiet", cwd=folder,
+                 script=script)
+    assert [r.returncode for r in done] == [0, 0], [r.stderr for r in done]
+    with h5py.File(folder / "small.h5", "r") as f:
+        assert f["ntk"].attrs["block_size"] == size
+    model, x, _ = reference(folder)
+    torch.testing.assert_close(read(folder / "small.h5"), reference_ntk(model, x), **TOL)
+    assert not (folder / "small.h5.parts").exists()
+
+
+KILL = PATIENCE + """
+if os.environ["RANK"] == "1":
+    import jaccli.pipelines.ntk_ranks as ranked
+
+    def killed(*args, **kwargs):
+        os._exit(9)  # as the kernel's OOM killer would: no report, no clean-up
+
+    ranked.compute_blocks = killed
+"""
+
+
+def test_a_killed_rank_stops_the_others_with_one_clear_line(folder):
+    failed = ranks(2, "ntk", *MODEL, "-o", "killed.h5", "--quiet", cwd=folder, script=KILL)
+    assert failed[1].returncode == 9
+    assert failed[0].returncode == 1, failed[0].stderr
+    assert failed[0].stderr.startswith("jaccli: error: rank 0: lost contact with the other "
+                                       "ranks"), failed[0].stderr
+    assert len(failed[0].stderr.strip().splitlines()) == 1, failed[0].stderr
+    assert not (folder / "killed.h5").exists()
+    assert not (folder / "killed.h5.parts" / "rank-00000.h5").exists()  # rank 0's own

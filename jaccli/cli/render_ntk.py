@@ -74,7 +74,8 @@ def render_ntk_plan(plan: dict, out) -> None:
     if ranks > 1:
         out.print(f"under torchrun: {ranks} ranks, each computing a run of about "
                   f"{-(-plan['blocks'] // ranks)} of the {plan['blocks']} blocks (rank 0's "
-                  "plan; the block size is the smallest any rank's memory allows)",
+                  "plan: a rank whose memory allows smaller blocks makes them smaller for "
+                  "every rank)",
                   highlight=False)
     out.print(f"peak about {format_bytes(int(plan['peak_bytes']))} of the memory budget "
               f"{format_bytes(plan['memory_budget_bytes'])} ({plan['memory_budget_source']}); "

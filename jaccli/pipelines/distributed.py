@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import JaccliError, UsageError, is_out_of_memory
 from ..settings import DataSelection
 
 # How long a rank waits in a collective for the others (a rank whose shard was reused waits
@@ -59,7 +59,7 @@ class Launch:
         import torch.distributed as dist
 
         values: list[Any] = [None] * self.world_size
-        dist.all_gather_object(values, value)
+        _collective(lambda: dist.all_gather_object(values, value))
         return values
 
     def sum_tensor(self, tensor, failed: bool = False):
@@ -69,7 +69,7 @@ class Launch:
         import torch.distributed as dist
 
         flat = torch.cat([tensor.reshape(-1), tensor.new_tensor([1.0 if failed else 0.0])])
-        dist.all_reduce(flat)
+        _collective(lambda: dist.all_reduce(flat))
         return flat[:-1].reshape(tensor.shape), bool(flat[-1] > 0)
 
     def gather(self, value: Any) -> list[Any] | None:
@@ -77,8 +77,23 @@ class Launch:
         import torch.distributed as dist
 
         values: list[Any] | None = [None] * self.world_size if self.is_main else None
-        dist.gather_object(value, values, dst=0)
+        _collective(lambda: dist.gather_object(value, values, dst=0))
         return values
+
+
+def _collective(run) -> None:
+    """Run a collective; a rank that went away without reporting (killed, crashed) or a
+    wait past JACCLI_DIST_TIMEOUT is one clear error, not an internal one."""
+    try:
+        run()
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise
+        text = str(exc).strip()
+        why = text.splitlines()[0] if text else type(exc).__name__
+        raise JaccliError(f"lost contact with the other ranks ({why}): one of them stopped "
+                          "without reporting (killed? out of memory?) or did not answer "
+                          "within JACCLI_DIST_TIMEOUT seconds") from exc
 
 
 def torchrun_rank() -> int | None:

@@ -1,11 +1,14 @@
-"""`ntk` under torchrun (the exchanges are `ranked`'s): every rank loads the model and all
-the samples, the kernel's blocks (`ntk_run.block_pairs`, row by row; without --batch-size
-at least `BLOCKS_PER_RANK` a rank) are split into contiguous runs balanced by their pairs of
-samples (`rank_run`), and each rank computes its run — with `-o` into its part file
-`TARGET.parts/rank-RRRRR.h5`, without it keeping only what the summary needs. Rank 0
-then writes TARGET exactly as one process would (`ntk_run.write_kernel`: the same datasets,
-mirrors and per-layer parts, copied from the part files) and removes the part files; the
-per-row traces are summed in row order, so trace and shares equal one process's.
+"""`ntk` under torchrun (the exchanges are `ranked`'s, and one more at the start of the
+compute step, which every rank reaches: the ranks check that they were started on the same
+kernel — model, samples, options — and take the smallest block size any rank's memory
+allows; without --batch-size at least `BLOCKS_PER_RANK` blocks a rank): every rank loads the
+model and all the samples, the kernel's blocks (`ntk_run.block_pairs`, row by row) are split
+into contiguous runs balanced by their pairs of samples (`rank_run`), and each rank computes
+its run — with `-o` into its part file `TARGET.parts/rank-RRRRR.h5`, without it keeping only
+what the summary needs. Rank 0 then writes TARGET exactly as one process would
+(`ntk_run.write_kernel`: the same datasets, mirrors and per-layer parts, copied from the part
+files) and removes the part files; the per-row traces are summed in row order, so trace and
+shares equal one process's.
 
 Part file (temporary, not a results file): a group per block, `blocks/K`, with attributes
 `rows` [r0, r1), `cols` [c0, c1) (absent for `--diagonal`), `mirror` and `layers` (the
@@ -26,7 +29,9 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import ResultsFormatError
+from ..errors import ResultsFormatError, UsageError
+from ..io.hashing import sha256_file
+from .common import guard_output, provenance
 from .distributed import Launch
 from .ntk import NtkRun, prepare_ntk, with_block_size
 from .ntk_run import block_pairs, compute_blocks, write_kernel
@@ -38,7 +43,6 @@ from .resources import tf32_mode
 def run_ranked_ntk(settings: NtkSettings, launch: Launch) -> dict | None:
     """The kernel of `settings` computed by rank `launch.rank` with the others; the summary
     on rank 0, None on the others. Raises on every rank when any rank failed."""
-    launch.every_rank_reads(settings.data)
     return run_ranked(_NtkJob(settings, launch), launch, settings.output.path)
 
 
@@ -115,37 +119,49 @@ class _NtkJob:
         self.started = time.perf_counter()
         self.run: NtkRun | None = None
         self.pairs: list = []
+        self.facts: dict = {}
 
     def guard(self) -> None:
         s = self.settings
-        from .common import guard_output
-
         guard_output(s.output, s.model, s.data, s.data2)
 
     def plan(self, shard_file: Path | None) -> tuple[int, int, dict | None]:
-        """Prepare on every rank, then agree on the block size (the smallest any rank's
-        memory allows), which fixes the blocks and this rank's run of them."""
+        """Prepare on this rank (no collective here: a rank whose guard failed does not get
+        this far, and the others must not wait for it)."""
         s, launch = self.settings, self.launch
+        launch.every_rank_reads(s.data)
+        if s.data2 is not None and str(s.data2) == "-":
+            raise UsageError("under torchrun every rank reads DATA2: give a file, not - "
+                             "(standard input)")
         mine = replace(s, run=replace(s.run, device=launch.device))
         if not launch.is_main:  # only rank 0 writes TARGET (and clears stale partial files)
             mine = replace(mine, output=replace(s.output, path=None))
-        failure = None
-        try:
-            self.run = prepare_ntk(mine)
-        except Exception as exc:  # every rank must reach the exchange below
-            failure = exc
-        sizes = launch.exchange(None if failure else self.run.blocks.block_size)
-        if failure is not None:
-            raise failure
-        if None in sizes:  # another rank failed; the status exchange names it
-            return 0, 0, None
-        self.run = blocks_for_ranks(self.run, launch.world_size, min(sizes))
-        every = block_pairs(self.run)
-        start, stop = rank_run(pair_costs(self.run, every), launch.rank, launch.world_size)
-        self.pairs = every[start:stop]
-        return start, stop, None
+        self.run = prepare_ntk(mine)
+        self.facts = kernel_facts(self.run)
+        return 0, 0, None
+
+    def agree(self) -> None:
+        """Once every rank planned: check that they all compute the same kernel, agree on
+        the block size (the smallest any rank's memory allows, smaller still for enough
+        blocks a rank), which fixes the blocks and this rank's run of them. Every rank
+        decides alike from the same exchange."""
+        launch = self.launch
+        every = launch.exchange((self.run.blocks.block_size, self.facts))
+        first = every[0][1]
+        for rank, (_, facts) in enumerate(every):
+            key = next((k for k in sorted(first.keys() | facts.keys())
+                        if first.get(k) != facts.get(k)), None)
+            if key is not None:
+                raise UsageError(f"rank {rank} was started on another kernel than rank 0 "
+                                 f"(its {key} differs): start every rank with the same "
+                                 "command on the same files")
+        self.run = blocks_for_ranks(self.run, launch.world_size, min(b for b, _ in every))
+        pairs = block_pairs(self.run)
+        start, stop = rank_run(pair_costs(self.run, pairs), launch.rank, launch.world_size)
+        self.pairs = pairs[start:stop]
 
     def compute(self, shard_file: Path | None, attrs: dict | None) -> dict:
+        self.agree()  # every rank gets here (a failed plan stopped them all)
         run = self.run
         keep = shard_file is None and run.settings.spectrum
         sink = _RankSink(shard_file, keep)
@@ -166,8 +182,10 @@ class _NtkJob:
         def fill(sink) -> None:
             for row, values in traces:
                 sink.add_traces(values, row=row)
-            for outcome in outcomes:
-                for rows, cols, mirror, parts in outcome["blocks"] or ():
+            for outcome in outcomes:  # each block let go once placed (before eigvalsh)
+                kept = outcome.pop("blocks", None) or []
+                while kept:
+                    rows, cols, mirror, parts = kept.pop()
                     sink.write({k: torch.from_numpy(v) for k, v in parts.items()}, rows,
                                cols, mirror=mirror)
             for path in files:
@@ -181,6 +199,23 @@ class _NtkJob:
             with contextlib.suppress(OSError):
                 files[0].parent.rmdir()
         return summary
+
+
+def kernel_facts(run: NtkRun) -> dict:
+    """What every rank must share for its blocks to be blocks of one kernel: the model's and
+    the samples' content (SHA-256), the selection, and the options that shape the blocks
+    (not paths, devices or memory: those may differ between machines)."""
+    s, inputs = run.settings, run.inputs
+    facts = {key: value for key, value in provenance("", inputs).items() if key in (
+        "model_sha256", "data_sha256", "data_key", "data_offset", "n_samples", "dtype",
+        "wrt_input", "model_inputs")}
+    facts |= {"mode": s.mode, "per_layer": s.per_layer, "spectrum": s.spectrum,
+              "tf32": s.run.tf32, "n_outputs": run.n_outputs, "layers": list(run.layers),
+              "params": [p.name for p in run.params], "model_output": run.model_output}
+    if run.second is not None:
+        facts |= {"data2_sha256": sha256_file(run.second.path),
+                  "m_samples": len(run.second)}
+    return facts
 
 
 class _RankSink:

@@ -57,10 +57,13 @@ class RankedJob(Protocol):
 
     def plan(self, shard_file: Path | None) -> tuple[int, int, dict | None]:
         """Load, check and plan this rank's shard, to be written to `shard_file`; its
-        samples [start, stop) and the root attributes (provenance) of its shard file."""
+        samples [start, stop) and the root attributes (provenance) of its shard file. No
+        collective: a rank whose step failed before (rank 0's guard) does not call it."""
 
     def compute(self, shard_file: Path | None, attrs: dict | None) -> Any:
-        """Run the shard, writing `shard_file` (when set) with root attributes `attrs`."""
+        """Run the shard, writing `shard_file` (when set) with root attributes `attrs`.
+        Without --resume every rank calls it (they all planned), so it may begin with a
+        collective."""
 
     def read(self, files: list[Path]) -> Any:
         """The outcome stored in reused shard files (in sample order)."""
@@ -90,6 +93,15 @@ def run_ranked(job: RankedJob, launch: Launch, target: Path | None, *, resume: b
     def stop_if_failed(statuses: list[Status], failure: BaseException | None) -> None:
         _stop_if_failed(statuses, launch, failure, folder, scratch)
 
+    try:
+        return _run(job, launch, folder, resume, stop_if_failed)
+    except BaseException:  # also a lost peer (a collective's error) or SIGTERM
+        _remove_scratch(scratch, folder)
+        raise
+
+
+def _run(job: RankedJob, launch: Launch, folder: Path | None, resume: bool, stop_if_failed
+         ) -> Any:
     # 1. load, check and plan this rank's shard; find the shard files it may reuse
     attrs, status, failure = None, Status(), None
     try:
@@ -138,10 +150,32 @@ def _plan(job: RankedJob, launch: Launch, folder: Path | None, resume: bool
         elif not folder.parent.is_dir():  # rank 0's guard says the same; no race on mkdir
             raise OutputError(f"cannot write -o {folder.with_suffix('')}: the folder "
                               f"{folder.parent} does not exist")
-        folder.mkdir(exist_ok=True)
+        _make_folder(folder)
     start, stop, attrs = job.plan(rank_file(folder, launch.rank) if folder else None)
     reuse = reusable(folder, start, stop, attrs, job.kind) if resume else []
     return attrs, Status("", start, stop, tuple(p.name for p in reuse))
+
+
+def _make_folder(folder: Path) -> None:
+    """The parts folder, or an OutputError saying why it cannot be made (a file named so)."""
+    try:
+        folder.mkdir(exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{folder} exists and is not a folder (the ranks write their parts "
+                          "there): remove it or choose another output file") from None
+    except OSError as exc:
+        raise OutputError(f"cannot create {folder} for the ranks' parts: {exc.strerror}"
+                          ) from None
+
+
+def _remove_scratch(scratch: Path | None, folder: Path | None) -> None:
+    """This rank's scratch part file, and the parts folder when that leaves it empty."""
+    if scratch is not None:
+        with contextlib.suppress(OSError):
+            scratch.unlink(missing_ok=True)
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty; every rank may try
 
 
 def _shard_path(folder: Path | None, launch: Launch, statuses: list[Status]) -> Path | None:
@@ -202,11 +236,7 @@ def _stop_if_failed(statuses: list[Status], launch: Launch, failure: BaseExcepti
     failed = [rank for rank, status in enumerate(statuses) if status.error]
     if not failed:
         return
-    if scratch is not None:
-        scratch.unlink(missing_ok=True)
-    if folder is not None:
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only when empty; every rank may try
+    _remove_scratch(scratch, folder)
     if failure is not None:
         raise failure
     kept = f"; finished shard files stay in {folder} (rerun with --resume to reuse them)" \
