@@ -164,17 +164,24 @@ def test_two_ranks_write_one_file_equal_to_one_process(files, mlp):
                                rtol=1e-10, atol=1e-12)
 
 
-INJECT = """
+def failing_rank_1(module: str, function: str, error: str, message: str) -> str:
+    """A script for `ranks(script=...)`: on rank 1, `jaccli.pipelines.<module>.<function>`
+    raises `jaccli.errors.<error>(message)`."""
+    return f"""
 import os
 if os.environ["RANK"] == "1":
-    import jaccli.pipelines.compute_ranks as ranked
-    from jaccli.errors import OutOfMemoryError
+    import jaccli.pipelines.{module} as ranked
+    from jaccli.errors import {error}
 
     def fail(*args, **kwargs):
-        raise OutOfMemoryError("injected: out of memory on a single sample")
+        raise {error}({message!r})
 
-    ranked.compute_outcome = fail
+    ranked.{function} = fail
 """
+
+
+INJECT = failing_rank_1("compute_ranks", "compute_outcome", "OutOfMemoryError",
+                        "injected: out of memory on a single sample")
 
 
 def test_a_failing_rank_stops_every_rank_and_resume_recomputes_only_its_shard(files):

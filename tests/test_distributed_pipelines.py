@@ -23,7 +23,7 @@ import jaccli
 from jaccli.cli import app
 
 from .conftest import MLP_SPEC, randomized
-from .test_distributed import TIMEOUT, _env, mtimes, ranks
+from .test_distributed import TIMEOUT, _env, failing_rank_1, mtimes, ranks
 
 runner = CliRunner()
 MODEL = ("mlp.safetensors", "x.npy", "--dtype", "float64", "--batch-size", "2")
@@ -270,17 +270,8 @@ def test_the_ranked_products_are_the_autograd_ones(runs, folder):
         same_files(folder / f"{name}.h5", folder / f"{name}-one.h5")
 
 
-INJECT = """
-import os
-if os.environ["RANK"] == "1":
-    import jaccli.pipelines.spectrum_ranks as ranked
-    from jaccli.errors import JaccliError
-
-    def fail(*args, **kwargs):
-        raise JaccliError("injected: the spectra of rank 1 failed")
-
-    ranked.spectrum_parts = fail
-"""
+INJECT = failing_rank_1("spectrum_ranks", "spectrum_parts", "JaccliError",
+                        "injected: the spectra of rank 1 failed")
 
 
 def test_a_failing_rank_stops_spectrum_on_every_rank_and_resume_redoes_only_it(folder):

@@ -18,7 +18,7 @@ from jaccli.pipelines.ntk_ranks import rank_run, split_block_size
 
 from .conftest import CNN_SPEC, randomized
 from .ntk_reference import reference_layer_ntk, reference_ntk
-from .test_distributed import ranks
+from .test_distributed import failing_rank_1, ranks
 from .test_distributed_pipelines import invoke, launch_commands, same_document
 
 MODEL = ("cnn.safetensors", "x.npy", "--dtype", "float64", "--batch-size", "2")
@@ -221,17 +221,8 @@ def test_rank_run_splits_the_blocks_once_in_order_by_cost(costs, world):
         assert max(b - a for a, b in runs) - min(b - a for a, b in runs) <= 1
 
 
-INJECT = """
-import os
-if os.environ["RANK"] == "1":
-    import jaccli.pipelines.ntk_ranks as ranked
-    from jaccli.errors import JaccliError
-
-    def fail(*args, **kwargs):
-        raise JaccliError("injected: the blocks of rank 1 failed")
-
-    ranked.compute_blocks = fail
-"""
+INJECT = failing_rank_1("ntk_ranks", "compute_blocks", "JaccliError",
+                        "injected: the blocks of rank 1 failed")
 
 
 def test_a_failing_rank_stops_every_rank_and_leaves_no_file(folder):
