@@ -35,3 +35,15 @@ def reference_layer_ntk(model, x1, x2=None):
         block = torch.einsum("ncp,mdp->nmcd", j1[name], j2[name])
         parts[layer] = parts[layer] + block if layer in parts else block
     return parts
+
+
+class AllOutputs(torch.nn.Module):
+    """The reference's view of a model of several outputs (heads): them all, flattened and
+    concatenated in order, `(N, C_1 + C_2 + ...)`, as jaccli's default model output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.cat([head.flatten(1) for head in self.model(x)], dim=1)

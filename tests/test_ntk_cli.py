@@ -14,7 +14,7 @@ import jaccli
 from jaccli.cli import app
 
 from .conftest import CNN_SPEC, MLP_SPEC, randomized
-from .ntk_reference import reference_layer_ntk, reference_ntk
+from .ntk_reference import AllOutputs, reference_layer_ntk, reference_ntk
 
 runner = CliRunner()
 TOL = {"rtol": 1e-9, "atol": 1e-10}
@@ -344,17 +344,6 @@ def test_a_residual_network_from_deployable_files_gives_the_reference_kernel(tmp
     torch.testing.assert_close(kernel(out), reference_ntk(model.double(), x), **TOL)
 
 
-class _BothHeads(torch.nn.Module):
-    """The reference's view of a two-head model: its outputs concatenated, `(N, 2 + 4)`."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return torch.cat([head.flatten(1) for head in self.model(x)], dim=1)
-
-
 class _OneHead(torch.nn.Module):
     """The reference's view of one head of a two-head model: `(N, C_head)`."""
 
@@ -392,7 +381,7 @@ def test_a_two_head_network_from_pt2_gives_the_kernel_of_both_heads(two_heads, t
                                 "--json", "-o", out))
     assert summary["n_outputs"] == 6
     assert summary["model_output"].startswith("all 2 outputs (0, 1), flattened"), summary
-    torch.testing.assert_close(kernel(out), reference_ntk(_BothHeads(model), x), **TOL)
+    torch.testing.assert_close(kernel(out), reference_ntk(AllOutputs(model), x), **TOL)
 
 
 @pytest.mark.parametrize(("choice", "head", "c"), [("0", 0, 2), ("1", 1, 4)])

@@ -44,14 +44,14 @@ class Launch:
         if data.shard is not None:
             raise UsageError("--shard splits the samples without torchrun; under torchrun "
                              "each rank takes its shard already: drop --shard")
-        self.every_rank_reads(data)
+        self.every_rank_reads(data.path)
         return replace(data, shard=(self.rank, self.world_size))
 
     @staticmethod
-    def every_rank_reads(data: DataSelection) -> None:
-        """Refuse standard input as the data: every rank reads the data file."""
-        if data.path is not None and str(data.path) == "-":
-            raise UsageError("under torchrun every rank reads the data file: give a file, "
+    def every_rank_reads(path, what: str = "the data file") -> None:
+        """Refuse standard input as `path` (DATA, DATA2, ...): every rank reads the file."""
+        if path is not None and str(path) == "-":
+            raise UsageError(f"under torchrun every rank reads {what}: give a file, "
                              "not - (standard input)")
 
     def exchange(self, value: Any) -> list[Any]:

@@ -129,10 +129,8 @@ class _NtkJob:
         """Prepare on this rank (no collective here: a rank whose guard failed does not get
         this far, and the others must not wait for it)."""
         s, launch = self.settings, self.launch
-        launch.every_rank_reads(s.data)
-        if s.data2 is not None and str(s.data2) == "-":
-            raise UsageError("under torchrun every rank reads DATA2: give a file, not - "
-                             "(standard input)")
+        launch.every_rank_reads(s.data.path)
+        launch.every_rank_reads(s.data2, "DATA2")
         mine = replace(s, run=replace(s.run, device=launch.device))
         if not launch.is_main:  # only rank 0 writes TARGET (and clears stale partial files)
             mine = replace(mine, output=replace(s.output, path=None))
